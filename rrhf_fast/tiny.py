@@ -1,0 +1,107 @@
+"""Tiny, random-initialised causal LMs and a byte-level tokenizer built locally.
+
+Tests, the embedded demo and the CPU benchmarks use these: nothing is downloaded. The tokenizer is a
+byte-level BPE without merges (every UTF-8 byte is a token), so any text round-trips.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+ARCHS = ("llama", "qwen2", "mistral", "gemma2")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level tokenizer: 256 byte tokens, then <s> (BOS), </s> (EOS), <pad>."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_config(
+    arch: str,
+    vocab_size: int = 259,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    **overrides,
+) -> PretrainedConfig:
+    """A small config of one of ARCHS; GQA by default (num_kv_heads < num_heads)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=vocab_size - 3 if vocab_size == 259 else 1,
+        eos_token_id=vocab_size - 2 if vocab_size == 259 else 2,
+        pad_token_id=vocab_size - 1 if vocab_size == 259 else 0,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**common, use_sliding_window=False)
+    elif arch == "mistral":
+        # A sliding window longer than any test sequence: the window path runs, masks nothing.
+        cfg = MistralConfig(**common, sliding_window=4096)
+    elif arch == "gemma2":
+        cfg = Gemma2Config(
+            **common,
+            head_dim=hidden_size // num_heads,
+            query_pre_attn_scalar=hidden_size // num_heads,
+            sliding_window=4096,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        )
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_tiny_model(
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **config_overrides,
+) -> PreTrainedModel:
+    """A random-initialised causal LM of `arch`, deterministic in `seed`, in eval mode."""
+    config = tiny_config(arch, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
