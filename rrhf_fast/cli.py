@@ -1,0 +1,57 @@
+"""The `rrhf-fast` command line: one entry point, one module per subcommand.
+
+Each subcommand module defines `add_arguments(parser)` and `main(args) -> int`; it is imported only
+when its subcommand runs, so `rrhf-fast --help` stays fast. Errors meant for users are raised as
+`UserError` and printed as one sentence with a non-zero exit, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("rrhf_fast.train", "train a causal LM with RRHF on a scored JSONL file"),
+    "sample": ("rrhf_fast.sample", "sample k candidate responses per prompt from a model"),
+    "score": ("rrhf_fast.score", "score candidate responses with a reward model, a function or an LLM judge"),
+    "iterate": ("rrhf_fast.iterate", "online RRHF: sample, score and train, repeated"),
+    "merge": ("rrhf_fast.merge", "merge a trained LoRA adapter into its base model"),
+    "plot": ("rrhf_fast.plot", "draw the training curves of a run directory"),
+    "demo": ("rrhf_fast.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, str | None]:
+    parser = argparse.ArgumentParser(prog="rrhf-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sp)
+    return parser, chosen if chosen in COMMANDS else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, chosen = build_parser(argv)
+    args = parser.parse_args(argv)
+    if chosen is None or args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(COMMANDS[chosen][0])
+    try:
+        return int(module.main(args) or 0)
+    except UserError as err:
+        print(f"rrhf-fast {chosen}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rrhf-fast {chosen}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

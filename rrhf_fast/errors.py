@@ -1,0 +1,18 @@
+"""Errors meant for users: one sentence saying what is wrong, where, and what to do."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input or flags; the CLI prints it without a traceback."""
+
+
+class DataError(UserError, ValueError):
+    """A malformed input record; the message names the file, the line and the field."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
+        where = str(path) if line is None else f"{path}:{line}"
+        if field is not None:
+            where += f": field {field!r}"
+        super().__init__(f"{where}: {problem}")
+        self.path, self.line, self.field, self.problem = path, line, field, problem
