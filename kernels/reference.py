@@ -79,7 +79,8 @@ def rrhf_loss_torch(
     same_query = response_query[:, None] == response_query[None, :]
     worse = same_query & (r[:, None] < r[None, :])  # pair (i, j): r_i < r_j
     hinge = torch.relu(p[:, None] - p[None, :]) * worse
-    rank_q = torch.zeros(num_queries, dtype=dtype, device=logp.device).index_add(0, response_query, hinge.sum(1))
+    rank_q = torch.zeros(num_queries, dtype=dtype, device=logp.device)
+    rank_q = rank_q.index_add(0, response_query, hinge.sum(1))
 
     best = best_response(response_query, r, num_queries)
     if sft_reduction == "sum":

@@ -26,7 +26,16 @@ def rrhf_loss(
     impl = resolve_impl(impl, logp.device)
     if impl == "torch":
         return rrhf_loss_torch(
-            logp, token_response, response_query, scores, prompt_len, length_penalty,
-            rank_weight, sft_weight, mode, sft_reduction, normalizer,
+            logp,
+            token_response,
+            response_query,
+            scores,
+            prompt_len,
+            length_penalty,
+            rank_weight,
+            sft_weight,
+            mode,
+            sft_reduction,
+            normalizer,
         )
     raise NotImplementedError("triton path: in progress")
