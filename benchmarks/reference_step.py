@@ -1,0 +1,121 @@
+"""The naive official-style RRHF step (DESIGN.md section 8): what bench_step.py compares against.
+
+It computes RRHF the way the authors' released train.py does, written here from the definitions in
+DESIGN.md section 1 with plain torch (not rrhf_fast.kernels): one query per forward (their per-device
+batch), its k responses as k copies of prompt + response right-padded to the longest (their
+collator), a full forward producing the logits [k, L, V], log_softmax in fp32, a gather of the
+response tokens, per-response sums, the loss in either mode; gradients are accumulated over the
+queries of a step (mean over queries) and the optimizer steps once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class QueryTokens:
+    prompt: list[int]  # incl. BOS
+    responses: list[list[int]]  # each incl. EOS
+    scores: list[float]
+
+
+@dataclass
+class ReferenceOutput:
+    loss: torch.Tensor  # mean over queries of rank_weight * rank + sft_weight * sft
+    rank_loss: torch.Tensor
+    sft_loss: torch.Tensor
+    response_scores: torch.Tensor  # [R] p_i of every response, queries in order
+
+
+def tokenize(examples, tokenizer) -> list[QueryTokens]:
+    """DESIGN.md section 3: prompt with the tokenizer's special tokens, each response + EOS."""
+    eos = tokenizer.eos_token_id
+    return [
+        QueryTokens(
+            prompt=tokenizer(ex.query)["input_ids"],
+            responses=[tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in ex.responses],
+            scores=[float(s) for s in ex.scores],
+        )
+        for ex in examples
+    ]
+
+
+def collate(q: QueryTokens, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k rows of prompt + response, right-padded: (input_ids, attention_mask, labels) each [k, L]."""
+    seqs = [q.prompt + r for r in q.responses]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, (s, r) in enumerate(zip(seqs, q.responses, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(q.prompt) : len(s)] = torch.tensor(r)
+        mask[i, : len(s)] = 1
+    return input_ids.to(device), mask.to(device), labels.to(device)
+
+
+def query_loss(
+    model,
+    q: QueryTokens,
+    *,
+    pad_id: int,
+    mode: str = "paper",
+    length_penalty: float = 1.0,
+    rank_weight: float = 1.0,
+    sft_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, rank, sft, p[k]) of one query."""
+    device = next(model.parameters()).device
+    input_ids, mask, labels = collate(q, pad_id, device)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits  # [k, L, V]
+    logprobs = logits[:, :-1].float().log_softmax(-1)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    token_logp = logprobs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * valid
+    sums = token_logp.sum(-1)
+    if mode == "paper":
+        denom = valid.sum(-1).to(sums.dtype)
+    elif mode == "official":
+        # train.py overwrites the -100 labels in place before taking the mask, so every response
+        # divides by the padded label length: prompt + longest response (DESIGN.md section 1).
+        padded = len(q.prompt) + max(len(r) for r in q.responses)
+        denom = torch.full_like(sums, float(padded))
+    else:
+        raise ValueError(f"mode must be 'paper' or 'official', got {mode!r}")
+    p = sums / denom**length_penalty
+
+    r = torch.tensor(q.scores, dtype=torch.float32, device=device)
+    diff = p[None, :] - p[:, None]  # [i, j] = p_j - p_i
+    aval = (r[None, :] - r[:, None] > 0) & (diff < 0)  # r_j > r_i but p_j < p_i
+    rank = -diff[aval].sum()
+    best = int(torch.argmax(r))  # first index on ties
+    sft = -sums[best] / denom[best]
+    return rank_weight * rank + sft_weight * sft, rank, sft, p
+
+
+def reference_backward(model, queries: list[QueryTokens], *, pad_id: int, **loss_kwargs) -> ReferenceOutput:
+    """Forward and backward of every query, one at a time; gradients hold the mean over queries."""
+    parts = []
+    for q in queries:
+        loss, rank, sft, p = query_loss(model, q, pad_id=pad_id, **loss_kwargs)
+        (loss / len(queries)).backward()
+        parts.append((loss.detach(), rank.detach(), sft.detach(), p.detach()))
+    loss, rank, sft, p = zip(*parts, strict=True)
+    return ReferenceOutput(
+        torch.stack(loss).mean(), torch.stack(rank).mean(), torch.stack(sft).mean(), torch.cat(p)
+    )
+
+
+def reference_step(
+    model, optimizer, queries: list[QueryTokens], *, pad_id: int, **loss_kwargs
+) -> ReferenceOutput:
+    """One training step: forward and backward of every query, then one optimizer step."""
+    out = reference_backward(model, queries, pad_id=pad_id, **loss_kwargs)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
