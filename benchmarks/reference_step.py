@@ -5,7 +5,8 @@ DESIGN.md section 1 with plain torch (not rrhf_fast.kernels): one query per forw
 batch), its k responses as k copies of prompt + response right-padded to the longest (their
 collator), a full forward producing the logits [k, L, V], log_softmax in fp32, a gather of the
 response tokens, per-response sums, the loss in either mode; gradients are accumulated over the
-queries of a step (mean over queries) and the optimizer steps once.
+queries of a step (mean over queries) and the optimizer steps once. It takes the same tokenised
+queries as rrhf-fast's packing (`rrhf_fast.packing.TokenizedExample`), so both see the same tokens.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rrhf_fast.packing import TokenizedExample
+
 IGNORE = -100
-
-
-@dataclass
-class QueryTokens:
-    prompt: list[int]  # incl. BOS
-    responses: list[list[int]]  # each incl. EOS
-    scores: list[float]
 
 
 @dataclass
@@ -32,36 +28,23 @@ class ReferenceOutput:
     response_scores: torch.Tensor  # [R] p_i of every response, queries in order
 
 
-def tokenize(examples, tokenizer) -> list[QueryTokens]:
-    """DESIGN.md section 3: prompt with the tokenizer's special tokens, each response + EOS."""
-    eos = tokenizer.eos_token_id
-    return [
-        QueryTokens(
-            prompt=tokenizer(ex.query)["input_ids"],
-            responses=[tokenizer(r, add_special_tokens=False)["input_ids"] + [eos] for r in ex.responses],
-            scores=[float(s) for s in ex.scores],
-        )
-        for ex in examples
-    ]
-
-
-def collate(q: QueryTokens, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(q: TokenizedExample, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k rows of prompt + response, right-padded: (input_ids, attention_mask, labels) each [k, L]."""
-    seqs = [q.prompt + r for r in q.responses]
+    seqs = [q.prompt_ids + r for r in q.response_ids]
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, (s, r) in enumerate(zip(seqs, q.responses, strict=True)):
+    for i, (s, r) in enumerate(zip(seqs, q.response_ids, strict=True)):
         input_ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(q.prompt) : len(s)] = torch.tensor(r)
+        labels[i, len(q.prompt_ids) : len(s)] = torch.tensor(r)
         mask[i, : len(s)] = 1
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
 def query_loss(
     model,
-    q: QueryTokens,
+    q: TokenizedExample,
     *,
     pad_id: int,
     mode: str = "paper",
@@ -83,7 +66,7 @@ def query_loss(
     elif mode == "official":
         # train.py overwrites the -100 labels in place before taking the mask, so every response
         # divides by the padded label length: prompt + longest response (DESIGN.md section 1).
-        padded = len(q.prompt) + max(len(r) for r in q.responses)
+        padded = len(q.prompt_ids) + max(len(r) for r in q.response_ids)
         denom = torch.full_like(sums, float(padded))
     else:
         raise ValueError(f"mode must be 'paper' or 'official', got {mode!r}")
@@ -98,7 +81,9 @@ def query_loss(
     return rank_weight * rank + sft_weight * sft, rank, sft, p
 
 
-def reference_backward(model, queries: list[QueryTokens], *, pad_id: int, **loss_kwargs) -> ReferenceOutput:
+def reference_backward(
+    model, queries: list[TokenizedExample], *, pad_id: int, **loss_kwargs
+) -> ReferenceOutput:
     """Forward and backward of every query, one at a time; gradients hold the mean over queries."""
     parts = []
     for q in queries:
@@ -112,7 +97,7 @@ def reference_backward(model, queries: list[QueryTokens], *, pad_id: int, **loss
 
 
 def reference_step(
-    model, optimizer, queries: list[QueryTokens], *, pad_id: int, **loss_kwargs
+    model, optimizer, queries: list[TokenizedExample], *, pad_id: int, **loss_kwargs
 ) -> ReferenceOutput:
     """One training step: forward and backward of every query, then one optimizer step."""
     out = reference_backward(model, queries, pad_id=pad_id, **loss_kwargs)

@@ -13,10 +13,11 @@ import torch
 
 from rrhf_fast.data import Example
 from rrhf_fast.kernels import rrhf_loss_torch
+from rrhf_fast.packing import tokenize_example
 from rrhf_fast.tiny import build_tiny_model, build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_step import reference_backward, reference_step, tokenize  # noqa: E402
+from reference_step import reference_backward, reference_step  # noqa: E402
 
 EXAMPLES = [
     # ragged lengths (so padding and the official length differ from the paper's) and a score tie
@@ -30,9 +31,9 @@ def alone_logprobs(model, queries):
     """Each prompt + response run by itself, no padding: the log-probs of the response tokens."""
     logp, token_response, response_query, scores, prompt_len = [], [], [], [], []
     for g, q in enumerate(queries):
-        prompt_len.append(len(q.prompt))
-        for resp, score in zip(q.responses, q.scores, strict=True):
-            ids = torch.tensor(q.prompt + resp)[None]
+        prompt_len.append(len(q.prompt_ids))
+        for resp, score in zip(q.response_ids, q.scores, strict=True):
+            ids = torch.tensor(q.prompt_ids + resp)[None]
             lp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
             lp = lp.gather(-1, ids[0, 1:, None]).squeeze(-1)[-len(resp) :]
             logp.append(lp)
@@ -46,6 +47,10 @@ def alone_logprobs(model, queries):
         torch.tensor(scores),
         torch.tensor(prompt_len),
     )
+
+
+def tokenize(examples, tokenizer):
+    return [tokenize_example(ex, tokenizer) for ex in examples]
 
 
 def grads(model):
