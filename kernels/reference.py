@@ -67,9 +67,8 @@ def rrhf_loss_torch(
     elif mode == "official":
         if prompt_len is None:
             raise ValueError("rrhf_loss: mode='official' needs prompt_len")
-        longest = torch.zeros(num_queries, dtype=dtype, device=logp.device).index_reduce(
-            0, response_query, lengths, "amax", include_self=False
-        )
+        longest = torch.zeros(num_queries, dtype=dtype, device=logp.device)
+        longest = longest.scatter_reduce(0, response_query, lengths, "amax", include_self=False)
         denom = (prompt_len.to(dtype) + longest)[response_query]
     else:
         raise ValueError(f"rrhf_loss: mode must be 'paper' or 'official', got {mode!r}")
@@ -101,7 +100,7 @@ def best_response(response_query: torch.Tensor, scores: torch.Tensor, num_querie
     """Global index of the best-scored response of each query (the first one on ties)."""
     idx = torch.arange(scores.numel(), device=scores.device)
     top = torch.full((num_queries,), -torch.inf, dtype=scores.dtype, device=scores.device)
-    top = top.index_reduce(0, response_query, scores, "amax")
+    top = top.scatter_reduce(0, response_query, scores, "amax")
     is_top = scores == top[response_query]
     first = torch.full((num_queries,), scores.numel(), dtype=torch.long, device=scores.device)
-    return first.index_reduce(0, response_query[is_top], idx[is_top], "amin")
+    return first.scatter_reduce(0, response_query[is_top], idx[is_top], "amin")

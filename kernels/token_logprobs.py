@@ -1,11 +1,347 @@
-"""token_logprobs: log_softmax(hidden[rows] @ weight.T)[m, targets[m]] without the [M, V] logits."""
+"""token_logprobs: log_softmax(hidden[rows] @ weight.T)[m, targets[m]] without the [M, V] logits.
+
+Forward: one fused kernel streams vocabulary blocks through an online log-sum-exp in fp32 and keeps
+only the per-row LSE and the target logit; programs split the vocabulary when there are too few row
+blocks to fill the GPU, and their partial LSEs are merged afterwards.
+
+Backward, for any per-token upstream gradient g: dlogits = g * (onehot(target) - softmax), times the
+soft-cap derivative. The vocabulary is processed in chunks of at most VOCAB_CHUNK columns; for each
+chunk one kernel recomputes the logits tile by tile and writes only dlogits [M, chunk] (input dtype,
+like autograd's bf16 backward), then dweight[chunk] = dlogits^T @ hidden[rows] (one GEMM, fp32
+accumulation) and dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 in a Triton GEMM.
+Peak extra memory is M x VOCAB_CHUNK + M x D, never M x V. Exact: no gradient filtering.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 from .reference import token_logprobs_torch
-from .utils import resolve_impl
+from .utils import interpreting, resolve_impl
+
+# Columns of dlogits materialised at once in backward. 8192 keeps the buffer (M x 8192) comparable to
+# the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
+VOCAB_CHUNK = 8192
+VOCAB_CHUNK_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton device functions and kernels
+
+
+@triton.jit
+def _tanh(x):
+    # From exp rather than libdevice: portable across Triton 3.6-3.9 and the CPU interpreter.
+    # exp overflows to inf for x > 44, which gives exactly 1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logits_tile(
+    H, W, h_rows, offs_v, m_mask, v_mask, stride_h, stride_w,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """fp32 [BLOCK_M, BLOCK_V] tile of hidden[h_rows] @ weight[offs_v].T."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_ptrs = H + h_rows[:, None] * stride_h
+    w_ptrs = W + offs_v[:, None].to(tl.int64) * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_ptrs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(
+    H, W, ROWS, TGT, LSE_PART, TGT_LOGIT, M, V, NUM_SPLITS, stride_h, stride_w, softcap,
+    D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    h_rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
+    tgt = tl.load(TGT + offs_m, mask=m_mask, other=-1).to(tl.int32)
+
+    v_per_split = tl.cdiv(tl.cdiv(V, NUM_SPLITS), BLOCK_V) * BLOCK_V
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_hi
+        z = _logits_tile(
+            H, W, h_rows, offs_v, m_mask, v_mask, stride_h, stride_w, D, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION
+        )
+        if SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        t_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        z = tl.where(v_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    # An empty split (v_lo >= V) leaves -inf, which the merge ignores.
+    tl.store(LSE_PART + pid_s * M + offs_m, m_i + tl.log(s_i), mask=m_mask)
+    tl.store(TGT_LOGIT + offs_m, t_i, mask=m_mask & (tgt >= v_lo) & (tgt < v_hi))
+
+
+@triton.jit
+def _dlogits_kernel(
+    H, W, TGT, LSE, GRAD, DZ, M, VC, v_offset, stride_h, stride_w, stride_dz, softcap,
+    D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """DZ[:, :VC] = dlogp/dlogits for vocabulary columns v_offset .. v_offset + VC."""
+    pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(VC, BLOCK_V), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_mask = offs_m < M
+    v_mask = offs_v < VC
+    z = _logits_tile(
+        H, W + v_offset * stride_w, offs_m.to(tl.int64), offs_v, m_mask, v_mask, stride_h, stride_w,
+        D, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
+    g = tl.load(GRAD + offs_m, mask=m_mask, other=0.0)
+    tgt = tl.load(TGT + offs_m, mask=m_mask, other=-1).to(tl.int32) - v_offset
+    dz = tl.where(offs_v[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * tl.exp(z - lse[:, None])
+    if SOFTCAP:
+        c = z / softcap
+        dz = dz * (1.0 - c * c)
+    dz_ptrs = DZ + offs_m[:, None].to(tl.int64) * stride_dz + offs_v[None, :]
+    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
+
+
+@triton.jit
+def _mm_acc_kernel(
+    A, B, C, M, N, K, stride_am, stride_bk, stride_cm,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """C[M, N] (fp32) += A[M, K] @ B[K, N]; all row-major with unit last stride."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a = tl.load(a_ptrs + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_n[None, :]
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_mask, other=0.0) + acc, mask=c_mask)
+
+
+@triton.jit
+def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile order that walks GROUP_M row blocks per column block, so weight tiles are reused in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations. Under the interpreter, small tiles keep the CPU tests fast; on CUDA the
+# autotuner picks among Hopper/Ampere-friendly tiles once per (D, V).
+
+_SMALL = dict(BLOCK_M=32, BLOCK_V=256, BLOCK_D=64)
+_SMALL_MM = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=256, GROUP_M=4)
+
+
+def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+FWD_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
+]
+DLOGITS_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+]
+MM_CONFIGS = [
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+]
+# The number of M rows decides how many programs the forward has; the split count is derived from a
+# fixed assumed tile height so that it does not depend on the autotuner's choice.
+_FWD_SPLIT_ROWS = 128
+
+_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "V"])(_fwd_kernel)
+_dlogits_tuned = triton.autotune(DLOGITS_CONFIGS, key=["D"])(_dlogits_kernel)
+_mm_acc_tuned = triton.autotune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are the exactness reference (tests, CPU): no TF32 rounding.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _forward(hidden, weight, rows, targets, softcap):
+    M = rows.numel()
+    V, D = weight.shape
+    logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    if M == 0:
+        return logp, lse
+    if hidden.is_cuda:
+        blocks = triton.cdiv(M, _FWD_SPLIT_ROWS)
+        splits = max(1, min(64, triton.cdiv(2 * _num_sms(hidden.device.index or 0), blocks)))
+    else:
+        splits = 2  # exercises the split merge in the CPU tests
+    lse_part = torch.empty(splits, M, dtype=torch.float32, device=hidden.device)
+    tgt_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    args = (
+        hidden,
+        weight,
+        rows,
+        targets,
+        lse_part,
+        tgt_logit,
+        M,
+        V,
+        splits,
+        hidden.stride(0),
+        weight.stride(0),
+    )
+    common = dict(
+        softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(hidden.dtype)
+    )
+    if interpreting():
+        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]), splits)](*args, **common, **_SMALL)
+    else:
+        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args, **common)
+    torch.logsumexp(lse_part, dim=0, out=lse)
+    torch.sub(tgt_logit, lse, out=logp)
+    return logp, lse
+
+
+def _vocab_chunk(M: int, V: int, elem_bytes: int) -> int:
+    by_bytes = max(256, VOCAB_CHUNK_BYTES // max(1, M * elem_bytes) // 256 * 256)
+    return min(V, VOCAB_CHUNK, by_bytes)
+
+
+def _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap):
+    M, D = h_rows.shape
+    VC = dz.shape[1]
+    args = (
+        h_rows,
+        weight,
+        targets,
+        lse,
+        grad,
+        dz,
+        M,
+        VC,
+        v0,
+        h_rows.stride(0),
+        weight.stride(0),
+        dz.stride(0),
+    )
+    common = dict(
+        softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(h_rows.dtype)
+    )
+    if interpreting():
+        meta = dict(_SMALL, GROUP_M=4)
+        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(VC, meta["BLOCK_V"]),)
+        _dlogits_kernel[grid](*args, **common, **meta)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(VC, meta["BLOCK_V"]),)  # noqa: E731
+        _dlogits_tuned[grid](*args, **common)
+
+
+def mm_accumulate(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """c (fp32, [M, N]) += a [M, K] @ b [K, N], accumulated in fp32 without an fp32 copy of a or b."""
+    M, K = a.shape
+    N = b.shape[1]
+    args = (a, b, c, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    if interpreting():
+        grid = (triton.cdiv(M, _SMALL_MM["BLOCK_M"]) * triton.cdiv(N, _SMALL_MM["BLOCK_N"]),)
+        _mm_acc_kernel[grid](*args, PRECISION=_precision(a.dtype), **_SMALL_MM)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _mm_acc_tuned[grid](*args, PRECISION=_precision(a.dtype))
+
+
+def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
+    M = rows.numel()
+    V, D = weight.shape
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if M == 0:
+        return (dh.to(hidden.dtype) if need_dh else None), (dw.zero_() if need_dw else None)
+    h_rows = hidden.index_select(0, rows)
+    dh_rows = torch.zeros(M, D, dtype=torch.float32, device=hidden.device) if need_dh else None
+    chunk = _vocab_chunk(M, V, hidden.element_size())
+    buffer = torch.empty(M * chunk, dtype=hidden.dtype, device=hidden.device)
+    for v0 in range(0, V, chunk):
+        vc = min(chunk, V - v0)
+        dz = buffer[: M * vc].view(M, vc)
+        _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap)
+        if need_dw:
+            torch.mm(dz.t(), h_rows, out=dw[v0 : v0 + vc])
+        if need_dh:
+            mm_accumulate(dh_rows, dz, weight[v0 : v0 + vc])
+    if need_dh:
+        dh.index_add_(0, rows, dh_rows)
+        dh = dh.to(hidden.dtype)
+    return dh, dw
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, targets, softcap):
+        logp, lse = _forward(hidden, weight, rows, targets, softcap)
+        ctx.save_for_backward(hidden, weight, rows, targets, lse)
+        ctx.softcap = softcap
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, rows, targets, lse = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh, dw = _backward(
+            hidden, weight, rows, targets, lse, grad.float().contiguous(), ctx.softcap, need_dh, need_dw
+        )
+        return dh, dw, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public function
 
 
 def token_logprobs(
@@ -17,7 +353,51 @@ def token_logprobs(
     softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    impl = resolve_impl(impl, hidden.device)
-    if impl == "torch":
+    """log_softmax(hidden[rows] @ weight.T)[m, targets[m]] as fp32 [M].
+
+    hidden [N, D] and weight [V, D] (the lm_head or tied embedding) in fp32, fp16 or bf16; rows [M]
+    indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V). `softcap`
+    applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
+    the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
+    Under torch.autocast, hidden and weight are cast to the autocast dtype, as a Linear would be.
+    """
+    _check_inputs(hidden, weight, rows, targets)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"token_logprobs: softcap must be positive or None, got {softcap}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if resolve_impl(impl, hidden.device) == "torch":
         return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap)
-    raise NotImplementedError("triton path: in progress")
+    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"token_logprobs: triton supports fp32, fp16 and bf16, not {hidden.dtype}")
+    torch._assert_async(((targets >= 0) & (targets < weight.shape[0])).all(), "targets out of range [0, V)")
+    torch._assert_async(((rows >= 0) & (rows < hidden.shape[0])).all(), "rows out of range [0, N)")
+    with torch.autocast(device_type, enabled=False):
+        return _TokenLogprobs.apply(
+            hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+            weight.contiguous(),
+            rows.contiguous(),
+            targets.contiguous(),
+            None if softcap is None else float(softcap),
+        )
+
+
+def _check_inputs(hidden, weight, rows, targets) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"token_logprobs: need hidden [N, D] and weight [V, D], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if rows.shape != targets.shape or rows.dim() != 1:
+        raise ValueError(
+            f"token_logprobs: rows and targets must be [M], got {tuple(rows.shape)}, {tuple(targets.shape)}"
+        )
+    for name, t in (("rows", rows), ("targets", targets)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"token_logprobs: {name} must be int32 or int64, got {t.dtype}")
+    if len({hidden.device, weight.device, rows.device, targets.device}) != 1:
+        raise ValueError("token_logprobs: hidden, weight, rows and targets must be on one device")

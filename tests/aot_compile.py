@@ -1,0 +1,87 @@
+"""Compile rrhf-fast's Triton kernels ahead of time for a GPU target, without a GPU.
+
+Run as a script with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions):
+`python tests/aot_compile.py CASES...` where a case is `kernel:config_index:dtype:cc`, prints a JSON
+object case -> {"shared": bytes, "ptx_mma": bool, "cubin_bytes": int} or {"error": message}.
+"""
+
+import importlib
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
+rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
+
+MMA_MARK = {90: "wgmma.mma_async", 80: "mma.sync"}
+
+
+def _fwd(dt):
+    sig = dict(H=f"*{dt}", W=f"*{dt}", ROWS="*i64", TGT="*i64", LSE_PART="*fp32", TGT_LOGIT="*fp32")
+    sig.update(M="i32", V="i32", NUM_SPLITS="i32", stride_h="i32", stride_w="i32", softcap="fp32")
+    return tlp._fwd_kernel, sig, dict(D=4096, SOFTCAP=True), tlp.FWD_CONFIGS
+
+
+def _dlogits(dt):
+    sig = dict(H=f"*{dt}", W=f"*{dt}", TGT="*i64", LSE="*fp32", GRAD="*fp32", DZ=f"*{dt}", M="i32")
+    sig.update(VC="i32", v_offset="i32", stride_h="i32", stride_w="i32", stride_dz="i32", softcap="fp32")
+    return tlp._dlogits_kernel, sig, dict(D=4096, SOFTCAP=True), tlp.DLOGITS_CONFIGS
+
+
+def _mm_acc(dt):
+    sig = dict(A=f"*{dt}", B=f"*{dt}", C="*fp32", M="i32", N="i32", K="i32",
+               stride_am="i32", stride_bk="i32", stride_cm="i32")  # fmt: skip
+    return tlp._mm_acc_kernel, sig, {}, tlp.MM_CONFIGS
+
+
+def _rrhf_fwd(official):
+    sig = dict(LOGP="*fp32", TOKEN_RESPONSE="*i64", RESP_START="*i32", TOK_START="*i32", SCORES="*fp32",
+               PROMPT_LEN="*i64", P_OUT="*fp32", COEF_RANK="*fp32", COEF_SFT="*fp32", RANK_Q="*fp32",
+               SFT_Q="*fp32", length_penalty="fp32")  # fmt: skip
+    const = dict(OFFICIAL=official == "official", SFT_SUM=False, LP_ONE=True, BLOCK_K=8, BLOCK_T=64)
+    return rl._rrhf_fwd_kernel, sig, const, [triton.Config({}, num_warps=4)]
+
+
+def _rrhf_bwd(_):
+    sig = dict(TOKEN_RESPONSE="*i64", COEF="*fp32", GRAD_LOGP="*fp32", M="i32")
+    return rl._rrhf_bwd_kernel, sig, dict(BLOCK=1024), [triton.Config({}, num_warps=4)]
+
+
+KERNELS = {"fwd": _fwd, "dlogits": _dlogits, "mm_acc": _mm_acc, "rrhf_fwd": _rrhf_fwd, "rrhf_bwd": _rrhf_bwd}
+MATMUL_KERNELS = {"fwd", "dlogits", "mm_acc"}
+
+
+def compile_case(case: str) -> dict:
+    kernel, index, dt, cc = case.split(":")
+    fn, sig, const, configs = KERNELS[kernel](dt)
+    cfg = configs[int(index)]
+    constexprs = dict(const, **cfg.kwargs)
+    if kernel in MATMUL_KERNELS:
+        constexprs["PRECISION"] = "ieee" if dt == "fp32" else "tf32"
+    src = ASTSource(
+        fn=fn, signature=dict(sig, **dict.fromkeys(constexprs, "constexpr")), constexprs=constexprs
+    )
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = triton.compile(src, target=GPUTarget("cuda", int(cc), 32), options=options)
+    return {
+        "shared": compiled.metadata.shared,
+        "ptx_mma": MMA_MARK[int(cc)] in compiled.asm["ptx"],
+        "cubin_bytes": len(compiled.asm["cubin"]),
+    }
+
+
+def main(cases: list[str]) -> None:
+    results = {}
+    for case in cases:
+        try:
+            results[case] = compile_case(case)
+        except Exception as err:  # reported per case, asserted by the test
+            results[case] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

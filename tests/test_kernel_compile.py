@@ -1,0 +1,69 @@
+"""The Triton kernels compile for real GPUs (sm_90 Hopper, sm_80 Ampere) without one.
+
+The interpreter accepts programs the compiler rejects (non-power-of-two blocks, dtype mixes, shared
+memory overflows), so CPU tests alone could pass on kernels that never launch on a GPU. Triton's
+ahead-of-time compiler runs on a CPU: each launch configuration is compiled to a cubin in a
+subprocess without TRITON_INTERPRET (tests/aot_compile.py), its matrix multiplies must lower to
+tensor-core instructions, and its shared memory must fit the chip.
+"""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
+
+SCRIPT = Path(__file__).with_name("aot_compile.py")
+SMEM_LIMIT = {"90": 232448, "80": 166912}  # bytes a block may use: sm_90 227 KiB, sm_80 163 KiB
+N_CONFIGS = {"fwd": len(tlp.FWD_CONFIGS), "dlogits": len(tlp.DLOGITS_CONFIGS), "mm_acc": len(tlp.MM_CONFIGS)}
+
+DEFAULT_CASES = [f"{k}:0:bf16:90" for k in N_CONFIGS] + [
+    f"rrhf_{part}:0:{mode}:{cc}"
+    for part in ("fwd", "bwd")
+    for mode in ("paper", "official")
+    for cc in (90, 80)
+]
+ALL_CASES = [
+    f"{k}:{i}:{dt}:{cc}" for k, n in N_CONFIGS.items() for i in range(n)
+    for dt in ("bf16", "fp16", "fp32") for cc in (90, 80)
+]  # fmt: skip
+
+
+def compile_all(cases: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *cases], env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def check(case: str, result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["cubin_bytes"] > 0
+    kernel, _, dtype, cc = case.split(":")
+    if kernel in N_CONFIGS and dtype != "fp32":  # fp32 runs in exact IEEE arithmetic, not on tensor cores
+        assert result["ptx_mma"], "matmul did not lower to tensor-core instructions"
+    assert result["shared"] <= SMEM_LIMIT[cc]
+
+
+@pytest.fixture(scope="module")
+def default_results():
+    return compile_all(DEFAULT_CASES)
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES)
+def test_kernels_compile(default_results, case):
+    check(case, default_results[case])
+
+
+@pytest.mark.slow
+def test_every_autotune_config_compiles_for_every_dtype_and_chip():
+    results = compile_all(ALL_CASES)
+    for case in ALL_CASES:
+        check(case, results[case])
