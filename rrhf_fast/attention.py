@@ -245,8 +245,8 @@ def _compiled_flex():
 
 
 def _varlen(q, k, v, meta: SharedPromptMeta, scaling, window, softcap) -> torch.Tensor:
-    q = q[0].transpose(0, 1)  # [T, H, D]
-    k = k[0].transpose(0, 1)[meta.kv_index]  # [sum of key lengths, Hkv, D]
+    q = q[0].transpose(0, 1).contiguous()  # [T, H, D]
+    k = k[0].transpose(0, 1)[meta.kv_index]  # [sum of key lengths, Hkv, D], contiguous
     v = v[0].transpose(0, 1)[meta.kv_index]
     args = (q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k)
     if not q.is_cuda:

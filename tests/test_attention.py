@@ -155,7 +155,7 @@ def test_backend_resolution():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA kernels in bf16: |backend - ref_fp64| <= |torch bf16 - ref_fp64| + small (STYLE.md).
+# CUDA kernels in bf16: max |backend - ref_fp64| <= 2 max |dense bf16 - ref_fp64| + small (STYLE.md).
 
 
 @pytest.mark.gpu
@@ -179,4 +179,4 @@ def test_cuda_backends_bf16(backend, window, softcap):
         None, *bf, None, scaling=0.125, sliding_window=window, softcap=softcap, sp_meta=meta
     )
     base_err = (base.double() - ref).abs().max().item()
-    assert (out.double() - ref).abs().max().item() <= base_err + 2e-2
+    assert (out.double() - ref).abs().max().item() <= 2 * base_err + 1e-3

@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 
+from rrhf_fast import attention
 from rrhf_fast.data import Example
 from rrhf_fast.model import packed_logprobs, prepare_model
 from rrhf_fast.packing import pack, tokenize_example
@@ -125,8 +126,6 @@ def test_prepared_model_still_runs_ordinary_batches(arch):
 
 
 def test_no_attention_mask_is_built_for_packed_batches(monkeypatch):
-    from rrhf_fast import attention
-
     def fail(*args, **kwargs):
         raise AssertionError("a [T, T] mask was requested during a packed forward")
 
@@ -168,20 +167,22 @@ def test_lm_head_with_bias_is_refused():
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA backends in bf16: |packed - ref_fp64| <= |plain bf16 model - ref_fp64| + small (STYLE.md).
+# CUDA backends in bf16: max |packed - ref_fp64| <= 2 max |plain bf16 model - ref_fp64| + small (STYLE.md).
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("attn", ["varlen", "flex"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_bf16_backends(arch, attn):
+    if attn == "varlen" and arch == "gemma2" and not attention._has_flash_attn():
+        pytest.skip("torch varlen has no soft-capping (attn='auto' picks flex for Gemma 2)")
     with torch.no_grad():
-        model64 = build_tiny_model(arch, seed=6, dtype=torch.float64).cuda()
+        model64 = build_tiny_model(arch, seed=6).to(torch.float64).cuda()
         expected = reference_logprobs(model64, EXAMPLES).double()
-        plain = build_tiny_model(arch, seed=6, dtype=torch.bfloat16).cuda()
+        plain = build_tiny_model(arch, seed=6).to(torch.bfloat16).cuda()
         base_err = (reference_logprobs(plain, EXAMPLES).double() - expected).abs().max().item()
     packed = prepare_model(plain)
     logp = packed_logprobs(packed, pack(EXAMPLES, TOK), attn=attn, impl="torch")
-    assert (logp.double() - expected).abs().max().item() <= base_err + 5e-2
+    assert (logp.double() - expected).abs().max().item() <= 2 * base_err + 1e-3
     weighted_loss(logp.cpu()).backward()  # the backward runs and is finite
     assert all(torch.isfinite(p.grad).all() for p in packed.parameters() if p.grad is not None)
