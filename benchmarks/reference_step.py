@@ -28,17 +28,20 @@ class ReferenceOutput:
     response_scores: torch.Tensor  # [R] p_i of every response, queries in order
 
 
-def collate(q: TokenizedExample, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k rows of prompt + response, right-padded: (input_ids, attention_mask, labels) each [k, L]."""
-    seqs = [q.prompt_ids + r for r in q.response_ids]
-    length = max(len(s) for s in seqs)
+def collate(
+    items: list[TokenizedExample], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row of prompt + response per response, right-padded to the longest (the authors'
+    collator; they pass one query at a time): (input_ids, attention_mask, labels), each [rows, L]."""
+    seqs = [(q.prompt_ids, r) for q in items for r in q.response_ids]
+    length = max(len(p) + len(r) for p, r in seqs)
     input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, (s, r) in enumerate(zip(seqs, q.response_ids, strict=True)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(q.prompt_ids) : len(s)] = torch.tensor(r)
-        mask[i, : len(s)] = 1
+    for i, (p, r) in enumerate(seqs):
+        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+        mask[i, : len(p) + len(r)] = 1
     return input_ids.to(device), mask.to(device), labels.to(device)
 
 
@@ -54,7 +57,7 @@ def query_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, rank, sft, p[k]) of one query."""
     device = next(model.parameters()).device
-    input_ids, mask, labels = collate(q, pad_id, device)
+    input_ids, mask, labels = collate([q], pad_id, device)
     logits = model(input_ids=input_ids, attention_mask=mask).logits  # [k, L, V]
     logprobs = logits[:, :-1].float().log_softmax(-1)
     targets = labels[:, 1:]

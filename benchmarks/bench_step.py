@@ -1,0 +1,133 @@
+"""One full RRHF training step (forward, backward, optimizer): rrhf-fast vs the official-style reference.
+
+`python benchmarks/bench_step.py [--cpu-smoke] [--providers a,b] [--profile] [--out-dir DIR]`
+appends to results/step.csv (GPU: a Llama-3.2-1B-like random-init model in bf16) or
+step_cpu_smoke.csv (a tiny Llama) and regenerates step.md.
+
+Providers, all on the same G random queries per step (k responses of R tokens after a P-token
+prompt), the same model weights (a fresh copy per provider, same seed) and the same AdamW:
+- `reference`: benchmarks/reference_step.py, one query per forward as the authors' scripts run it
+  (k padded copies, full [k, L, V] logits, fp32 log_softmax), gradients accumulated over the step;
+- `rrhf-fast`: pack + packed_logprobs + rrhf_loss with the same micro-batching (one query per
+  forward), so time and memory compare like for like;
+- `rrhf-fast/packed`: as the trainer runs it, queries packed into micro-batches of at most
+  `--max-tokens` tokens.
+tokens/s counts the useful tokens (each prompt once plus the responses) for every provider; MFU is
+the same useful-FLOP count (common.model_flops) over time and the GPU's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import common
+import torch
+from reference_step import reference_step
+
+from rrhf_fast.kernels import rrhf_loss
+from rrhf_fast.model import packed_logprobs
+from rrhf_fast.packing import pack_tokenized, plan_microbatches
+
+PROVIDERS = ("rrhf-fast", "rrhf-fast/packed", "reference")
+RESPONSE_LEN = 128
+HEADLINE = (6, 512)  # issue 8: k = 6, prompt 512, responses 128
+GPU_CONFIGS = [(k, p) for p in (128, 512, 2048) for k in (2, 4, 8)]  # (k, prompt length)
+SMOKE_HEADLINE, SMOKE_CONFIGS, SMOKE_RESPONSE_LEN = (2, 8), [(3, 8), (3, 16)], 4
+
+
+def ours_step(model, optimizer, batches, num_queries: int, attn: str, impl: str) -> Callable[[], None]:
+    def step():
+        for batch in batches:
+            logp = packed_logprobs(model, batch, attn=attn, impl=impl)
+            out = rrhf_loss(
+                logp,
+                batch.token_response,
+                batch.response_query,
+                batch.scores,
+                prompt_len=batch.prompt_len,
+                normalizer=num_queries,  # the mean over every query of the step
+                impl=impl,
+            )
+            out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_step(provider: str, model, optimizer, items, device, args) -> Callable[[], None]:
+    if provider == "reference":
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        return lambda: reference_step(model, optimizer, items, pad_id=pad_id)
+    if provider == "rrhf-fast":
+        plan = [[i] for i in range(len(items))]
+    else:
+        plan = plan_microbatches([it.packed_len for it in items], args.max_tokens)
+    batches = [pack_tokenized([items[i] for i in group]).to(device) for group in plan]
+    return ours_step(model, optimizer, batches, len(items), args.attn, args.impl)
+
+
+def prepare(provider, model, optimizer, k, prompt_len, response_len, device, smoke, args):
+    """The step function of one provider and config, and its queries."""
+    g = 2 if smoke else queries_per_step(k, prompt_len, response_len, args.tokens_per_step)
+    vocab = model.config.vocab_size
+    items = common.random_queries(g, k, prompt_len, response_len, vocab, seed=k * 7919 + prompt_len)
+    return make_step(provider, model, optimizer, items, device, args), items
+
+
+def queries_per_step(k: int, prompt_len: int, response_len: int, tokens_per_step: int) -> int:
+    return max(2, tokens_per_step // (prompt_len + k * response_len))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--tokens-per-step", type=int, default=16384, help="useful tokens per optimizer step")
+    p.add_argument("--max-tokens", type=int, default=16384, help="micro-batch budget of rrhf-fast/packed")
+    p.add_argument("--attn", default="auto", help="rrhf-fast attention backend: auto|varlen|flex|dense")
+    p.add_argument("--impl", default="auto", help="rrhf-fast kernel implementation: auto|triton|torch")
+    args = p.parse_args(argv)
+    device, smoke = common.resolve_device(args)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    headline, configs, response_len = (
+        (SMOKE_HEADLINE, SMOKE_CONFIGS, SMOKE_RESPONSE_LEN)
+        if smoke
+        else (HEADLINE, GPU_CONFIGS, RESPONSE_LEN)
+    )
+    rec = common.Recorder("step", args.out_dir, device, smoke)
+    providers = common.selected(PROVIDERS, args.providers)
+    # Two passes, the headline config first for every provider: a run cut short by its time limit
+    # still compares them there. A fresh model and optimizer per provider and pass (same seed).
+    for pass_configs in ([headline], configs):
+        for provider in providers:
+            print(provider, flush=True)
+            model = common.build_llama("tiny" if smoke else "1b", device, dtype)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+            for k, prompt_len in pass_configs:
+                step, items = prepare(
+                    provider, model, optimizer, k, prompt_len, response_len, device, smoke, args
+                )
+                config = f"k={k} P={prompt_len} R={response_len}"
+                rec.measure(
+                    "rrhf_step",
+                    f"P={prompt_len} R={response_len}",
+                    provider,
+                    config,
+                    k,
+                    dtype,
+                    step,
+                    flops=common.model_flops(model, items),
+                    tokens=common.useful_tokens(items),
+                    rep_ms=500.0,
+                )
+                if args.profile and (k, prompt_len) == headline:
+                    rec.profile(f"{provider} {config} (G={len(items)} queries)", step)
+                optimizer.zero_grad(set_to_none=True)  # a step that failed half-way leaves gradients
+            del model, optimizer
+            common.free_memory(device)
+    print(rec.finish())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Shared benchmark harness: timing, peak memory, FLOP accounting, the CSV schema and the runner.
+
+Every script builds a `Recorder`, measures providers side by side with `Recorder.measure`, and calls
+`Recorder.finish`, which appends the rows to `<out_dir>/<topic>[_cpu_smoke].csv` and regenerates the
+markdown report and figures from the whole CSV (`report.py`).
+
+CUDA timing is `triton.testing.do_bench` with quantiles (0.5, 0.2, 0.8); CPU timing (smoke runs
+only, tiny shapes) is a plain timer loop reporting the same quantiles. Peak memory is
+`torch.cuda.max_memory_allocated` after a reset; on CPU it is NaN, never a made-up number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gc
+import math
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from report import slug, write_report
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+QUANTILES = (0.5, 0.2, 0.8)
+GIB = 2**30
+
+COLUMNS = [
+    "benchmark",
+    "provider",
+    "config",
+    "dtype",
+    "gpu",
+    "torch",
+    "triton",
+    "ms_median",
+    "ms_p20",
+    "ms_p80",
+    "peak_mem_gib",
+    "tflops",
+    "tokens_per_s",
+    "mfu",
+    "date",
+    "commit",
+    # Beyond the issue's minimum: the sweep a row belongs to and its x value (tables and figures are
+    # drawn per sweep), the memory a call adds on top of its inputs, and why a provider has no
+    # number (status skipped / oom / error, with the reason in note).
+    "sweep",
+    "x",
+    "extra_mem_gib",
+    "status",
+    "note",
+]
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s. A GPU that
+# matches none of these gets no MFU: an empty cell, never a guessed peak. `RRHF_BENCH_PEAK_TFLOPS`
+# overrides it for a GPU not listed here.
+PEAK_BF16_TFLOPS = (
+    (re.compile(r"H100.*(SXM|HBM3)", re.I), 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    (re.compile(r"H200", re.I), 989.0),
+    (re.compile(r"A100", re.I), 312.0),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment: device, versions, date, commit
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_bf16_tflops(name: str) -> float | None:
+    override = os.environ.get("RRHF_BENCH_PEAK_TFLOPS")
+    if override:
+        return float(override)
+    for pattern, peak in PEAK_BF16_TFLOPS:
+        if pattern.search(name):
+            return peak
+    return None
+
+
+def git_commit() -> str:
+    """Short HEAD, plus "-dirty" when tracked files differ from it; "unknown" outside a checkout."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return ""
+    return triton.__version__
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    return {
+        "gpu": gpu_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line shared by the scripts
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny shapes, results in <topic>_cpu_smoke.csv (automatic when no CUDA device is present)",
+    )
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV and reports go")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run torch.profiler on the headline config; top-20 kernels to <topic>_profile_<gpu>.txt",
+    )
+    return p
+
+
+def resolve_device(args: argparse.Namespace) -> tuple[torch.device, bool]:
+    """(device, smoke): smoke mode on request or whenever CUDA is absent."""
+    if args.cpu_smoke or not torch.cuda.is_available():
+        # One thread: tiny shapes gain nothing from more, and on a shared 2-core machine the thread
+        # pool's spinning made a smoke step ~30x slower (measured: 400 ms vs 12 ms a tiny step).
+        torch.set_num_threads(1)
+        return torch.device("cpu"), True
+    return torch.device("cuda"), False
+
+
+def selected(providers: Iterable[str], wanted: str | None) -> list[str]:
+    providers = list(providers)
+    if not wanted:
+        return providers
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in providers]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {providers}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(
+    fn: Callable[[], object],
+    device: torch.device,
+    grad_to_none: list[torch.Tensor] | None = None,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of one call of `fn`."""
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(
+            fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, quantiles=list(QUANTILES)
+        )
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm-up: first-call allocations and lazy initialisation
+    times: list[float] = []
+    deadline = time.perf_counter() + min(rep_ms, 200.0) / 1e3  # CPU runs are smoke tests only
+    while len(times) < 2 or (time.perf_counter() < deadline and len(times) < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = np.quantile(np.array(times), QUANTILES)
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def peak_memory_gib(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(peak allocated during one call, peak minus what was allocated before it), in GiB."""
+    if device.type != "cuda":
+        return math.nan, math.nan
+    sync(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return peak / GIB, (peak - before) / GIB
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 20) -> str:
+    """torch.profiler over one warm call of `fn`: the top kernels (CUDA) or ops (CPU) by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, data and FLOP accounting shared by the step and attention benchmarks
+
+# Llama-3.2-1B-like (random init): tied embeddings, GQA 32/8 heads of 64, SwiGLU 8192.
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    pad_token_id=128004,
+)
+
+
+def build_llama(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-initialised Llama causal LM: "1b" (LLAMA_1B) or "tiny" (rrhf_fast.tiny), in train mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rrhf_fast.tiny import tiny_config
+
+    config = LlamaConfig(**LLAMA_1B) if size == "1b" else tiny_config("llama")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.train()
+
+
+def random_queries(num_queries: int, k: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0):
+    """Tokenised queries (rrhf_fast.packing.TokenizedExample) of random ids and distinct scores."""
+    from rrhf_fast.packing import TokenizedExample
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    return [
+        TokenizedExample(
+            ids(prompt_len), [ids(response_len) for _ in range(k)], torch.randn(k, generator=gen).tolist()
+        )
+        for _ in range(num_queries)
+    ]
+
+
+def useful_tokens(items) -> int:
+    """The tokens the data holds: each prompt once plus every response. Both providers are credited
+    with this count; the reference's k prompt copies and its padding are overhead, not work."""
+    return sum(it.packed_len for it in items)
+
+
+def model_flops(model, items) -> float:
+    """Useful forward + backward FLOPs of a causal LM on `items`, the same formula for every provider.
+
+    - Decoder matmuls: 6 FLOPs per linear-layer parameter per useful token (2 forward, 4 backward).
+    - lm_head: 6 * V * D per response token only: a prompt token's logits are never used.
+    - Attention: QK^T and PV are 4 * head_dim * heads FLOPs per attended (query, key) pair forward,
+      x3 with backward, for the pairs the task needs: causal within the prompt, and every response
+      token attends to the whole prompt and causally to its own response.
+    Embedding lookups, norms, activations and the optimizer are not counted (as usual for MFU).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    head = base.get_output_embeddings().weight.numel()
+    cfg = base.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    pairs = 0
+    for it in items:
+        p = len(it.prompt_ids)
+        pairs += p * (p + 1) // 2 + sum(len(r) * p + len(r) * (len(r) + 1) // 2 for r in it.response_ids)
+    responses = sum(len(r) for it in items for r in it.response_ids)
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * pairs
+    return 6.0 * (linear * useful_tokens(items) + head * responses) + attention
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording
+
+
+def fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.6g}"
+
+
+class Recorder:
+    """Collects the rows of one script run and writes them out (CSV append + report) at the end."""
+
+    def __init__(self, topic: str, out_dir: Path, device: torch.device, smoke: bool):
+        self.topic = topic
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.smoke = smoke
+        self.env = environment(device)
+        self.peak_tflops = peak_bf16_tflops(self.env["gpu"]) if device.type == "cuda" else None
+        self.rows: list[dict[str, str]] = []
+        self.profiles: dict[str, str] = {}
+        open_csv(self.csv_path)
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out_dir / f"{self.topic}{'_cpu_smoke' if self.smoke else ''}.csv"
+
+    @property
+    def profile_path(self) -> Path:
+        return self.out_dir / f"{self.topic}_profile_{slug(self.env['gpu'])}.txt"
+
+    def _row(self, benchmark: str, sweep: str, provider: str, config: str, x: float, dtype) -> dict:
+        row = dict.fromkeys(COLUMNS, "")
+        row.update(self.env)
+        row.update(
+            benchmark=benchmark,
+            sweep=sweep,
+            provider=provider,
+            config=config,
+            x=fmt(float(x)),
+            dtype=str(dtype).removeprefix("torch."),
+        )
+        return row
+
+    def measure(
+        self,
+        benchmark: str,
+        sweep: str,
+        provider: str,
+        config: str,
+        x: float,
+        dtype,
+        fn: Callable[[], object],
+        *,
+        flops: float | None = None,
+        tokens: float | None = None,
+        grad_to_none: list[torch.Tensor] | None = None,
+        rep_ms: float = 100.0,
+    ) -> dict | None:
+        """Time `fn` and take its peak memory; a failure becomes a row with status and reason."""
+        row = self._row(benchmark, sweep, provider, config, x, dtype)
+        try:
+            ms, p20, p80 = time_ms(fn, self.device, grad_to_none, rep_ms=rep_ms)
+            peak, extra = peak_memory_gib(fn, self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            return self._failed(row, "oom", str(exc).splitlines()[0])
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            return self._failed(row, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        finally:
+            free_memory(self.device)
+        seconds = ms / 1e3
+        tflops = flops / seconds / 1e12 if flops else None
+        mfu = tflops / self.peak_tflops if tflops and self.peak_tflops else None
+        row.update(
+            ms_median=fmt(ms),
+            ms_p20=fmt(p20),
+            ms_p80=fmt(p80),
+            peak_mem_gib=fmt(peak),
+            extra_mem_gib=fmt(extra),
+            tflops=fmt(tflops),
+            tokens_per_s=fmt(tokens / seconds if tokens else None),
+            mfu=fmt(mfu),
+            status="ok",
+        )
+        self._add(row)
+        print(f"  {benchmark:<22} {provider:>24} {config:<24} {ms:10.3f} ms  peak {fmt(peak) or '-'} GiB")
+        return row
+
+    def skip(self, benchmark: str, sweep: str, provider: str, config: str, x: float, dtype, reason: str):
+        return self._failed(self._row(benchmark, sweep, provider, config, x, dtype), "skipped", reason)
+
+    def _failed(self, row: dict, status: str, note: str) -> dict:
+        row.update(status=status, note=note)
+        self._add(row)
+        print(f"  {row['benchmark']:<22} {row['provider']:>24} {row['config']:<24} {status}: {note}")
+        return row
+
+    def _add(self, row: dict[str, str]) -> None:
+        # Written at once: a run stopped by a time limit keeps the rows it measured.
+        self.rows.append(row)
+        append_row(self.csv_path, row)
+
+    def profile(self, label: str, fn: Callable[[], object]) -> None:
+        try:
+            self.profiles[label] = profile_table(fn, self.device)
+        except (RuntimeError, NotImplementedError) as exc:
+            self.profiles[label] = f"profiling failed: {type(exc).__name__}: {exc}"
+        finally:
+            free_memory(self.device)
+
+    def finish(self) -> Path:
+        """Write the profiles and regenerate the report from the whole CSV."""
+        if self.profiles:
+            header = (
+                f"# {self.topic} profile on {self.env['gpu']}, {self.env['date']}, {self.env['commit']}\n"
+            )
+            body = "\n".join(f"## {label}\n{table}" for label, table in self.profiles.items())
+            self.profile_path.write_text(header + "\n" + body)
+        return write_report(self.csv_path)
+
+
+def open_csv(path: Path) -> None:
+    """Create the CSV with its header, or rewrite an older one whose header lacks some columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old: list[dict[str, str]] = []
+    header: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old = list(reader)
+            header = list(reader.fieldnames or [])
+    if header[: len(COLUMNS)] == COLUMNS:
+        return
+    header = COLUMNS + [c for c in header if c not in COLUMNS]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer.writeheader()
+        writer.writerows(old)
+
+
+def append_row(path: Path, row: dict[str, str]) -> None:
+    with path.open(newline="") as f:
+        header = next(csv.reader(f))
+    with path.open("a", newline="") as f:
+        csv.DictWriter(f, fieldnames=header, restval="", extrasaction="ignore").writerow(row)

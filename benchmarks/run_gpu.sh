@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Every benchmark in one command, for a session with a GPU. Results go to benchmarks/results/
+# (CSV rows appended, markdown + PNG regenerated, profiler summaries) and, where $OUT is set (the
+# device tool), also to $OUT: results.tar.gz (the whole results folder), the three reports and the log.
+#
+#   bash benchmarks/run_gpu.sh                    # all parts, in the order below
+#   bash benchmarks/run_gpu.sh kernels step       # some parts (kernels | step | attention | pytest-bench)
+#   bash benchmarks/run_gpu.sh --cpu-smoke        # the same sequence on CPU, tiny shapes, into a temp dir
+#
+# Order and time budget (H100; the device allows 10 minutes a command, this aims at about 8). Each
+# part runs under `timeout`; rows are written as they are measured, so a part cut short keeps what
+# it measured, and the reports are regenerated at the end in any case.
+#   0. setup: carried wheels (.whl/), rrhf_fast importable, nvidia-smi        ~10 s
+#   1. kernels:   bench_kernels.py --profile  (19 shapes x fwd, fwd+bwd x 5 providers)   KERNELS_S=210
+#   2. step:      bench_step.py --profile     (10 configs x 3 providers, 1B Llama)       STEP_S=180
+#   3. attention: bench_attention.py --profile (6 configs x 6 providers, 1B Llama)      ATTENTION_S=90
+#   4. report.py over every CSV, then the copies into $OUT                      ~5 s
+#   (pytest-bench: `pytest benchmarks/bench_kernels.py`, only when named; PYTEST_BENCH_S=120)
+#
+# No network on the device: nothing is installed except wheels carried in .whl/ (e.g. liger-kernel,
+# cut-cross-entropy), with `pip install --no-index --no-deps --target /tmp/site`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+smoke=()
+out_dir=benchmarks/results
+parts=()
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) smoke=(--cpu-smoke); out_dir=${SMOKE_OUT_DIR:-$(mktemp -d)} ;;
+    kernels|step|attention|pytest-bench) parts+=("$arg") ;;
+    *) echo "run_gpu.sh: unknown argument '$arg' (parts: kernels step attention pytest-bench; --cpu-smoke)" >&2
+       exit 2 ;;
+  esac
+done
+[ ${#parts[@]} -gt 0 ] || parts=(kernels step attention)
+log=${OUT:+$OUT/run_gpu.log}
+log=${log:-/dev/null}
+say() { echo "[run_gpu $(date +%T)] $*" | tee -a "$log"; }
+run_part() {  # name, seconds, command...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  say "$name: start (limit ${limit}s)"
+  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  say "$name: exit $rc after $((SECONDS - start))s"
+}
+
+# ---- 0. setup
+if compgen -G ".whl/*.whl" >/dev/null; then
+  say "installing carried wheels: $(ls .whl | tr '\n' ' ')"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if ! "$PYTHON" -c "import rrhf_fast.kernels, rrhf_fast.model" 2>/dev/null; then
+  # Not installed here: stage the package as it installs (kernels/ becomes rrhf_fast.kernels).
+  stage=/tmp/rrhf_fast_src
+  rm -rf "$stage" && mkdir -p "$stage"
+  cp -r rrhf_fast "$stage/" && rm -rf "$stage/rrhf_fast/kernels" && cp -r kernels "$stage/rrhf_fast/kernels"
+  export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
+  "$PYTHON" -c "import rrhf_fast.kernels, rrhf_fast.model" || { say "cannot import rrhf_fast"; exit 1; }
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+"$PYTHON" -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton',
+triton.__version__, 'transformers', t.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$log"
+
+# ---- 1-3. the benchmarks
+common=("${smoke[@]}" --out-dir "$out_dir" --profile)
+for part in "${parts[@]}"; do
+  case "$part" in
+    kernels) run_part kernels "${KERNELS_S:-210}" "$PYTHON" benchmarks/bench_kernels.py "${common[@]}" ;;
+    step) run_part step "${STEP_S:-180}" "$PYTHON" benchmarks/bench_step.py "${common[@]}" ;;
+    attention) run_part attention "${ATTENTION_S:-90}" "$PYTHON" benchmarks/bench_attention.py "${common[@]}" ;;
+    pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -m pytest benchmarks/bench_kernels.py \
+      -q -p no:cacheprovider --benchmark-only --benchmark-json="$out_dir/kernels_pytest_benchmark.json" ;;
+  esac
+done
+
+# ---- 4. reports (also for a part that was cut short) and the copies for the device tool
+"$PYTHON" benchmarks/report.py "$out_dir"/*.csv | tee -a "$log"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/results.tar.gz" -C "$out_dir" .
+  cp "$out_dir"/*.md "$OUT/" 2>/dev/null
+  say "copied to \$OUT: results.tar.gz (unpack into benchmarks/results/), the reports, run_gpu.log"
+fi
+say "done: results in $out_dir"
