@@ -89,7 +89,13 @@ def peak_bf16_tflops(name: str) -> float | None:
 
 
 def git_commit() -> str:
-    """Short HEAD, plus "-dirty" when tracked files differ from it; "unknown" outside a checkout."""
+    """Short HEAD, plus "-dirty" when tracked files differ from it; "unknown" outside a checkout.
+
+    `RRHF_BENCH_COMMIT` overrides it: a copy of the tree without its .git (the device tool's) is
+    told the commit by the session that sends it.
+    """
+    if os.environ.get("RRHF_BENCH_COMMIT"):
+        return os.environ["RRHF_BENCH_COMMIT"]
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=False)
@@ -230,7 +236,8 @@ def profile_table(fn: Callable[[], object], device: torch.device, rows: int = 20
     with profile(activities=activities) as prof:
         fn()
         sync(device)
-    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    # Self time: the kernels themselves rank first, not the ops that launch them.
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows)
 
 
@@ -318,6 +325,11 @@ def model_flops(model, items) -> float:
 # Recording
 
 
+def describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -380,9 +392,9 @@ class Recorder:
             ms, p20, p80 = time_ms(fn, self.device, grad_to_none, rep_ms=rep_ms)
             peak, extra = peak_memory_gib(fn, self.device)
         except torch.cuda.OutOfMemoryError as exc:
-            return self._failed(row, "oom", str(exc).splitlines()[0])
-        except (NotImplementedError, RuntimeError, ValueError) as exc:
-            return self._failed(row, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            return self._failed(row, "oom", describe(exc))
+        except Exception as exc:  # one provider failing must not end the run: its row says why
+            return self._failed(row, "error", describe(exc))
         finally:
             free_memory(self.device)
         seconds = ms / 1e3
@@ -420,8 +432,8 @@ class Recorder:
     def profile(self, label: str, fn: Callable[[], object]) -> None:
         try:
             self.profiles[label] = profile_table(fn, self.device)
-        except (RuntimeError, NotImplementedError) as exc:
-            self.profiles[label] = f"profiling failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            self.profiles[label] = f"profiling failed: {describe(exc)}"
         finally:
             free_memory(self.device)
 

@@ -87,17 +87,21 @@ def best(rows, benchmark: str, config: str, prefix: str, column: str, low: bool)
     return (min if low else max)(cands, key=lambda r: num(r[column])) if cands else None
 
 
-def at_least(value: float | None, goal: float, unit: str = "") -> tuple[str, bool | None]:
+def short(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def at_least(value: float | None, goal: float) -> tuple[str, bool | None]:
     if value is None:
         return "not measured", None
-    text = f"{value:.3g}{unit} (goal {goal:.3g}{unit}"
+    text = f"{short(value)} (goal {short(goal)}"
     return text + ("" if value >= goal else f", short by {(goal - value) / goal:.0%}") + ")", value >= goal
 
 
-def at_most(value: float | None, goal: float, unit: str = "") -> tuple[str, bool | None]:
+def at_most(value: float | None, goal: float) -> tuple[str, bool | None]:
     if value is None:
         return "not measured", None
-    text = f"{value:.3g}{unit} (goal <= {goal:.3g}{unit}"
+    text = f"{short(value)} (goal <= {short(goal)}"
     return text + ("" if value <= goal else f", over by {(value - goal) / goal:.0%}") + ")", value <= goal
 
 
@@ -230,6 +234,7 @@ def sweep_section(rows: list[dict[str, str]], figure: Path | None) -> list[str]:
 
 
 def plot_sweep(rows: list[dict[str, str]], path: Path, title: str) -> Path | None:
+    """Time per provider across the sweep (log scale), and peak memory beside it where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -239,17 +244,25 @@ def plot_sweep(rows: list[dict[str, str]], path: Path, title: str) -> Path | Non
     if not ok:
         return None
     configs = unique(r["config"] for r in sorted(rows, key=lambda r: num(r.get("x")) or 0.0))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(configs) + 3), 4.0))
-    for provider in unique(r["provider"] for r in ok):
-        pts = [(configs.index(r["config"]), num(r["ms_median"])) for r in ok if r["provider"] == provider]
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
-    ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms (median), log scale")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("ms_median", "ms (median), log scale")]
+    if any(num(r.get("peak_mem_gib")) is not None for r in ok):
+        panels.append(("peak_mem_gib", "peak memory, GiB, log scale"))
+    width = max(6.0, 0.9 * len(configs) + 3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels, strict=True):
+        for provider in unique(r["provider"] for r in ok):
+            pts = sorted(
+                (configs.index(r["config"]), num(r[column]))
+                for r in ok
+                if r["provider"] == provider and num(r.get(column)) is not None
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        ax.set_xticks(range(len(configs)), configs, rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

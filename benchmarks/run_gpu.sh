@@ -18,7 +18,9 @@
 #   (pytest-bench: `pytest benchmarks/bench_kernels.py`, only when named; PYTEST_BENCH_S=120)
 #
 # No network on the device: nothing is installed except wheels carried in .whl/ (e.g. liger-kernel,
-# cut-cross-entropy), with `pip install --no-index --no-deps --target /tmp/site`.
+# cut-cross-entropy), with `pip install --no-index --no-deps --target /tmp/site`. A copy of the tree
+# without .git (the device tool's) cannot see its commit: run it as
+# `RRHF_BENCH_COMMIT=<git rev-parse --short HEAD, plus -dirty if so> bash benchmarks/run_gpu.sh`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -54,17 +56,22 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! "$PYTHON" -c "import rrhf_fast.kernels, rrhf_fast.model" 2>/dev/null; then
+# -P: no current directory on sys.path, where ./rrhf_fast (without its kernels) would shadow the package.
+if ! "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.model" 2>/dev/null; then
   # Not installed here: stage the package as it installs (kernels/ becomes rrhf_fast.kernels).
   stage=/tmp/rrhf_fast_src
   rm -rf "$stage" && mkdir -p "$stage"
   cp -r rrhf_fast "$stage/" && rm -rf "$stage/rrhf_fast/kernels" && cp -r kernels "$stage/rrhf_fast/kernels"
   export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
-  "$PYTHON" -c "import rrhf_fast.kernels, rrhf_fast.model" || { say "cannot import rrhf_fast"; exit 1; }
+  "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.model" || { say "cannot import rrhf_fast"; exit 1; }
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 "$PYTHON" -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton',
 triton.__version__, 'transformers', t.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$log"
+
+commit=$("$PYTHON" -P -c "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.git_commit())")
+say "commit recorded in the rows: $commit"
+[ "$commit" != unknown ] || say "WARNING: no git here; pass RRHF_BENCH_COMMIT=<short sha> so rows name their commit"
 
 # ---- 1-3. the benchmarks
 common=("${smoke[@]}" --out-dir "$out_dir" --profile)
@@ -73,7 +80,7 @@ for part in "${parts[@]}"; do
     kernels) run_part kernels "${KERNELS_S:-210}" "$PYTHON" benchmarks/bench_kernels.py "${common[@]}" ;;
     step) run_part step "${STEP_S:-180}" "$PYTHON" benchmarks/bench_step.py "${common[@]}" ;;
     attention) run_part attention "${ATTENTION_S:-90}" "$PYTHON" benchmarks/bench_attention.py "${common[@]}" ;;
-    pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -m pytest benchmarks/bench_kernels.py \
+    pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -P -m pytest benchmarks/bench_kernels.py \
       -q -p no:cacheprovider --benchmark-only --benchmark-json="$out_dir/kernels_pytest_benchmark.json" ;;
   esac
 done
