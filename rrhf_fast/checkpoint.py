@@ -1,0 +1,292 @@
+"""Checkpoints that survive crashes and resume a run bit for bit.
+
+A checkpoint is `OUTPUT_DIR/checkpoint-STEP/`: a `save_pretrained` directory (safetensors weights,
+model config, tokenizer) plus `optimizer.pt` (8-bit states included), `trainer_state.pt` (step,
+scheduler, data order, counters, every RNG) and `train_config.json`. It is written into a
+temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
+(the size of every file) written last, and only then renamed into place: a crash or Ctrl-C at any
+moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed at the
+next start. Loading never unpickles arbitrary objects: safetensors for the weights and
+`torch.load(weights_only=True)` for the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import UserError
+from .loading import quiet_progress_bars
+
+FORMAT = "rrhf-fast-checkpoint"
+VERSION = 1
+MARKER = "COMPLETE.json"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "train_config.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-checkpoint-"
+
+
+def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    config: Any,
+    keep: int | None = None,
+) -> Path:
+    """Write checkpoint-STEP atomically, then delete all but the `keep` newest complete ones."""
+    output_dir = Path(output_dir)
+    final = checkpoint_path(output_dir, step)
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f"{_TMP_PREFIX}{step}-"))
+    try:
+        with quiet_progress_bars():
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
+        config.save(tmp / CONFIG_FILE)
+        _write_marker(tmp, step)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in complete_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints with a marker (written last), oldest first."""
+    found = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / MARKER).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def remove_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the `.tmp-*` directories of saves that a crash interrupted."""
+    root = Path(output_dir)
+    stale = [p for p in root.glob(f"{_TMP_PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    """Restore weights and optimizer in place; return the trainer state (RNGs already restored)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    load_weights(model, path)
+    opt_state = _torch_load(path / OPTIMIZER_FILE)
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise UserError(
+            f"{path}: the optimizer state does not fit this model and --optim ({err}); resume with the "
+            "flags of the run that wrote it"
+        ) from None
+    state = _torch_load(path / STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+        raise UserError(f"{path / STATE_FILE}: not an rrhf-fast trainer state; delete the checkpoint")
+    set_rng_state(state["rng"])
+    return state
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check the marker and every file's size: a truncated or foreign checkpoint is a UserError."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{path}: not a complete rrhf-fast checkpoint ({err}); delete it or pick another"
+        ) from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise UserError(f"{path}: {MARKER} is not an rrhf-fast checkpoint marker; delete the directory")
+    if marker.get("version") != VERSION:
+        raise UserError(
+            f"{path}: checkpoint format version {marker.get('version')}, this rrhf-fast reads {VERSION}"
+        )
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise UserError(
+                f"{path}: {name} is {found}, expected {size} bytes (truncated or modified checkpoint); "
+                "delete this checkpoint to resume from the one before"
+            )
+    return marker
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy the safetensors weights of a save_pretrained directory into `model`."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights; not an rrhf-fast checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(file))
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file}: unreadable weights ({err}); delete this checkpoint") from None
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(
+            f"{path}: the weights do not match this model ({wrong[0]} is {tuple(state[wrong[0]].shape)}, the "
+            f"model's is {tuple(own[wrong[0]].shape)}); resume with the --model of that run"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: the weights do not match this model ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); resume with the --model of that run"
+        )
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters sharing their tensor with another name (save_pretrained keeps one)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), []).append(name)
+    return {name for names in by_tensor.values() if len(names) > 1 for name in names}
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{file}: missing; the checkpoint is incomplete, delete it") from None
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on bad input
+        raise UserError(
+            f"{file}: cannot be read safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "delete this checkpoint"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG state (python, numpy, torch, cuda) as plain tensors and tuples: weights_only-loadable
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Durable writes
+
+
+def _write_marker(directory: Path, step: int) -> None:
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+    marker = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+    (directory / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*"), reverse=True):  # files before their directories
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an existing final (a re-save of the same step) is swapped out first."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    old = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

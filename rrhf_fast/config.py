@@ -1,0 +1,211 @@
+"""TrainConfig: the single source of `rrhf-fast train`'s flags, saved as JSON with every run.
+
+Each dataclass field is one kebab-case flag (`micro_batch_tokens` -> `--micro-batch-tokens`); its
+`help` and `choices` live in the field's metadata, so the parser, the saved JSON and the code that
+reads the config cannot drift apart. Fields without a default are required flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
+ATTN = ("auto", "varlen", "flex", "dense")
+IMPLS = ("auto", "triton", "torch")
+MODES = ("paper", "official")
+DTYPES = ("auto", "float32", "bfloat16")
+SFT_REDUCTIONS = ("mean", "sum")
+
+
+def _f(default: Any, help: str, **meta: Any) -> Any:
+    """A field with its flag's help text (and optional `choices`) in the metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def _required(help: str) -> Any:
+    return field(metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # ---- inputs and outputs
+    model: str = _required("model directory saved with save_pretrained, or a hub id")
+    data: str = _required("training data: JSONL of {query, responses, scores} or a saved dataset")
+    output_dir: str = _required("run directory: config, metrics.jsonl, curves.png, checkpoints")
+    eval_data: str | None = _f(None, "held-out data in the training format, for ranking accuracy")
+    eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)")
+    # ---- how long, how big
+    max_steps: int | None = _f(None, "optimizer steps to train (default: --epochs passes over the data)")
+    epochs: int = _f(1, "passes over the data when --max-steps is not given")
+    micro_batch_tokens: int = _f(4096, "token budget of one packed micro-batch (memory knob)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step (when --queries-per-step is not given)")
+    queries_per_step: int | None = _f(
+        None, "queries per optimizer step, split into micro-batches by --micro-batch-tokens"
+    )
+    max_prompt_len: int | None = _f(None, "keep the last N prompt tokens")
+    max_response_len: int | None = _f(None, "keep the first N response tokens (EOS included)")
+    chat_template: bool = _f(False, "wrap each query in the tokenizer's chat template as a user turn")
+    # ---- optimization
+    lr: float = _f(2e-5, "peak learning rate")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int | None = _f(None, "linear warmup steps (default: 3%% of the steps)")
+    weight_decay: float = _f(0.0, "AdamW weight decay, applied to matrices only")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    optim: str = _f("adamw8bit", "optimizer", choices=OPTIMIZERS)
+    max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each one is skipped)")
+    # ---- the loss (DESIGN.md section 1)
+    mode: str = _f("paper", "loss normalisation: paper, or the authors' released code", choices=MODES)
+    length_penalty: float = _f(1.0, "response score = sum of log-probs / length ** length_penalty")
+    rank_weight: float = _f(1.0, "weight of the ranking loss (0: SFT only)")
+    sft_weight: float = _f(1.0, "weight of the SFT loss on the best-scored response")
+    sft_reduction: str = _f(
+        "mean", "SFT loss of the best response: token mean, or the paper's sum", choices=SFT_REDUCTIONS
+    )
+    # ---- model and kernels
+    attn: str = _f("auto", "attention backend for the shared-prompt packing", choices=ATTN)
+    loss_impl: str = _f("auto", "implementation of the fused kernels", choices=IMPLS)
+    dtype: str = _f(
+        "auto", "weight dtype; auto: float32 weights (bf16 autocast on CUDA, fp32 on CPU)", choices=DTYPES
+    )
+    device: str = _f("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
+    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning)")
+    load_in_4bit: bool = _f(False, "load the base model in 4-bit (QLoRA; needs --lora-r)")
+    # ---- bookkeeping
+    seed: int = _f(0, "seed of the data order and of every random number generator")
+    resume: bool = _f(False, "continue from the last complete checkpoint in --output-dir")
+    save_every: int = _f(500, "save a checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the N newest checkpoints")
+    log_every: int = _f(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
+    plot: bool = _f(True, "draw curves.png at the end of training")
+
+    # ------------------------------------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Raise UserError on impossible values or flag combinations; return self."""
+        positive = ("micro_batch_tokens", "grad_accum", "epochs", "keep_checkpoints", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "queries_per_step", "max_prompt_len", "max_response_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{_flag(name)} must be at least 1, got {value}")
+        for name in ("eval_every", "save_every", "log_every", "warmup_steps", "lora_r"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UserError(f"--{_flag(name)} must be 0 or more, got {value}")
+        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
+        for name in ("optim", "mode", "sft_reduction", "attn", "loss_impl", "dtype"):
+            choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise UserError(
+                    f"--{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}"
+                )
+        if self.rank_weight == 0 and self.sft_weight == 0:
+            raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
+        if self.min_lr > self.lr:
+            raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; give a smaller --min-lr")
+        if self.queries_per_step is not None and self.grad_accum != 1:
+            raise UserError(
+                "--queries-per-step and --grad-accum both set the step size; give one of them "
+                "(--queries-per-step splits its queries into micro-batches by --micro-batch-tokens)"
+            )
+        if self.eval_every and not self.eval_data:
+            raise UserError("--eval-every needs --eval-data FILE (the held-out examples to evaluate on)")
+        if self.load_in_4bit and not self.lora_r:
+            raise UserError("--load-in-4bit trains adapters on a frozen 4-bit model: also give --lora-r N")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path}: cannot read the saved training config ({err})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UserError(f"{source}: unknown training config field(s) {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise UserError(f"{source}: incomplete training config ({err})") from None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+# ----------------------------------------------------------------------------------------------
+# argparse from the dataclass
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """One `--kebab-case` option per field of `cls`, typed, with the field's help and choices."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        base, optional = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if base is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kwargs.update(type=base, metavar=_metavar(f.name, base))
+            if required:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = f.default
+                kwargs["help"] += " (default: %(default)s)"
+            if "choices" in f.metadata:
+                kwargs.update(choices=f.metadata["choices"], metavar=None)
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """`int | None` -> (int, True); `str` -> (str, False)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return hint, False
+
+
+def _metavar(name: str, base: type) -> str:
+    if name in ("model", "data", "eval_data"):
+        return "PATH"
+    if name == "output_dir":
+        return "DIR"
+    return {int: "N", float: "X", str: "S"}.get(base, "V")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _index(name: str) -> int:
+    return [f.name for f in dataclasses.fields(TrainConfig)].index(name)

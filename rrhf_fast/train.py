@@ -1,0 +1,322 @@
+"""`rrhf-fast train`: the RRHF training loop, one file, top to bottom.
+
+setup -> data (tokenise once, a seeded order per epoch, steps planned by token budget) -> model and
+optimizer -> resume -> loop: for each micro-batch of the step, packed forward + rrhf_loss + backward
+(losses are sums divided by the step's query count, so micro-batch gradients simply add up to the
+gradient of the step's mean) -> finite-loss guard -> clip -> optimizer step -> metrics, held-out
+evaluation, atomic checkpoint -> curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import config as config_module
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from .config import TrainConfig
+from .data import load_examples
+from .errors import UserError
+from .evaluate import RankingCounts, evaluate, loss_of, ranking_counts
+from .loading import load_model, load_tokenizer, resolve_device
+from .model import packed_logprobs, prepare_model
+from .optim import build_optimizer, default_warmup, lr_at
+from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
+from .plot import METRICS_FILE, plot_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config_module.add_arguments(parser, TrainConfig)
+
+
+def main(args: argparse.Namespace) -> int:
+    train(TrainConfig.from_args(args))
+    return 0
+
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: Path | None
+    last: dict[str, Any] = field(default_factory=dict)  # the last metrics row
+    model: Any = None
+
+
+class NonFiniteTraining(UserError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
+
+
+def train(config: TrainConfig) -> TrainResult:
+    # ---------------------------------------------------------------------------------------------
+    # setup
+    config.validate()
+    out_dir = _prepare_output_dir(config)
+    device = resolve_device(config.device)
+    on_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
+    _seed_everything(config.seed)
+
+    # ---------------------------------------------------------------------------------------------
+    # data: tokenised once; each epoch a seeded permutation, cut into steps of micro-batches
+    tokenizer = load_tokenizer(config.model)
+    items = _tokenize(config.data, tokenizer, config)
+    eval_items = _tokenize(config.eval_data, tokenizer, config) if config.eval_data else None
+    lengths = [it.packed_len for it in items]
+
+    def steps_of_epoch(epoch: int) -> list[list[list[int]]]:
+        return plan_steps(lengths, epoch_order(len(items), config.seed, epoch), config)
+
+    total_steps = config.max_steps or sum(len(steps_of_epoch(e)) for e in range(config.epochs))
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
+
+    # ---------------------------------------------------------------------------------------------
+    # model and optimizer
+    model = prepare_model(load_model(config, device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        model.named_parameters(), config.optim, lr=config.lr, weight_decay=config.weight_decay
+    )
+    schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
+
+    # ---------------------------------------------------------------------------------------------
+    # resume: weights, optimizer, RNGs, data position and counters of the last complete checkpoint
+    step, epoch, position, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0, 0, 0
+    checkpoint = latest_checkpoint(out_dir) if config.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        skipped, bad_in_row, tokens_seen = state["skipped_steps"], state["bad_in_row"], state["tokens_seen"]
+        _truncate_metrics(out_dir / METRICS_FILE, step)
+        tqdm.write(f"resumed from {checkpoint} (step {step})")
+    config.save(out_dir / "config.json")
+    plan = steps_of_epoch(epoch)
+
+    def save() -> Path:
+        state = dict(epoch=epoch, position=position, data_seed=config.seed, skipped_steps=skipped,
+                     bad_in_row=bad_in_row, tokens_seen=tokens_seen, schedule=schedule)  # fmt: skip
+        return save_checkpoint(out_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                               trainer_state=state, config=config, keep=config.keep_checkpoints)  # fmt: skip
+
+    # ---------------------------------------------------------------------------------------------
+    # the loop
+    metrics_file = open(out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    row: dict[str, Any] = {}
+    try:
+        if eval_items is not None and step == 0:
+            _log(metrics_file, {"step": 0, **evaluate(model, eval_items, config, autocast=autocast)})
+        while step < total_steps:
+            if position >= len(plan):  # next epoch
+                epoch, position = epoch + 1, 0
+                plan = steps_of_epoch(epoch)
+            batches = [pack_tokenized([items[i] for i in group]) for group in plan[position]]
+            position += 1
+            lr = lr_at(step, **schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            t0 = time.perf_counter()
+            losses, counts = forward_backward(model, batches, config, autocast)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+            finite = math.isfinite(losses[0]) and math.isfinite(grad_norm)
+            if finite:  # a non-finite step leaves weights and optimizer state as they were
+                optimizer.step()
+                bad_in_row = 0
+            else:
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+            optimizer.zero_grad(set_to_none=True)
+            if on_cuda:
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            step += 1
+            tokens = sum(b.num_tokens for b in batches)
+            tokens_seen += tokens
+
+            row = {"step": step, "epoch": epoch, "loss": losses[0], "rank_loss": losses[1],
+                   "sft_loss": losses[2], **counts.summary(), "lr": lr, "grad_norm": grad_norm,
+                   "queries": counts.queries, "tokens": tokens, "tokens_per_s": tokens / dt,
+                   "mem_mib": _peak_memory_mib(device), "skipped": not finite,
+                   "skipped_steps": skipped}  # fmt: skip
+            if bad_in_row >= config.max_bad_steps:
+                _log(metrics_file, row)
+                raise NonFiniteTraining(_diverged_message(step, bad_in_row, latest_checkpoint(out_dir)))
+            if eval_items is not None and (step == total_steps or _every(step, config.eval_every)):
+                row.update(evaluate(model, eval_items, config, autocast=autocast))
+            _log(metrics_file, row)
+            _show(bar, row, config)
+
+            if step == total_steps or _every(step, config.save_every):
+                checkpoint = save()
+    except KeyboardInterrupt:
+        last = latest_checkpoint(out_dir)
+        tqdm.write(f"interrupted at step {step}; last complete checkpoint: {last} (continue with --resume)")
+        raise
+    finally:
+        bar.close()
+        metrics_file.close()
+
+    # ---------------------------------------------------------------------------------------------
+    # the end
+    if config.plot and (out_dir / METRICS_FILE).stat().st_size:
+        try:
+            plot_run(out_dir)
+        except Exception as err:  # a plotting problem must not fail a finished run
+            tqdm.write(f"could not draw curves.png ({type(err).__name__}: {err})")
+    tqdm.write(f"done: step {step}, model in {checkpoint}")
+    return TrainResult(step=step, checkpoint=checkpoint, last=row, model=model)
+
+
+# -------------------------------------------------------------------------------------------------
+# one step: every micro-batch forward + backward, gradients accumulate in .grad
+
+
+def forward_backward(
+    model: Any, batches: list, config: TrainConfig, autocast: contextlib.AbstractContextManager
+) -> tuple[list[float], RankingCounts]:
+    """Backward of the step's mean loss over all its queries; returns (loss, rank, sft) and counts."""
+    queries = float(sum(b.num_queries for b in batches))
+    totals = None
+    counts = RankingCounts()
+    for batch in batches:
+        with autocast:
+            logp = packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
+        out = loss_of(logp, batch, config, normalizer=queries)
+        out.loss.backward()
+        parts = torch.stack([out.loss, out.rank_loss, out.sft_loss]).detach().double()
+        totals = parts if totals is None else totals + parts
+        counts += ranking_counts(out.response_scores, batch.scores, batch.response_query, batch.num_queries)
+    return totals.tolist(), counts
+
+
+# -------------------------------------------------------------------------------------------------
+# data order: a pure function of (seed, epoch, lengths, flags), so a resumed run replays it exactly
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def plan_steps(lengths: list[int], order: list[int], config: TrainConfig) -> list[list[list[int]]]:
+    """Steps -> micro-batches -> query indices.
+
+    --queries-per-step N: each step takes the next N queries, split by the token budget (the
+    update does not depend on the budget). Otherwise each step is --grad-accum micro-batches, each
+    filled up to the budget (as fairseq's --max-tokens / --update-freq).
+    """
+
+    def split(indices: list[int]) -> list[list[int]]:
+        groups = plan_microbatches([lengths[i] for i in indices], config.micro_batch_tokens)
+        return [[indices[j] for j in group] for group in groups]
+
+    if config.queries_per_step:
+        n = config.queries_per_step
+        return [split(order[s : s + n]) for s in range(0, len(order), n)]
+    micro = split(order)
+    return [micro[s : s + config.grad_accum] for s in range(0, len(micro), config.grad_accum)]
+
+
+def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> list[TokenizedExample]:
+    examples = load_examples(path)
+    if not examples:
+        raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
+    return [
+        tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
+                         max_response_len=config.max_response_len, chat_template=config.chat_template)
+        for ex in examples
+    ]  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def _prepare_output_dir(config: TrainConfig) -> Path:
+    out_dir = Path(config.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {out_dir} is a file; give a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_saves(out_dir)
+    found = latest_checkpoint(out_dir)
+    if found is not None and not config.resume:
+        raise UserError(
+            f"--output-dir {out_dir} already holds {found.name}; pass --resume to continue that run "
+            "or choose a new --output-dir"
+        )
+    if not config.resume and (out_dir / METRICS_FILE).exists():
+        (out_dir / METRICS_FILE).unlink()  # a fresh run that never reached a checkpoint
+    return out_dir
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows a crashed run wrote after the checkpoint it resumes from."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _log(file, row: dict[str, Any]) -> None:
+    file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
+    file.flush()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; keep the line parseable
+    return value
+
+
+def _show(bar: Any, row: dict[str, Any], config: TrainConfig) -> None:
+    loss, speed, mem = row["loss"], row["tokens_per_s"], row["mem_mib"]
+    bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{speed:.0f}", mem=f"{mem:.0f}M", refresh=False)
+    bar.update(1)
+    if config.log_every and (row["step"] % config.log_every == 0 or "eval_loss" in row):
+        shown = {k: v for k, v in row.items() if k not in ("epoch", "skipped") and v is not None}
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: peak RSS
+
+
+def _diverged_message(step: int, count: int, last: Path | None) -> str:
+    where = f"the last checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was saved"
+    return (
+        f"the loss or gradient norm was not finite for {count} steps in a row "
+        f"(steps {step - count + 1}-{step}, all skipped); lower --lr or check the data, "
+        f"or raise --max-bad-steps; {where}"
+    )
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0

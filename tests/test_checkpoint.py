@@ -1,0 +1,151 @@
+"""rrhf_fast.checkpoint: atomic, rotated, verified checkpoints that never unpickle arbitrary objects."""
+
+import json
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import rrhf_fast.checkpoint as ckpt
+from rrhf_fast.checkpoint import (
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.errors import UserError
+from rrhf_fast.optim import build_optimizer
+from rrhf_fast.tiny import build_tiny_model, build_tokenizer
+
+
+def _setup(seed=0, tie=False, optim="adamw"):
+    model = build_tiny_model("llama", seed=seed, tie_word_embeddings=tie).train()
+    opt = build_optimizer(model.named_parameters(), optim, lr=1e-2)
+    ids = torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def _save(out, step, model, opt, keep=None, **state):
+    config = TrainConfig(model="m", data="d", output_dir=str(out))
+    return save_checkpoint(out, step, model=model, tokenizer=build_tokenizer(), optimizer=opt,
+                           trainer_state={"epoch": 0, **state}, config=config, keep=keep)  # fmt: skip
+
+
+def _equal_models(a, b):
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_round_trip_restores_weights_optimizer_and_rngs(tmp_path, optim, tie):
+    model, opt = _setup(tie=tie, optim=optim)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = _save(tmp_path, 7, model, opt, position=5)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+
+    other, other_opt = _setup(seed=1, tie=tie, optim=optim)
+    assert not _equal_models(model, other)
+    state = load_checkpoint(path, model=other, optimizer=other_opt)
+    assert state["step"] == 7 and state["position"] == 5
+    assert _equal_models(model, other)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    assert str(other_opt.state_dict()) == str(opt.state_dict())
+    # a save_pretrained directory: transformers loads it as it is
+    from transformers import AutoModelForCausalLM
+
+    assert _equal_models(model, AutoModelForCausalLM.from_pretrained(path))
+
+
+def test_rotation_keeps_the_newest(tmp_path):
+    model, opt = _setup()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4"]
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
+    assert latest_checkpoint(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["crash", "ctrl-c"])
+def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch, error):
+    model, opt = _setup()
+    _save(tmp_path, 1, model, opt)
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):  # the weights are written; fail at the optimizer
+        real_save(obj, f, *args, **kwargs)
+        raise error
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(type(error)):
+        _save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # no half-written directory left
+    other, other_opt = _setup(seed=1)
+    assert load_checkpoint(latest_checkpoint(tmp_path), model=other, optimizer=other_opt)["step"] == 1
+    assert _equal_models(model, other)
+
+
+def test_a_partial_directory_is_ignored_and_cleaned(tmp_path):
+    model, opt = _setup()
+    _save(tmp_path, 1, model, opt)
+    partial = tmp_path / "checkpoint-2"  # e.g. copied by hand without its marker
+    partial.mkdir()
+    (tmp_path / ".tmp-checkpoint-3-abc").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1"
+    assert [p.name for p in remove_partial_saves(tmp_path)] == [".tmp-checkpoint-3-abc"]
+
+
+def test_truncated_file_is_one_clear_error(tmp_path):
+    model, opt = _setup()
+    path = _save(tmp_path, 1, model, opt)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"model.safetensors is 100 bytes, expected \d+ bytes \(truncated"):
+        load_checkpoint(path, model=model, optimizer=opt)
+
+
+def test_foreign_marker_is_one_clear_error(tmp_path):
+    model, opt = _setup()
+    path = _save(tmp_path, 1, model, opt)
+    (path / "COMPLETE.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(UserError, match="not an rrhf-fast checkpoint"):
+        load_checkpoint(path, model=model, optimizer=opt)
+
+
+def test_checkpoint_of_another_model_is_one_clear_error(tmp_path):
+    model, opt = _setup()
+    path = _save(tmp_path, 1, model, opt)
+    wider = build_tiny_model("llama", hidden_size=32, num_heads=2, num_kv_heads=1)
+    with pytest.raises(UserError):
+        load_checkpoint(path, model=wider, optimizer=build_optimizer(wider.named_parameters(), "adamw", lr=1))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (open, ("/tmp/rrhf_fast_pwned", "w"))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    model, opt = _setup()
+    path = _save(tmp_path, 1, model, opt)
+    target = path / "trainer_state.pt"
+    torch.save({"step": 1, "evil": _Payload()}, target, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    marker = json.loads((path / "COMPLETE.json").read_text())
+    marker["files"]["trainer_state.pt"] = target.stat().st_size  # a consistent, hostile checkpoint
+    (path / "COMPLETE.json").write_text(json.dumps(marker))
+    import os
+
+    if os.path.exists("/tmp/rrhf_fast_pwned"):
+        os.remove("/tmp/rrhf_fast_pwned")
+    with pytest.raises(UserError, match="cannot be read safely"):
+        load_checkpoint(path, model=model, optimizer=opt)
+    assert not os.path.exists("/tmp/rrhf_fast_pwned")
