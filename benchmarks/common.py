@@ -1,7 +1,7 @@
 """Shared benchmark harness: timing, peak memory, FLOP accounting, the CSV schema and the runner.
 
-Every script builds a `Recorder`, measures providers side by side with `Recorder.measure`, and calls
-`Recorder.finish`, which appends the rows to `<out_dir>/<topic>[_cpu_smoke].csv` and regenerates the
+Every script builds a `Recorder` and measures providers side by side with `Recorder.measure`, which
+appends a row to `<out_dir>/<topic>[_cpu_smoke].csv` at once; `Recorder.finish` regenerates the
 markdown report and figures from the whole CSV (`report.py`).
 
 CUDA timing is `triton.testing.do_bench` with quantiles (0.5, 0.2, 0.8); CPU timing (smoke runs
@@ -337,7 +337,8 @@ def fmt(value: float | None) -> str:
 
 
 class Recorder:
-    """Collects the rows of one script run and writes them out (CSV append + report) at the end."""
+    """One script run: each measurement is appended to the CSV as it is made (a run stopped by a time
+    limit keeps what it measured); `finish` regenerates the report from the whole CSV."""
 
     def __init__(self, topic: str, out_dir: Path, device: torch.device, smoke: bool):
         self.topic = topic
@@ -346,7 +347,6 @@ class Recorder:
         self.smoke = smoke
         self.env = environment(device)
         self.peak_tflops = peak_bf16_tflops(self.env["gpu"]) if device.type == "cuda" else None
-        self.rows: list[dict[str, str]] = []
         self.profiles: dict[str, str] = {}
         open_csv(self.csv_path)
 
@@ -356,6 +356,8 @@ class Recorder:
 
     @property
     def profile_path(self) -> Path:
+        if self.smoke:
+            return self.out_dir / f"{self.topic}_cpu_smoke_profile.txt"
         return self.out_dir / f"{self.topic}_profile_{slug(self.env['gpu'])}.txt"
 
     def _row(self, benchmark: str, sweep: str, provider: str, config: str, x: float, dtype) -> dict:
@@ -425,26 +427,25 @@ class Recorder:
         return row
 
     def _add(self, row: dict[str, str]) -> None:
-        # Written at once: a run stopped by a time limit keeps the rows it measured.
-        self.rows.append(row)
         append_row(self.csv_path, row)
 
     def profile(self, label: str, fn: Callable[[], object]) -> None:
+        """Profile one call of `fn` and write its table at once (this run's first one starts the file)."""
         try:
-            self.profiles[label] = profile_table(fn, self.device)
+            table = profile_table(fn, self.device)
         except Exception as exc:
-            self.profiles[label] = f"profiling failed: {describe(exc)}"
+            table = f"profiling failed: {describe(exc)}"
         finally:
             free_memory(self.device)
+        if not self.profiles:
+            env = self.env
+            self.profile_path.write_text(f"# {self.topic} on {env['gpu']}, {env['date']}, {env['commit']}\n")
+        self.profiles[label] = table
+        with self.profile_path.open("a") as f:
+            f.write(f"\n## {label}\n{table}\n")
 
     def finish(self) -> Path:
-        """Write the profiles and regenerate the report from the whole CSV."""
-        if self.profiles:
-            header = (
-                f"# {self.topic} profile on {self.env['gpu']}, {self.env['date']}, {self.env['commit']}\n"
-            )
-            body = "\n".join(f"## {label}\n{table}" for label, table in self.profiles.items())
-            self.profile_path.write_text(header + "\n" + body)
+        """Regenerate the report from the whole CSV (every run so far, this one included)."""
         return write_report(self.csv_path)
 
 

@@ -61,7 +61,7 @@ def check_smoke_run(out: Path, topic: str, providers: set[str]) -> list[dict[str
     assert "## cpu" in md and "| config |" in md
     for figure in re.findall(r"\]\(([^)]+\.png)\)", md):
         assert (out / figure).stat().st_size > 1000
-    assert (out / f"{topic}_profile_cpu.txt").read_text().count("##") >= 1
+    assert (out / f"{topic}_cpu_smoke_profile.txt").read_text().count("\n## ") >= 1
     return rows
 
 
