@@ -1,4 +1,4 @@
-"""Diverse (group) beam search, and the batched causal-LM inputs it and the LLM scorers share.
+"""Diverse (group) beam search, and the batched inputs and special tokens it and the labelers share.
 
 Transformers 5 moved group beam search out of `generate` to a Hub repository that needs network and
 `trust_remote_code`, so it is implemented here: Vijayakumar et al. 2016, "Diverse Beam Search",
@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -66,10 +68,18 @@ def diverse_beam_search(
         step_ids, step_pos = generated[:, -1:], step_pos[:, -1:] + 1
         if all(g.done for row in groups for g in row):
             break
+    return _finalize(groups, scores, generated, length_penalty)
+
+
+def _finalize(groups, scores, generated, length_penalty) -> list[list[list[int]]]:
+    """Per prompt, the best hypotheses pooled over its groups; a group still running at the length
+    limit contributes its running beams."""
+    nb = scores.shape[1]
+    gs = nb // len(groups[0])
     results = []
     for i, row in enumerate(groups):
         for gi, g in enumerate(row):
-            if not g.done:  # a group still running at the length limit ends with its running beams
+            if not g.done:
                 for b in range(gi * gs, (gi + 1) * gs):
                     score = scores[i, b].item() / generated.shape[1] ** length_penalty
                     g.add(score, generated[i * nb + b].tolist())
@@ -149,7 +159,7 @@ def _pick(g: _Group, top_s, top_i, vocab, eos_ids, generated, base, gen_len, len
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched inputs
+# Batched inputs and special tokens
 
 
 def left_pad(
@@ -187,3 +197,29 @@ def last_logits(model: Any, input_ids, attention_mask, position_ids, cache: Any 
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # [rows, 1, vocab] instead of [rows, T, vocab]
     return model(**kwargs).logits[:, -1, :]
+
+
+def ensure_pad_token(tokenizer: Any) -> int:
+    """The tokenizer's pad id, falling back to EOS (generation needs one to pad batches)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise UserError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """EOS ids of the tokenizer and the model's generation config (chat models often add one)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([gen] if isinstance(gen, int) else (gen or []))
+    if not ids:
+        raise UserError("neither the tokenizer nor the model's generation config defines an EOS token")
+    return ids
+
+
+def decode(tokenizer: Any, tokens: Sequence[int], eos_ids: set[int]) -> str:
+    """The text of generated tokens up to (not including) the first EOS."""
+    tokens = list(tokens)
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True)

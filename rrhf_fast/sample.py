@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .beam_search import diverse_beam_search, left_pad
+from .beam_search import decode, diverse_beam_search, ensure_pad_token, eos_token_ids, left_pad
 from .data import Example, load_examples_with_stats, write_examples
 from .errors import DataError, UserError
 from .packing import tokenize_prompt
@@ -37,7 +37,7 @@ BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _opt(default: Any, help: str, **meta: Any) -> Any:
+def opt(default: Any, help: str, **meta: Any) -> Any:
     """A config field whose flag help (and `choices`) live in its metadata."""
     return field(default=default, metadata={"help": help, **meta})
 
@@ -46,22 +46,20 @@ def _opt(default: Any, help: str, **meta: Any) -> Any:
 class SampleConfig:
     """How to generate; each field is a `rrhf-fast sample` flag (`max_new_tokens` -> `--max-new-tokens`)."""
 
-    strategy: str = _opt("beam", "diverse beam search, sampling, or both", choices=STRATEGIES)
-    num_beam_groups: int | None = _opt(None, "beam groups (default: one per beam, the most diverse)")
-    diversity_penalty: float = _opt(1.0, "subtracted per earlier beam group that chose the same token")
-    length_penalty: float = _opt(1.0, "beam hypothesis score = sum of log-probs / length ** this")
-    beam_candidates: int | None = _opt(
-        None, "mixed: how many of the k come from beam search (default k // 2)"
-    )
-    temperature: float = _opt(1.0, "sampling temperature")
-    top_p: float = _opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
-    top_k: int = _opt(0, "sample among the k likeliest tokens (0: off)")
-    max_new_tokens: int = _opt(128, "generated tokens per response at most")
-    max_prompt_len: int | None = _opt(None, "keep the last N prompt tokens, as training does")
-    stop: tuple[str, ...] = _opt((), 'cut a response before this string, e.g. "Human:" (repeatable)')
-    chat_template: bool = _opt(False, "the query becomes the user turn of the tokenizer's chat template")
-    batch_size: int = _opt(8, "prompts per generation call (each expands to k rows)")
-    seed: int | None = _opt(0, "seed of the sampling (results repeat for the same seed and batch size)")
+    strategy: str = opt("beam", "diverse beam search, sampling, or both", choices=STRATEGIES)
+    num_beam_groups: int | None = opt(None, "beam groups (default: one per beam, the most diverse)")
+    diversity_penalty: float = opt(1.0, "subtracted per earlier beam group that chose the same token")
+    length_penalty: float = opt(1.0, "beam hypothesis score = sum of log-probs / length ** this")
+    beam_candidates: int | None = opt(None, "mixed: how many of the k come from beam search (default k // 2)")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_p: float = opt(1.0, "nucleus sampling: keep the smallest set of tokens with this much probability")
+    top_k: int = opt(0, "sample among the k likeliest tokens (0: off)")
+    max_new_tokens: int = opt(128, "generated tokens per response at most")
+    max_prompt_len: int | None = opt(None, "keep the last N prompt tokens, as training does")
+    stop: tuple[str, ...] = opt((), 'cut a response before this string, e.g. "Human:" (repeatable)')
+    chat_template: bool = opt(False, "the query becomes the user turn of the tokenizer's chat template")
+    batch_size: int = opt(8, "prompts per generation call (each expands to k rows)")
+    seed: int | None = opt(0, "seed of the sampling (results repeat for the same seed and batch size)")
 
     def split(self, k: int) -> tuple[int, int]:
         """(candidates from beam search, candidates from sampling) for k candidates."""
@@ -282,37 +280,11 @@ def _prompt_ids(query: str, tokenizer: Any, config: SampleConfig) -> list[int]:
 # Tokens and text
 
 
-def decode(tokenizer: Any, tokens: Sequence[int], eos_ids: set[int]) -> str:
-    """The text of generated tokens up to (not including) the first EOS."""
-    tokens = list(tokens)
-    end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-    return tokenizer.decode(tokens[:end], skip_special_tokens=True)
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` before the first occurrence of any stop string, right-stripped when cut: the
     whitespace before a turn marker such as "Human:" belongs to the separator, not the response."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return text[: min(cuts)].rstrip() if cuts else text
-
-
-def ensure_pad_token(tokenizer: Any) -> int:
-    """The tokenizer's pad id, falling back to EOS (generation needs one to pad batches)."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise UserError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids of the tokenizer and the model's generation config (chat models often add one)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([gen] if isinstance(gen, int) else (gen or []))
-    if not ids:
-        raise UserError("neither the tokenizer nor the model's generation config defines an EOS token")
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""rrhf_fast.score: reward model, Python function, RLAIF judge and d-RLAIF direct scorers; files."""
+"""rrhf_fast.score and rrhf_fast.labelers: reward model, Python function, RLAIF judge and d-RLAIF
+direct scorers; scoring files."""
 
 import json
 import math
@@ -12,17 +13,13 @@ from transformers import AutoModelForSequenceClassification
 from rrhf_fast import cli
 from rrhf_fast.data import load_examples
 from rrhf_fast.errors import UserError
+from rrhf_fast.labelers import DirectScorer, JudgeScorer, fill_template, load_template, parse_options
 from rrhf_fast.score import (
-    DirectScorer,
     FunctionScorer,
-    JudgeScorer,
     RewardModelScorer,
     ScoreConfig,
     build_scorer,
-    fill_template,
     load_function,
-    load_template,
-    parse_options,
     score_examples,
     score_file,
 )
