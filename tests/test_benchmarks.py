@@ -106,7 +106,7 @@ def test_run_gpu_script_smoke(tmp_path):
         "SMOKE_OUT_DIR": str(tmp_path / "r"),
     }
     proc = subprocess.run(
-        ["bash", str(BENCH / "run_gpu.sh"), "--cpu-smoke"],
+        ["bash", str(BENCH / "run_gpu.sh"), "--cpu-smoke", "kernels", "step", "attention", "pytest-bench"],
         env=env,
         capture_output=True,
         text=True,
@@ -115,6 +115,7 @@ def test_run_gpu_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "exit 0" in proc.stdout and "exit 1" not in proc.stdout
     assert {p.name for p in out.iterdir()} >= {"results.tar.gz", "run_gpu.log", "step_cpu_smoke.md"}
+    assert (tmp_path / "r" / "kernels_pytest_benchmark.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
