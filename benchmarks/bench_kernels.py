@@ -43,7 +43,7 @@ GPU_SWEEPS = [(4096, 128256, (8192, 1024, 4096, 16384))] + [
     for v in (32000, 128256, 151936)
     if (d, v) != (4096, 128256)
 ]
-SMOKE_SWEEPS = [(32, 259, (16,)), (48, 1013, (40,))]  # ragged: D, V, M no multiples of blocks
+SMOKE_SWEEPS = [(32, 259, (16,)), (48, 300, (40,))]  # ragged: D, V, M no multiples of blocks
 SMOKE_HEADLINE = (32, 259, 16)
 
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,7 +129,7 @@ def check_provider(fn: LogprobFn, device: torch.device, dtype: torch.dtype) -> N
     Tolerance: 4x the error of the torch reference run in the same dtype, at least 2e-2 relative:
     loose for rounding, tight enough to catch a different computation (errors of order 1).
     """
-    x = make_inputs(61, 96, 1013, dtype, device, seed=1)
+    x = make_inputs(37, 80, 523, dtype, device, seed=1)
 
     def run(f, cast):
         h = cast(x.hidden).detach().requires_grad_()
