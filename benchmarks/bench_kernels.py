@@ -79,7 +79,10 @@ def make_inputs(m: int, d: int, v: int, dtype: torch.dtype, device: torch.device
 def liger_logprobs(hidden, weight, rows, targets):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    out = liger_fused_linear_cross_entropy(hidden[rows], weight, targets, reduction="none")
+    # accum_dtype fp32: dweight accumulated in fp32 across token chunks, as ours does (DESIGN.md 6).
+    out = liger_fused_linear_cross_entropy(
+        hidden[rows], weight, targets, reduction="none", accum_dtype=torch.float32
+    )
     # Versions return the loss, a tuple (loss, z_loss, ...) or a CrossEntropyOutput.
     loss = out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) else out.loss
     return -loss.float()
