@@ -11,7 +11,7 @@ upstream gradient; what differs is the layout and the attention backend:
   as rows of one right-padded batch [G*k, L], transformers' own attention of that name.
 G queries per forward, G = max(1, --padded-tokens // (k * (P + R))): the same G for every provider.
 Timed: the decoder forward, the log-probs of the response tokens, and the backward into the
-weights (no optimizer). tokens/s and MFU count the useful tokens and FLOPs (common.model_flops).
+weights (no optimizer). tokens/s and MFU count the useful tokens and FLOPs (workload.model_flops).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import common
 import torch
+import workload
 from reference_step import IGNORE, collate
 
 from rrhf_fast.kernels import token_logprobs
@@ -107,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     configs, response_len = (SMOKE_CONFIGS, SMOKE_RESPONSE_LEN) if smoke else (GPU_CONFIGS, RESPONSE_LEN)
     headline = configs[0] if smoke else HEADLINE
     rec = common.Recorder("attention", args.out_dir, device, smoke)
-    model = common.build_llama("tiny" if smoke else "1b", device, dtype)
+    model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
     providers = common.selected(PROVIDERS, args.providers)
     for k, prompt_len in configs:
         config = f"k={k} P={prompt_len} R={response_len}"
         sweep = f"P={prompt_len} R={response_len}" if prompt_len == headline[1] else f"k={k} R={response_len}"
         x = k if prompt_len == headline[1] else prompt_len
         g = 2 if smoke else max(1, args.padded_tokens // (k * (prompt_len + response_len)))
-        items = common.random_queries(g, k, prompt_len, response_len, model.config.vocab_size)
-        tokens, flops = common.useful_tokens(items), common.model_flops(model, items)
+        items = workload.random_queries(g, k, prompt_len, response_len, model.config.vocab_size)
+        tokens, flops = workload.useful_tokens(items), workload.model_flops(model, items)
         responses = sum(len(r) for it in items for r in it.response_ids)
         grad = torch.rand(responses, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 0.5
         print(config, flush=True)

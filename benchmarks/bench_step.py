@@ -13,7 +13,7 @@ prompt), the same model weights (a fresh copy per provider, same seed) and the s
 - `rrhf-fast/packed`: as the trainer runs it, queries packed into micro-batches of at most
   `--max-tokens` tokens.
 tokens/s counts the useful tokens (each prompt once plus the responses) for every provider; MFU is
-the same useful-FLOP count (common.model_flops) over time and the GPU's dense bf16 peak.
+the same useful-FLOP count (workload.model_flops) over time and the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import common
 import torch
+import workload
 from reference_step import reference_step
 
 from rrhf_fast.kernels import rrhf_loss
@@ -72,7 +73,7 @@ def prepare(provider, model, optimizer, k, prompt_len, response_len, device, smo
     """The step function of one provider and config, and its queries."""
     g = 2 if smoke else queries_per_step(k, prompt_len, response_len, args.tokens_per_step)
     vocab = model.config.vocab_size
-    items = common.random_queries(g, k, prompt_len, response_len, vocab, seed=k * 7919 + prompt_len)
+    items = workload.random_queries(g, k, prompt_len, response_len, vocab, seed=k * 7919 + prompt_len)
     return make_step(provider, model, optimizer, items, device, args), items
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     for pass_configs in ([headline], configs):
         for provider in providers:
             print(provider, flush=True)
-            model = common.build_llama("tiny" if smoke else "1b", device, dtype)
+            model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
             for k, prompt_len in pass_configs:
                 step, items = prepare(
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     k,
                     dtype,
                     step,
-                    flops=common.model_flops(model, items),
-                    tokens=common.useful_tokens(items),
+                    flops=workload.model_flops(model, items),
+                    tokens=workload.useful_tokens(items),
                     rep_ms=500.0,
                 )
                 if args.profile and (k, prompt_len) == headline:

@@ -22,6 +22,7 @@ import bench_kernels  # noqa: E402
 import bench_step  # noqa: E402
 import common  # noqa: E402
 import report  # noqa: E402
+import workload  # noqa: E402
 
 REQUIRED = (
     "benchmark,provider,config,dtype,gpu,torch,triton,ms_median,ms_p20,ms_p80,peak_mem_gib,tflops,"
@@ -162,8 +163,8 @@ def test_model_flops_formula():
     linear = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
     pairs = 15 + (3 * 5 + 6) + (2 * 5 + 3)
     want = 6 * (linear * 10 + 259 * 64 * 5) + 12 * 2 * 4 * 16 * pairs
-    assert common.model_flops(model, items) == want
-    assert common.useful_tokens(items) == 10
+    assert workload.model_flops(model, items) == want
+    assert workload.useful_tokens(items) == 10
 
 
 def test_provider_gate_rejects_a_backward_for_scalar_gradients_only():
