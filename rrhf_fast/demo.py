@@ -35,9 +35,9 @@ class DemoConfig:
     train_queries: int = field(default=1500, metadata={"help": "training queries"})
     eval_queries: int = field(default=150, metadata={"help": "held-out queries"})
     queries_per_step: int = field(default=16, metadata={"help": "queries per optimizer step"})
-    gold_fraction: float = field(default=0.5, metadata={"help": "share of queries whose candidates include gold"})
-    min_digits: int = field(default=3, metadata={"help": "shortest digit string"})
-    max_digits: int = field(default=6, metadata={"help": "longest digit string"})
+    gold_fraction: float = field(default=0.5, metadata={"help": "share of queries with the gold answer"})
+    min_digits: int = field(default=3, metadata={"help": "shortest digit string (distinct digits)"})
+    max_digits: int = field(default=6, metadata={"help": "longest digit string (at most 10)"})
     hidden_size: int = field(default=128, metadata={"help": "width of the tiny model"})
     layers: int = field(default=2, metadata={"help": "layers of the tiny model"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
@@ -61,7 +61,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def make_digits(rng: random.Random, min_digits: int, max_digits: int) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(rng.randint(min_digits, max_digits)))
+    """Distinct digits in random order: a tiny model learns to sort these in a few hundred steps."""
+    return "".join(rng.sample("0123456789", rng.randint(min_digits, max_digits)))
 
 
 def prompt_of(digits: str) -> str:
@@ -216,7 +217,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     queries = _distinct_queries(rng, config.train_queries + config.eval_queries, config)
-    train_q, eval_q = queries[: config.train_queries], queries[config.train_queries :]
+    eval_q = queries[config.train_queries :]
     gen = torch.Generator().manual_seed(config.seed)
     samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
                        temperature=1.0, generator=gen)  # fmt: skip
@@ -247,7 +248,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     return results
 
 
-def _train_config(config: DemoConfig, model_dir: Path, out: Path, name: str, rank_weight: float) -> TrainConfig:
+def _train_config(
+    config: DemoConfig, model_dir: Path, out: Path, name: str, rank_weight: float
+) -> TrainConfig:
     run_dir = out / name
     if run_dir.exists():  # the demo always starts over
         import shutil
@@ -292,19 +295,20 @@ def _check(config: DemoConfig) -> None:
                  "layers"):  # fmt: skip
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.max_digits < config.min_digits:
-        raise UserError("--max-digits must be at least --min-digits")
+    if not config.min_digits <= config.max_digits <= 10:
+        raise UserError("--max-digits must be between --min-digits and 10 (the digits are distinct)")
     if not 0 <= config.gold_fraction <= 1:
         raise UserError("--gold-fraction must be between 0 and 1")
 
 
 def _print_intro(config: DemoConfig, example: Example, before: float, answers: list[str], queries: list[str]):
-    print(f"demo: sort digit strings with a tiny LM trained from scratch on this CPU ({config.steps} steps)")
-    print(f"  data: {config.train_queries} training queries, {config.eval_queries} held-out; candidates "
-          f"per query from gold ({config.gold_fraction:.0%} of queries), corrupted gold, the model's samples")  # fmt: skip
-    print(f"  e.g. {example.query!r}: " + ", ".join(
-        f"{r!r} ({s:.2f}, {src})" for r, s, src in zip(example.responses, example.scores, example.meta["sources"],
-                                                      strict=True)))  # fmt: skip
+    print(f"demo: a tiny LM learns to sort digit strings on this CPU, {config.steps} steps per run")
+    print(
+        f"  data: {config.train_queries} training queries, {config.eval_queries} held-out; candidates from "
+        f"gold ({config.gold_fraction:.0%} of queries), corrupted gold and the untrained model's samples"
+    )
+    cands = zip(example.responses, example.scores, example.meta["sources"], strict=True)
+    print(f"  e.g. {example.query!r}: " + ", ".join(f"{r!r} ({s:.2f}, {src})" for r, s, src in cands))
     print(f"  held-out reward before training (greedy): {before:.3f}")
     _print_answers(queries, answers)
 
@@ -315,9 +319,11 @@ def _print_answers(queries: list[str], answers: list[str]) -> None:
 
 
 def _print_summary(results: dict[str, Any], out: Path) -> None:
-    print(f"  metrics and curves: {out}/rrhf/metrics.jsonl, {out}/rrhf/curves.png"
-          + (f", {out}/sft/curves.png" if "sft" in results else ""))  # fmt: skip
+    runs = ["rrhf"] + (["sft"] if "sft" in results else [])
+    print(
+        "  metrics and curves: " + ", ".join(f"{out / r}/metrics.jsonl, {out / r}/curves.png" for r in runs)
+    )
     if "sft" in results:
         gain = results["rrhf"]["reward"] - results["sft"]["reward"]
-        print(f"  the ranking term adds {gain:+.3f} reward over SFT alone (same data, same steps)")
+        print(f"  RRHF minus SFT-only: {gain:+.3f} held-out reward (same data, steps and seed)")
     print(f"  total time {results['seconds']:.0f} s")

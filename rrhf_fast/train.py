@@ -310,7 +310,7 @@ def _peak_memory_mib(device: torch.device) -> float:
 
 
 def _diverged_message(step: int, count: int, last: Path | None) -> str:
-    where = f"the last checkpoint is {last} (--resume continues from it)" if last else "no checkpoint was saved"
+    where = f"the last checkpoint is {last} (--resume continues from it)" if last else "none was saved"
     return (
         f"the loss or gradient norm was not finite for {count} steps in a row "
         f"(steps {step - count + 1}-{step}, all skipped); lower --lr or check the data, "
