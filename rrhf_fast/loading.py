@@ -68,7 +68,11 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
     model.config.use_cache = False
     if config.gradient_checkpointing:
         # Non-reentrant: works with inputs that need no grad and with autocast (PyTorch's advice).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model.train()
 
 

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as config_module
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from .checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
 from .config import TrainConfig
 from .data import load_examples
 from .errors import UserError
@@ -63,6 +64,7 @@ def train(config: TrainConfig) -> TrainResult:
     config.validate()
     out_dir = _prepare_output_dir(config)
     device = resolve_device(config.device)
+    _check_device_flags(config, device)
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     _seed_everything(config.seed)
@@ -98,7 +100,7 @@ def train(config: TrainConfig) -> TrainResult:
         step, epoch, position = state["step"], state["epoch"], state["position"]
         skipped, bad_in_row, tokens_seen = state["skipped_steps"], state["bad_in_row"], state["tokens_seen"]
         _truncate_metrics(out_dir / METRICS_FILE, step)
-        tqdm.write(f"resumed from {checkpoint} (step {step})")
+        tqdm.write(f"resumed from {checkpoint} (step {step})" + _changed_flags(checkpoint, config))
     config.save(out_dir / "config.json")
     plan = steps_of_epoch(epoch)
 
@@ -259,10 +261,33 @@ def _prepare_output_dir(config: TrainConfig) -> Path:
     return out_dir
 
 
+def _check_device_flags(config: TrainConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if config.attn in ("varlen", "flex"):
+        raise UserError(f"--attn {config.attn} needs a CUDA GPU; on {device.type} use --attn dense (or auto)")
+    if config.loss_impl == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise UserError(
+            f"--loss-impl triton needs a CUDA GPU; on {device.type} use --loss-impl torch (or auto)"
+        )
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Flags that only change bookkeeping; any other change makes the resumed run differ from the original.
+_BOOKKEEPING = {"resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every", "keep_checkpoints",
+                "log_every", "plot", "max_bad_steps", "device"}  # fmt: skip
+
+
+def _changed_flags(checkpoint: Path, config: TrainConfig) -> str:
+    saved = TrainConfig.load(checkpoint / CONFIG_FILE).to_dict()
+    changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in config.to_dict().items()
+               if k not in _BOOKKEEPING and saved.get(k) != v]  # fmt: skip
+    return "; with changed flags: " + ", ".join(changed) if changed else ""
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

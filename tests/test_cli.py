@@ -59,6 +59,7 @@ BAD = [
     pytest.param("--model {m} --data {d} --micro-batch-tokens 5", "over the micro-batch budget",
                  id="query-over-budget"),
     pytest.param("--model {m} --data {d} --device cuda:7", "--device", id="no-such-device"),
+    pytest.param("--model {m} --data {d} --attn flex", "--attn flex needs a CUDA GPU", id="flex-on-cpu"),
 ]  # fmt: skip
 
 

@@ -207,14 +207,18 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_output_dir_with_checkpoints_needs_resume(tmp_path, model_dir):
+def test_output_dir_with_checkpoints_needs_resume(tmp_path, model_dir, capsys):
     data = write_data(tmp_path / "d.jsonl", 4)
     cfg = config(tmp_path, model_dir, data, max_steps=1)
     train(cfg)
     with pytest.raises(UserError, match="pass --resume"):
         train(cfg)
-    again = train(TrainConfig(**{**cfg.to_dict(), "resume": True, "max_steps": 2}))
+    capsys.readouterr()
+    again = train(TrainConfig(**{**cfg.to_dict(), "resume": True, "max_steps": 2, "lr": 1e-3}))
     assert again.step == 2
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "with changed flags: --lr 0.001 (was 0.01)" in out
+    assert "--max-steps" not in out  # extending a run is not a change of the trajectory
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, model_dir):
