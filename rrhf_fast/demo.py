@@ -324,6 +324,13 @@ def _print_summary(results: dict[str, Any], out: Path) -> None:
         "  metrics and curves: " + ", ".join(f"{out / r}/metrics.jsonl, {out / r}/curves.png" for r in runs)
     )
     if "sft" in results:
-        gain = results["rrhf"]["reward"] - results["sft"]["reward"]
-        print(f"  RRHF minus SFT-only: {gain:+.3f} held-out reward (same data, steps and seed)")
+        rrhf, sft = results["rrhf"], results["sft"]
+        reward_gain, accuracy_gain = (
+            rrhf["reward"] - sft["reward"],
+            rrhf["eval_accuracy"] - sft["eval_accuracy"],
+        )
+        print(
+            f"  RRHF minus SFT-only (same data, steps and seed): {reward_gain:+.3f} held-out reward, "
+            f"{accuracy_gain:+.3f} ranking accuracy"
+        )
     print(f"  total time {results['seconds']:.0f} s")
