@@ -68,35 +68,15 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: 
     """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to `min_lr`.
 
     `step` counts optimizer steps from 0; the update of step s uses lr_at(s). The first step of a
-    warmup is not 0 (a wasted step) but lr / warmup_steps.
+    warmup is not 0 (a wasted step) but lr / warmup_steps. A pure function of the step (nanoGPT's
+    get_lr): the loop sets each step's lr itself, so a resumed run needs only the step number and
+    the schedule's parameters, which the checkpoint stores.
     """
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    *,
-    lr: float,
-    total_steps: int,
-    warmup_steps: int,
-    min_lr: float = 0.0,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following `lr_at`; every param group's base lr must be `lr`.
-
-    The multiplier is a closure, so the scheduler's state_dict holds only its step counter: a
-    resumed run recomputes the curve from its own flags.
-    """
-    if lr <= 0:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.0)
-
-    def multiplier(step: int) -> float:
-        return lr_at(step, lr=lr, total_steps=total_steps, warmup_steps=warmup_steps, min_lr=min_lr) / lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def default_warmup(total_steps: int) -> int:
