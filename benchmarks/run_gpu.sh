@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/run_gpu.sh                    # all parts, in the order below
 #   bash benchmarks/run_gpu.sh kernels step       # some parts (kernels | step | attention | pytest-bench)
+#   bash benchmarks/run_gpu.sh gpu-tests          # the @pytest.mark.gpu tests (bf16 kernels, CUDA attention
+#                                                 # backends); run it in its own call, before the benchmarks
 #   bash benchmarks/run_gpu.sh --cpu-smoke        # the same sequence on CPU, tiny shapes, into a temp dir
 #
 # Order and time budget (H100; the device allows 10 minutes a command, this aims at about 8). Each
@@ -16,6 +18,7 @@
 #   3. attention: bench_attention.py --profile (6 configs x 6 providers, 1B Llama)      ATTENTION_S=90
 #   4. report.py over every CSV, then the copies into $OUT                      ~5 s
 #   (pytest-bench: `pytest benchmarks/bench_kernels.py`, only when named; PYTEST_BENCH_S=120)
+#   (gpu-tests: `pytest -m gpu tests/`, only when named; GPU_TESTS_S=420; log in $OUT/gpu_tests.log)
 #
 # No network on the device: nothing is installed except wheels carried in .whl/ (e.g. liger-kernel,
 # cut-cross-entropy), with `pip install --no-index --no-deps --target /tmp/site`. A copy of the tree
@@ -32,8 +35,8 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) smoke=(--cpu-smoke); out_dir=${SMOKE_OUT_DIR:-$(mktemp -d)} ;;
-    kernels|step|attention|pytest-bench) parts+=("$arg") ;;
-    *) echo "run_gpu.sh: unknown argument '$arg' (parts: kernels step attention pytest-bench; --cpu-smoke)" >&2
+    kernels|step|attention|pytest-bench|gpu-tests) parts+=("$arg") ;;
+    *) echo "run_gpu.sh: unknown argument '$arg' (parts: kernels step attention pytest-bench gpu-tests; --cpu-smoke)" >&2
        exit 2 ;;
   esac
 done
@@ -82,11 +85,13 @@ for part in "${parts[@]}"; do
     attention) run_part attention "${ATTENTION_S:-90}" "$PYTHON" benchmarks/bench_attention.py "${common[@]}" ;;
     pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -P -m pytest benchmarks/bench_kernels.py \
       -q -p no:cacheprovider --benchmark-only --benchmark-json="$out_dir/kernels_pytest_benchmark.json" ;;
+    gpu-tests) run_part gpu-tests "${GPU_TESTS_S:-420}" "$PYTHON" -P -m pytest tests -m gpu -q -rA \
+      -p no:cacheprovider --durations=15 --junitxml="${OUT:-/tmp}/gpu_tests.xml" ;;
   esac
 done
 
 # ---- 4. reports (also for a part that was cut short) and the copies for the device tool
-"$PYTHON" benchmarks/report.py "$out_dir"/*.csv | tee -a "$log"
+if compgen -G "$out_dir/*.csv" >/dev/null; then "$PYTHON" benchmarks/report.py "$out_dir"/*.csv | tee -a "$log"; fi
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tar.gz" -C "$out_dir" .
   cp "$out_dir"/*.md "$OUT/" 2>/dev/null
