@@ -82,7 +82,14 @@ class TrainConfig:
     device: str = _f("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
     lora_r: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    load_in_4bit: bool = _f(False, "load the base model in 4-bit (QLoRA; needs --lora-r)")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / r")
+    lora_dropout: float = _f(0.05, "dropout on the input of the LoRA adapters")
+    lora_target_modules: str = _f(
+        "all-linear", "comma-separated module names to adapt (all-linear: every decoder linear, not lm_head)"
+    )
+    load_in_4bit: bool = _f(False, "load the base model in 4-bit NF4 (QLoRA; needs --lora-r)")
+    load_in_8bit: bool = _f(False, "load the base model in 8-bit (LLM.int8; needs --lora-r)")
+    fsdp: bool = _f(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2), not DDP")
     # ---- bookkeeping
     seed: int = _f(0, "seed of the data order and of every random number generator")
     resume: bool = _f(False, "continue from the last complete checkpoint in --output-dir")
@@ -129,7 +136,36 @@ class TrainConfig:
             raise UserError("--eval-every needs --eval-data FILE (the held-out examples to evaluate on)")
         if self.load_in_4bit and not self.lora_r:
             raise UserError("--load-in-4bit trains adapters on a frozen 4-bit model: also give --lora-r N")
+        self._validate_scaling()
         return self
+
+    def _validate_scaling(self) -> None:
+        """LoRA, quantisation and FSDP flags (issue 6)."""
+        if self.load_in_8bit and not self.lora_r:
+            raise UserError("--load-in-8bit trains adapters on a frozen 8-bit model: also give --lora-r N")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UserError("--load-in-4bit and --load-in-8bit exclude each other; give one of them")
+        if not self.lora_alpha > 0:
+            raise UserError(f"--lora-alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = [t.strip() for t in self.lora_target_modules.split(",")]
+        if not all(targets):
+            raise UserError(f"--lora-target-modules {self.lora_target_modules!r} has an empty name")
+        if any(t.split(".")[-1] == "lm_head" for t in targets):
+            raise UserError(
+                "--lora-target-modules names lm_head: the fused log-prob kernel reads the lm_head weight "
+                "directly and would miss its adapter; leave lm_head out"
+            )
+        if self.fsdp and (self.load_in_4bit or self.load_in_8bit):
+            raise UserError(
+                "--fsdp with a quantised base model is not supported; train QLoRA with DDP (drop --fsdp)"
+            )
+        if self.fsdp and self.optim == "paged-adamw8bit":
+            raise UserError(
+                "--optim paged-adamw8bit cannot step FSDP2's sharded parameters; with --fsdp use "
+                "--optim adamw8bit (torchao's 8-bit AdamW) or --optim adamw"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
