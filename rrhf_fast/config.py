@@ -13,6 +13,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ IMPLS = ("auto", "triton", "torch")
 MODES = ("paper", "official")
 DTYPES = ("auto", "float32", "bfloat16")
 SFT_REDUCTIONS = ("mean", "sum")
+LOSSES = ("rrhf", "dpo")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -66,6 +68,9 @@ class TrainConfig:
     optim: str = _f("adamw8bit", "optimizer", choices=OPTIMIZERS)
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # ---- the loss (DESIGN.md section 1)
+    loss: str = _f("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
+                   choices=LOSSES)  # fmt: skip
+    dpo_beta: float = _f(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
     mode: str = _f("paper", "loss normalisation: paper, or the authors' released code", choices=MODES)
     length_penalty: float = _f(1.0, "response score = sum of log-probs / length ** length_penalty")
     rank_weight: float = _f(1.0, "weight of the ranking loss (0: SFT only)")
@@ -117,13 +122,15 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("optim", "mode", "sft_reduction", "attn", "loss_impl", "dtype"):
+        for name in ("loss", "optim", "mode", "sft_reduction", "attn", "loss_impl", "dtype"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
                     f"--{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}"
                 )
-        if self.rank_weight == 0 and self.sft_weight == 0:
+        if not self.dpo_beta > 0:
+            raise UserError(f"--dpo-beta must be a positive number, got {self.dpo_beta}")
+        if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
             raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; give a smaller --min-lr")
@@ -201,10 +208,13 @@ class TrainConfig:
 # argparse from the dataclass
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
-    """One `--kebab-case` option per field of `cls`, typed, with the field's help and choices."""
+def add_arguments(parser: Any, cls: type = TrainConfig, *, skip: Collection[str] = ()) -> None:
+    """One `--kebab-case` option per field of `cls` (but those in `skip`), typed, with the field's
+    help and choices; `parser` may be an argument group."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         base, optional = _base_type(hints[f.name])
         kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
