@@ -28,6 +28,7 @@ from . import config as config_module
 from .checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
 from .config import TrainConfig
 from .data import load_examples
+from .dpo import require_ref_logps
 from .errors import UserError
 from .evaluate import RankingCounts, evaluate, loss_of, ranking_counts
 from .loading import load_model, load_tokenizer, resolve_device
@@ -233,11 +234,14 @@ def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> list[TokenizedE
     examples = load_examples(path)
     if not examples:
         raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
-    return [
+    items = [
         tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
                          max_response_len=config.max_response_len, chat_template=config.chat_template)
         for ex in examples
     ]  # fmt: skip
+    if config.loss == "dpo":
+        require_ref_logps(items, path)
+    return items
 
 
 # -------------------------------------------------------------------------------------------------
