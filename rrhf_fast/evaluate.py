@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .dpo import dpo_loss
+from .errors import UserError
 from .kernels import rrhf_loss
 from .model import packed_logprobs
 from .packing import TokenizedExample, pack_tokenized, plan_microbatches
@@ -113,8 +115,25 @@ def evaluate(
 
 
 def loss_of(logp: torch.Tensor, batch: Any, config: Any, *, normalizer: float) -> Any:
-    """rrhf_loss of a packed batch with the run's loss flags; sums divided by `normalizer` queries."""
+    """The run's loss (`--loss rrhf`: rrhf_loss with the loss flags; `--loss dpo`: dpo.dpo_loss) of a
+    packed batch, as sums divided by `normalizer` queries; `.loss/.rank_loss/.sft_loss/.response_scores`."""
     device = logp.device
+    if getattr(config, "loss", "rrhf") == "dpo":
+        if torch.isnan(batch.ref_logps).any():  # on the CPU side: no device sync
+            raise UserError(
+                '--loss dpo: a micro-batch has responses without "ref_logps"; add them to the data with '
+                "`rrhf-fast ref-logps`"
+            )
+        return dpo_loss(
+            logp,
+            batch.token_response.to(device),
+            batch.response_query.to(device),
+            batch.scores.to(device),
+            batch.ref_logps.to(device),
+            num_queries=batch.num_queries,
+            beta=config.dpo_beta,
+            normalizer=normalizer,
+        )
     return rrhf_loss(
         logp,
         batch.token_response.to(device),

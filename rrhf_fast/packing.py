@@ -4,13 +4,17 @@ DESIGN.md section 4 is the contract for `PackedBatch`. Tokenisation (section 3) 
 packing so that a trainer can tokenise a dataset once and pack micro-batches from the token ids:
 `tokenize_example` -> `TokenizedExample`, `pack_tokenized` -> `PackedBatch`; `pack` composes both.
 `plan_microbatches` groups queries into micro-batches under a token budget.
+
+A record may carry `ref_logps` (one number per response: a reference model's sum of the response's
+token log-probs, what `--loss dpo` needs; see dpo.py); it travels to `PackedBatch.ref_logps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +30,7 @@ class TokenizedExample:
     prompt_ids: list[int]
     response_ids: list[list[int]]
     scores: list[float]  # [] when unscored: PackedBatch.scores is then NaN
+    ref_logps: list[float] = field(default_factory=list)  # [] when absent: PackedBatch.ref_logps is NaN
 
     @property
     def packed_len(self) -> int:
@@ -63,6 +68,7 @@ class PackedBatch:
     kv_index: torch.Tensor  # [sum of key lengths] long, rows of T
     max_seqlen_q: int
     max_seqlen_k: int
+    ref_logps: torch.Tensor  # [R] float32, reference log-prob sum per response (NaN when absent)
 
     @property
     def num_queries(self) -> int:
@@ -124,7 +130,24 @@ def tokenize_example(
     responses = [list(ids) + [eos] for ids in encoded["input_ids"]]
     if max_response_len is not None:
         responses = [r[:max_response_len] for r in responses]
-    return TokenizedExample(prompt, responses, [float(s) for s in example.scores])
+    return TokenizedExample(prompt, responses, [float(s) for s in example.scores], _ref_logps(example))
+
+
+def _ref_logps(example: Example) -> list[float]:
+    """The record's `ref_logps` (one finite number per response), or [] when it has none."""
+    value = example.meta.get("ref_logps")
+    if value is None:
+        return []
+    ok = isinstance(value, list) and len(value) == len(example.responses)
+    ok = ok and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
+    )
+    if not ok:
+        raise UserError(
+            f"query {example.query[:60]!r}: field 'ref_logps' must be a list of one finite number per "
+            f"response ({len(example.responses)}), got {str(value)[:80]}"
+        )
+    return [float(v) for v in value]
 
 
 def tokenize_prompt(query: str, tokenizer: Any, chat_template: bool = False) -> list[int]:
@@ -193,6 +216,7 @@ def pack_tokenized(items: Sequence[TokenizedExample]) -> PackedBatch:
 def _token_layout(items: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
     ids, pos, group, segment = [], [], [], []
     rows, targets, token_response, response_query, scores, response_len = [], [], [], [], [], []
+    ref_logps = []
     for g, item in enumerate(items):
         plen = len(item.prompt_ids)
         last_prompt_row = len(ids) + plen - 1
@@ -211,6 +235,7 @@ def _token_layout(items: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
             token_response += [len(response_query)] * n
             response_query.append(g)
             scores.append(item.scores[j] if item.scores else float("nan"))
+            ref_logps.append(item.ref_logps[j] if item.ref_logps else float("nan"))
             response_len.append(n)
     as_long = dict(dtype=torch.long)
     return dict(
@@ -224,6 +249,7 @@ def _token_layout(items: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
         response_query=torch.tensor(response_query, **as_long),
         scores=torch.tensor(scores, dtype=torch.float32),
         response_len=torch.tensor(response_len, **as_long),
+        ref_logps=torch.tensor(ref_logps, dtype=torch.float32),
     )
 
 
@@ -252,10 +278,12 @@ def _check_item(item: TokenizedExample, g: int) -> None:
         raise ValueError(f"pack_tokenized: query {g} has an empty prompt")
     if not item.response_ids or any(len(r) == 0 for r in item.response_ids):
         raise ValueError(f"pack_tokenized: query {g} needs at least one response, each non-empty")
-    if item.scores and len(item.scores) != len(item.response_ids):
-        raise ValueError(
-            f"pack_tokenized: query {g} has {len(item.scores)} scores for {len(item.response_ids)} responses"
-        )
+    for name in ("scores", "ref_logps"):
+        values = getattr(item, name)
+        if values and len(values) != len(item.response_ids):
+            raise ValueError(
+                f"pack_tokenized: query {g} has {len(values)} {name} for {len(item.response_ids)} responses"
+            )
 
 
 def _cumsum0(lengths: torch.Tensor) -> torch.Tensor:
