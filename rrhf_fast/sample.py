@@ -1,7 +1,8 @@
 """Sample k candidate responses per prompt from a causal LM (`rrhf-fast sample`).
 
 Candidates come from diverse beam search (the RRHF paper's sampling policy, see beam_search.py),
-from top-p / temperature sampling, or from both (`strategy="mixed"`). The output is the training
+from top-p / temperature sampling, or from both (`strategy="mixed"`); `strategy="greedy"` gives the
+one greedy answer per prompt (what `rrhf-fast iterate` evaluates). The output is the training
 JSONL format with empty scores (`rrhf-fast score` fills them) and a per-response `sources` list in
 the meta; `--merge` adds responses from other sources (gold answers, another model's outputs).
 Prompts are tokenised exactly as training tokenises them (`packing.tokenize_prompt`).
@@ -17,7 +18,7 @@ import logging
 import os
 import platform
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,11 +29,12 @@ import torch
 from .beam_search import decode, diverse_beam_search, ensure_pad_token, eos_token_ids, left_pad
 from .data import Example, load_examples_with_stats, write_examples
 from .errors import DataError, UserError
+from .loading import resolve_device
 from .packing import tokenize_prompt
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("beam", "sample", "mixed")
+STRATEGIES = ("beam", "sample", "mixed", "greedy")
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,7 +48,7 @@ def opt(default: Any, help: str, **meta: Any) -> Any:
 class SampleConfig:
     """How to generate; each field is a `rrhf-fast sample` flag (`max_new_tokens` -> `--max-new-tokens`)."""
 
-    strategy: str = opt("beam", "diverse beam search, sampling, or both", choices=STRATEGIES)
+    strategy: str = opt("beam", "diverse beam search, sampling, both, or greedy (k = 1)", choices=STRATEGIES)
     num_beam_groups: int | None = opt(None, "beam groups (default: one per beam, the most diverse)")
     diversity_penalty: float = opt(1.0, "subtracted per earlier beam group that chose the same token")
     length_penalty: float = opt(1.0, "beam hypothesis score = sum of log-probs / length ** this")
@@ -63,7 +65,7 @@ class SampleConfig:
 
     def split(self, k: int) -> tuple[int, int]:
         """(candidates from beam search, candidates from sampling) for k candidates."""
-        if self.strategy == "beam":
+        if self.strategy in ("beam", "greedy"):  # greedy is a beam of one, decoded by generate()
             return k, 0
         if self.strategy == "sample":
             return 0, k
@@ -74,6 +76,8 @@ class SampleConfig:
 
     def sources(self, k: int) -> list[str]:
         """The source name of each of the k candidates, in the order generate_candidates returns them."""
+        if self.strategy == "greedy":
+            return ["greedy"] * k
         beams, samples = self.split(k)
         return ["beam"] * beams + ["sample"] * samples
 
@@ -82,6 +86,8 @@ class SampleConfig:
             raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if k < 1:
             raise UserError(f"--num-candidates must be at least 1, got {k}")
+        if self.strategy == "greedy" and k != 1:
+            raise UserError(f"--strategy greedy gives one response per prompt; got --num-candidates {k}")
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -236,6 +242,8 @@ def _generate_batch(
     """New-token lists for a batch of prompt token lists: k per prompt, beam ones first."""
     n_beam, n_sample = config.split(k)
     input_ids, mask = left_pad(prompts, tokenizer.pad_token_id, next(model.parameters()).device)
+    if config.strategy == "greedy":
+        return [[seq] for seq in _hf_generate(model, tokenizer, input_ids, mask, config, eos_ids, 1, False)]
     rows: list[list[list[int]]] = [[] for _ in prompts]
     if n_beam:
         beams = diverse_beam_search(
@@ -246,25 +254,29 @@ def _generate_batch(
         for row, seqs in zip(rows, beams, strict=True):
             row.extend(seqs)
     if n_sample:
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,  # generate counts position ids from it, as beam_search.positions does
-            do_sample=True,
-            num_beams=1,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            num_return_sequences=n_sample,
-            max_new_tokens=config.max_new_tokens,
-            eos_token_id=sorted(eos_ids),
-            pad_token_id=tokenizer.pad_token_id,
-            stop_strings=list(config.stop) or None,
-            tokenizer=tokenizer if config.stop else None,
-        )
-        new = out[:, input_ids.shape[1] :].tolist()
+        new = _hf_generate(model, tokenizer, input_ids, mask, config, eos_ids, n_sample, True)
         for i, row in enumerate(rows):
             row.extend(new[i * n_sample : (i + 1) * n_sample])
     return rows
+
+
+def _hf_generate(model, tokenizer, input_ids, mask, config: SampleConfig, eos_ids, n: int, sample: bool):
+    """`generate()`'s new tokens: n sampled rows per prompt, or the greedy one (sample=False)."""
+    knobs = dict(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k) if sample else {}
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,  # generate counts position ids from it, as beam_search.positions does
+        do_sample=sample,
+        num_beams=1,
+        **knobs,
+        num_return_sequences=n,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=list(config.stop) or None,
+        tokenizer=tokenizer if config.stop else None,
+    )
+    return out[:, input_ids.shape[1] :].tolist()
 
 
 def _prompt_ids(query: str, tokenizer: Any, config: SampleConfig) -> list[int]:
@@ -289,12 +301,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Loading models
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -469,13 +475,16 @@ def sample_file(
 # Command line
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--kebab-case` flag per field of the dataclass `cls`, with the field's help and choices;
-    a bool is a switch, a tuple a repeatable flag."""
+def add_config_flags(parser: Any, cls: type, *, prefix: str = "", skip: Collection[str] = ()) -> None:
+    """One `--kebab-case` flag per field of the dataclass `cls` (but those in `skip`), named
+    `prefix + field`, with the field's help and choices; a bool is a switch, a tuple a repeatable
+    flag. `parser` may be an argument group."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint, flag = hints[f.name], "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
+        if f.name in skip:
+            continue
+        hint, flag = hints[f.name], "--" + (prefix + f.name).replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata.get("help", "")}
         if hint is bool:
             kwargs["action"] = "store_true"
         elif typing.get_origin(hint) is tuple:
@@ -490,8 +499,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, cls: type) -> Any:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:
+    """`cls` from the flags `add_config_flags(prefix=...)` made; `fixed` gives the skipped fields."""
+    values = {f.name: fixed[f.name] if f.name in fixed else getattr(args, prefix + f.name)
+              for f in dataclasses.fields(cls)}  # fmt: skip
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 

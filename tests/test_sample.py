@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rrhf_fast import cli
-from rrhf_fast.beam_search import diverse_beam_search, left_pad, positions
+from rrhf_fast.beam_search import decode, diverse_beam_search, left_pad, positions
 from rrhf_fast.data import Example, load_examples
 from rrhf_fast.errors import DataError, UserError
 from rrhf_fast.packing import tokenize_prompt
@@ -149,6 +149,43 @@ def test_batched_left_padded_generation_equals_each_prompt_alone(model, tok, str
     batched = generate_candidates(model, tok, QUERIES, 2, config)
     alone = [generate_candidates(model, tok, [q], 2, config)[0] for q in QUERIES]
     assert batched == alone
+
+
+def test_greedy_is_the_argmax_continuation_of_each_prompt(eos_model, tok):
+    config = SampleConfig(strategy="greedy", max_new_tokens=10, batch_size=3)
+    got = generate_candidates(eos_model, tok, QUERIES, 1, config)
+    for query, (text,) in zip(QUERIES, got, strict=True):
+        ids = tokenize_prompt(query, tok)
+        new = []
+        with torch.no_grad():
+            for _ in range(10):  # the plain forward, no cache, no padding
+                token = int(eos_model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == EOS:
+                    break
+                new.append(token)
+        assert text == decode(tok, new, {EOS})
+
+
+def test_greedy_takes_one_candidate_and_names_its_source():
+    assert SampleConfig(strategy="greedy").sources(1) == ["greedy"]
+    with pytest.raises(UserError, match="one response per prompt"):
+        SampleConfig(strategy="greedy").validate(3)
+
+
+def test_prefixed_flags_skip_fields_and_fill_them_back():
+    import argparse
+
+    from rrhf_fast.sample import add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, SampleConfig, prefix="sample_", skip=("seed", "chat_template"))
+    args = parser.parse_args(["--sample-temperature", "0.5", "--sample-stop", "a", "--sample-stop", "b"])
+    assert not hasattr(args, "sample_seed") and not hasattr(args, "temperature")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sample-seed", "1"])
+    config = config_from_args(args, SampleConfig, prefix="sample_", seed=7, chat_template=True)
+    assert (config.temperature, config.stop, config.seed, config.chat_template) == (0.5, ("a", "b"), 7, True)
+    assert config.top_p == SampleConfig().top_p
 
 
 def test_same_seed_same_samples_other_seed_other_samples(model, tok):
@@ -428,7 +465,7 @@ def test_dedup(tmp_path, model_dir):
     [
         pytest.param(SampleConfig(num_beam_groups=3), 4, "must divide", id="groups"),
         pytest.param(SampleConfig(strategy="mixed", beam_candidates=5), 4, "between 0 and", id="mixed"),
-        pytest.param(SampleConfig(strategy="greedy"), 4, "--strategy must be one of", id="strategy"),
+        pytest.param(SampleConfig(strategy="nucleus"), 4, "--strategy must be one of", id="strategy"),
         pytest.param(SampleConfig(top_p=0.0), 2, "--top-p", id="top-p"),
         pytest.param(SampleConfig(), 0, "at least 1", id="k"),
     ],
