@@ -1,8 +1,11 @@
 """Checkpoints that survive crashes and resume a run bit for bit.
 
 A checkpoint is `OUTPUT_DIR/checkpoint-STEP/`: a `save_pretrained` directory (safetensors weights,
-model config, tokenizer) plus `optimizer.pt` (8-bit states included), `trainer_state.pt` (step,
-scheduler, data order, counters, every RNG) and `train_config.json`. It is written into a
+model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bit states included),
+`trainer_state.pt` (step, scheduler, data order, counters, every RNG) and `train_config.json`.
+Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
+torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
+world size; its weights are saved whole, loadable by from_pretrained). It is written into a
 temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
 (the size of every file) written last, and only then renamed into place: a crash or Ctrl-C at any
 moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed at the
@@ -26,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import distributed
+from .distributed import Dist
 from .errors import UserError
 from .loading import quiet_progress_bars
 
@@ -33,8 +38,10 @@ FORMAT = "rrhf-fast-checkpoint"
 VERSION = 1
 MARKER = "COMPLETE.json"
 OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint shards, one file per rank
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 
@@ -53,30 +60,58 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: Any,
     keep: int | None = None,
+    here: Dist | None = None,
+    sharded: bool = False,
 ) -> Path:
-    """Write checkpoint-STEP atomically, then delete all but the `keep` newest complete ones."""
+    """Write checkpoint-STEP atomically, then delete all but the `keep` newest complete ones.
+
+    Under torchrun every rank calls this: rank 0 writes the weights (FSDP2: gathered whole), the
+    optimizer (FSDP2, `sharded`: each rank its shard, torch.distributed.checkpoint) and the trainer
+    state; every other rank its RNG state. Rank 0 renames the directory once all have written.
+    """
+    here = here or Dist()
     output_dir = Path(output_dir)
     final = checkpoint_path(output_dir, step)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f"{_TMP_PREFIX}{step}-"))
+    made = tempfile.mkdtemp(dir=output_dir, prefix=f"{_TMP_PREFIX}{step}-") if here.main else None
+    tmp = Path(distributed.broadcast(made))
     try:
-        with quiet_progress_bars():
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
-        config.save(tmp / CONFIG_FILE)
-        _write_marker(tmp, step)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
-        _fsync_dir(output_dir)
+        _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here, sharded)
+        distributed.barrier()  # every rank's files are written
+        if here.main:
+            _write_marker(tmp, step)
+            _fsync_tree(tmp)
+            _replace_dir(tmp, final)
+            _fsync_dir(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
+    distributed.barrier()  # no rank reads or rotates checkpoints before this one is in place
+    if keep is not None and here.main:
         for old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here: Dist, sharded: bool):
+    weights = distributed.gather_weights(model, here) if sharded else None  # collective
+    if here.main:
+        with quiet_progress_bars():
+            model.save_pretrained(tmp, **({"state_dict": weights} if sharded else {}))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": here.world,
+                    "sharded": sharded}, tmp / STATE_FILE)  # fmt: skip
+        config.save(tmp / CONFIG_FILE)
+    else:
+        torch.save(rng_state(), tmp / _rng_file(here.rank))
+    if sharded:
+        distributed.save_sharded_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)  # collective
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -120,6 +155,37 @@ def load_checkpoint(
     path = Path(path)
     verify_checkpoint(path)
     load_weights(model, path)
+    return load_training_state(path, model=model, optimizer=optimizer)
+
+
+def load_training_state(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    here: Dist | None = None,
+    sharded: bool = False,
+) -> dict[str, Any]:
+    """Everything but the weights: optimizer (FSDP2 `sharded`: resharded to this world size), this
+    rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state."""
+    here = here or Dist()
+    state = _torch_load(path / STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+        raise UserError(f"{path / STATE_FILE}: not an rrhf-fast trainer state; delete the checkpoint")
+    if state.get("sharded", False) != sharded:
+        was, now = ("with", "without") if state.get("sharded") else ("without", "with")
+        raise UserError(f"{path}: written by a run {was} --fsdp, resumed {now} it; resume with the flags of "
+                        "that run")  # fmt: skip
+    if sharded:
+        distributed.load_sharded_optimizer(model, optimizer, path / OPTIMIZER_DIR)
+    else:
+        _load_optimizer(path, optimizer)
+    own = path / _rng_file(here.rank)
+    set_rng_state(_torch_load(own) if here.rank > 0 and own.is_file() else state["rng"])
+    return state
+
+
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
     opt_state = _torch_load(path / OPTIMIZER_FILE)
     try:
         optimizer.load_state_dict(opt_state)
@@ -128,11 +194,6 @@ def load_checkpoint(
             f"{path}: the optimizer state does not fit this model and --optim ({err}); resume with the "
             "flags of the run that wrote it"
         ) from None
-    state = _torch_load(path / STATE_FILE)
-    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
-        raise UserError(f"{path / STATE_FILE}: not an rrhf-fast trainer state; delete the checkpoint")
-    set_rng_state(state["rng"])
-    return state
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -162,7 +223,13 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Copy the safetensors weights of a save_pretrained directory into `model`."""
+    """Copy the safetensors weights of a save_pretrained directory into `model` (a LoRA run: the adapter)."""
+    adapter = (path / ADAPTER_CONFIG).is_file()
+    if adapter != hasattr(model, "peft_config"):
+        saved, wanted = ("a LoRA adapter", "the full model") if adapter else ("full weights", "LoRA adapters")
+        raise UserError(
+            f"{path}: holds {saved} but this run trains {wanted}; resume with the --lora-r of that run"
+        )
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: no .safetensors weights; not an rrhf-fast checkpoint")
@@ -172,13 +239,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state.update(load_file(file))
         except (SafetensorError, OSError) as err:
             raise UserError(f"{file}: unreadable weights ({err}); delete this checkpoint") from None
+    if adapter:
+        _load_adapter(model, path, state)
+        return
     own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if wrong:
-        raise UserError(
-            f"{path}: the weights do not match this model ({wrong[0]} is {tuple(state[wrong[0]].shape)}, the "
-            f"model's is {tuple(own[wrong[0]].shape)}); resume with the --model of that run"
-        )
+    _check_shapes(path, state, own)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
@@ -186,6 +251,31 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise UserError(
             f"{path}: the weights do not match this model ({len(missing)} missing, e.g. {missing[:2]}; "
             f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); resume with the --model of that run"
+        )
+
+
+def _load_adapter(model: Any, path: Path, state: dict[str, torch.Tensor]) -> None:
+    """The adapter weights as peft saves them (adapter name dropped from the keys), exactly."""
+    from .loading import import_peft
+
+    peft = import_peft()
+    own = peft.get_peft_model_state_dict(model)
+    _check_shapes(path, state, own)
+    if set(state) != set(own):
+        odd = sorted(set(state) ^ set(own))
+        raise UserError(
+            f"{path}: the adapter does not match this model ({len(odd)} differing names, e.g. {odd[:2]}); "
+            "resume with the --model, --lora-r and --lora-target-modules of that run"
+        )
+    peft.set_peft_model_state_dict(model, state)
+
+
+def _check_shapes(path: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(
+            f"{path}: the weights do not match this model ({wrong[0]} is {tuple(state[wrong[0]].shape)}, the "
+            f"model's is {tuple(own[wrong[0]].shape)}); resume with the flags of that run"
         )
 
 

@@ -1,12 +1,16 @@
 """Load the model and tokenizer a run trains, from `--model` (a save_pretrained directory or hub id).
 
-`load_model` is the one place that decides how the weights come in (dtype, device, gradient
-checkpointing); adapters and 4-bit quantisation (`--lora-r`, `--load-in-4bit`) plug in here.
+`load_model` is the one place that decides how the weights come in: dtype, device, quantisation
+(`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
+`finish_model` is its second half, shared with benchmarks/memory_fit.py, which builds its models in
+memory instead of loading them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,10 @@ import torch
 from .errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device of `--device`; under torchrun "auto" and "cuda" mean this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -26,6 +31,10 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(
             f"--device {name} but this machine has no CUDA GPU (torch sees none); use --device cpu"
         )
+    if device.type == "cuda" and local_rank is not None:
+        if device.index not in (None, local_rank):
+            raise UserError(f"--device {name} under torchrun: give --device cuda; each rank takes its GPU")
+        device = torch.device("cuda", local_rank)
     return device
 
 
@@ -49,23 +58,60 @@ def load_tokenizer(model: str) -> Any:
 
 def load_model(config: Any, device: torch.device) -> torch.nn.Module:
     """The causal LM of `config.model` on `device`, in training mode, ready for packed_logprobs."""
+    _check_model_path(config.model)
+    quantization = quantization_config(config)
+    kwargs: dict[str, Any] = {"dtype": weight_dtype(config.dtype)}
+    if quantization is not None:
+        import_bitsandbytes("--load-in-4bit" if config.load_in_4bit else "--load-in-8bit")
+        # bf16 for what stays unquantised until prepare_model_for_kbit_training upcasts it.
+        kwargs.update(quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device})
     from transformers import AutoModelForCausalLM
 
-    if config.lora_r or config.load_in_4bit:
-        raise UserError(
-            "--lora-r and --load-in-4bit are not supported yet; train the full model without them"
-        )
-    _check_model_path(config.model)
     try:
         with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(config.model, dtype=weight_dtype(config.dtype))
+            model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(
             f"--model {config.model}: cannot load a causal LM ({_first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
-    model.to(device)
+    if quantization is None:
+        model.to(device)
+    return finish_model(model, config)
+
+
+def quantization_config(config: Any) -> Any:
+    """bitsandbytes settings of --load-in-4bit (the QLoRA recipe) or --load-in-8bit; None for neither.
+
+    The lm_head stays unquantised: transformers leaves the output embedding out by default, and
+    `_check_head` makes sure of it, since the fused kernel needs its plain weight.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if getattr(config, "load_in_4bit", False):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    if getattr(config, "load_in_8bit", False):
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def finish_model(model: Any, config: Any) -> Any:
+    """Quantised-training preparation, gradient checkpointing and LoRA adapters, in that order.
+
+    A quantised base goes through peft's `prepare_model_for_kbit_training` (base frozen; norms,
+    embeddings and lm_head upcast to fp32, the QLoRA recipe). Returns the model in training mode: a
+    peft model when `config.lora_r`, else the transformers model itself.
+    """
     model.config.use_cache = False
+    if is_quantized(model):
+        _check_head(model, config)
+        # Our own non-reentrant checkpointing below: peft's would be reentrant.
+        model = import_peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
         # Non-reentrant: works with inputs that need no grad and with autocast (PyTorch's advice).
         kwargs = {"use_reentrant": False}
@@ -73,7 +119,89 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if config.lora_r:
+        model = add_lora(model, config)
+    _check_head(model, config)
     return model.train()
+
+
+def add_lora(model: Any, config: Any) -> Any:
+    """peft LoRA adapters on `--lora-target-modules`; the base model's weights are frozen."""
+    peft = import_peft()
+    names = config.lora_target_modules
+    targets = names if names == "all-linear" else [t.strip() for t in names.split(",")]
+    lora = peft.LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 a deprecated question
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, lora)
+    except ValueError as err:  # e.g. a target name that matches no module
+        raise UserError(f"--lora-target-modules {names}: {_first_line(err)}") from None
+
+
+def is_quantized(model: Any) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _check_head(model: Any, config: Any) -> None:
+    """The fused kernel reads the lm_head weight as a plain matrix: no adapter on it, no quantisation."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise UserError(f"--model {config.model}: no lm_head; give a causal LM")
+    kind = type(head).__module__
+    if kind.startswith("peft"):
+        raise UserError(
+            f"--lora-target-modules {config.lora_target_modules} puts an adapter on the lm_head, which the "
+            "fused log-prob kernel reads as a plain weight (it would miss the adapter); leave lm_head out"
+        )
+    weight = getattr(head, "weight", None)
+    plain = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+    if kind.startswith("bitsandbytes") or not plain:
+        raise UserError(
+            f"--model {config.model}: the lm_head was loaded as a {type(head).__name__}; the fused log-prob "
+            "kernel needs it unquantised (keep lm_head out of the quantised modules)"
+        )
+
+
+def import_bitsandbytes(flag: str, alternative: str = "") -> Any:
+    """bitsandbytes, imported without its irrelevant warning; a UserError naming `flag` if absent."""
+    try:
+        with _quiet_bitsandbytes():
+            import bitsandbytes
+    except ImportError as err:
+        raise UserError(
+            f"{flag} needs bitsandbytes ({err}); install it with `pip install bitsandbytes`{alternative}"
+        ) from None
+    return bitsandbytes
+
+
+def import_peft() -> Any:
+    """peft imports bitsandbytes when it is installed: do that quietly first."""
+    with contextlib.suppress(ImportError), _quiet_bitsandbytes():
+        import bitsandbytes  # noqa: F401
+    import peft
+
+    return peft
+
+
+@contextlib.contextmanager
+def _quiet_bitsandbytes():
+    # On a CPU with AVX512-BF16 (or without the hub's `kernels` package) its import warns that a
+    # 4-bit GEMM kernel is missing: irrelevant here, and noise on every run.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        cpu_ops.setLevel(level)
 
 
 def _check_model_path(model: str) -> None:

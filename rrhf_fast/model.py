@@ -38,9 +38,12 @@ def packed_logprobs(
 ) -> torch.Tensor:
     """log pi(target | prefix) of every response token of `batch`, in packed order: [M] fp32.
 
-    `model` is a causal LM (or a peft model around one); `attn` picks the attention backend
+    `model` is a causal LM (or a peft model around one), or a `PackedLogprobs` (as DDP or FSDP2
+    wrap it), whose forward this then goes through; `attn` picks the attention backend
     (auto | varlen | flex | dense), `impl` the token_logprobs kernel (auto | triton | torch).
     """
+    if isinstance(model, PackedLogprobs) or isinstance(getattr(model, "module", None), PackedLogprobs):
+        return model(batch, attn=attn, impl=impl)
     base = _unwrap(model)
     prepare_model(base)
     head = _output_head(base)
@@ -59,6 +62,24 @@ def packed_logprobs(
     return token_logprobs(hidden, head.weight, batch.rows, batch.targets, softcap=softcap, impl=impl)
 
 
+class PackedLogprobs(torch.nn.Module):
+    """`packed_logprobs` as a module's forward: the unit DDP and FSDP2 wrap (rrhf_fast.distributed).
+
+    Both act only when the forward runs through the wrapped module, and packed_logprobs reads the
+    lm_head weight outside of any module's forward; wrapped whole, FSDP2 holds the root parameters
+    (embeddings, final norm, lm_head) unsharded for the duration, and DDP sees every gradient.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PackedBatch, attn: str = "auto", impl: str = "auto") -> torch.Tensor:
+        logp = packed_logprobs(self.model, batch, attn=attn, impl=impl)
+        # FSDP2 hooks the backward on this output, which an in-place op on a view would lose.
+        return logp.clone() if logp._is_view() else logp
+
+
 def _unwrap(model: Any) -> Any:
     """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -71,7 +92,7 @@ def _output_head(base: Any) -> torch.nn.Module:
     if getattr(head, "bias", None) is not None:
         raise ValueError("the lm_head has a bias, which the fused token_logprobs does not take")
     weight = getattr(head, "weight", None)
-    if type(head).__module__.startswith("peft") or not isinstance(weight, torch.Tensor):
+    if type(head).__module__.startswith(("peft", "bitsandbytes")) or not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"the lm_head is a {type(head).__name__}, not a plain linear layer; "
             "leave lm_head out of LoRA target modules and quantisation"

@@ -5,11 +5,15 @@ AdamW8bit (bitsandbytes, the default) keeps both Adam moments in 8 bits, blockwi
 GPU or not. PagedAdamW8bit also pages those states to CPU memory under pressure. torch AdamW is
 the exact fp32 fallback. Weight decay applies to matrices only, not to norms and biases (the
 nanoGPT / GPT-3 habit).
+
+Under FSDP2 (`sharded=True`) the parameters are DTensor shards, which bitsandbytes' optimizers
+cannot step (its 8-bit kernels take plain tensors): there `adamw8bit` is torchao's AdamW8bit, which
+keeps DTensor-aware 8-bit states (blockwise, 256 values a block), and without torchao it is an error,
+never a silent fall-back to 32-bit states.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterable
 
@@ -17,6 +21,7 @@ import torch
 
 from .config import OPTIMIZERS
 from .errors import UserError
+from .loading import import_bitsandbytes
 
 
 def build_optimizer(
@@ -27,8 +32,10 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    sharded: bool = False,
 ) -> torch.optim.Optimizer:
-    """An AdamW flavour over the trainable `(name, param)` pairs (e.g. `model.named_parameters()`)."""
+    """An AdamW flavour over the trainable `(name, param)` pairs (e.g. `model.named_parameters()`);
+    `sharded`: the parameters are FSDP2's DTensors."""
     trainable = [p for _, p in params if p.requires_grad]
     if not trainable:
         raise UserError("the model has no trainable parameters; check --lora-r and the model")
@@ -39,29 +46,42 @@ def build_optimizer(
     groups = [g for g in groups if g["params"]]
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name == "adamw8bit" and sharded:
+        return _torchao_adamw8bit()(groups, lr=lr, betas=betas, eps=eps)
+    if name == "paged-adamw8bit" and sharded:
+        raise UserError("--optim paged-adamw8bit cannot step FSDP2 shards; use --optim adamw8bit or adamw")
     if name in ("adamw8bit", "paged-adamw8bit"):
-        bnb = _import_bitsandbytes(name)
+        bnb = import_bitsandbytes(f"--optim {name}", " or pass --optim adamw")
         cls = bnb.optim.AdamW8bit if name == "adamw8bit" else bnb.optim.PagedAdamW8bit
         return cls(groups, lr=lr, betas=betas, eps=eps)
     raise UserError(f"--optim must be one of {', '.join(OPTIMIZERS)}; got {name!r}")
 
 
-def _import_bitsandbytes(name: str):
-    # On a CPU with AVX512-BF16 its import warns that a 4-bit GEMM kernel from the hub is missing:
-    # irrelevant to the optimizers, and noise on every run.
-    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops.level
-    cpu_ops.setLevel(logging.ERROR)
+def _torchao_adamw8bit() -> type:
     try:
-        import bitsandbytes
+        from torchao.optim import AdamW8bit
     except ImportError as err:
         raise UserError(
-            f"--optim {name} needs bitsandbytes ({err}); install it with `pip install bitsandbytes` "
-            "or pass --optim adamw"
+            f"--fsdp with --optim adamw8bit needs torchao's DTensor-aware 8-bit AdamW ({err}): "
+            "`pip install torchao`, or pass --optim adamw for 32-bit states"
         ) from None
-    finally:
-        cpu_ops.setLevel(level)
-    return bitsandbytes
+    # Its step is torch.compile'd per parameter shape, and AOTAutograd's on-disk cache keys its
+    # 8-bit state subclass without the shape (torch warns it lacks `_stable_hash_for_caching`): two
+    # ranks with shards of different sizes then share one compiled step and fail (seen with torchao
+    # 0.18 on torch 2.13). Compiling afresh costs seconds, once per shape.
+    import torch._functorch.config as functorch_config
+
+    functorch_config.enable_autograd_cache = False
+    return AdamW8bit
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; in place where it is a tensor (torchao's optimizers hold it so)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:

@@ -5,6 +5,10 @@ optimizer -> resume -> loop: for each micro-batch of the step, packed forward + 
 (losses are sums divided by the step's query count, so micro-batch gradients simply add up to the
 gradient of the step's mean) -> finite-loss guard -> clip -> optimizer step -> metrics, held-out
 evaluation, atomic checkpoint -> curves.png.
+
+Under torchrun (`torchrun --nproc_per_node N -m rrhf_fast.cli train ...`) the same loop runs on
+every rank: each takes its share of every step's micro-batches, DDP (or FSDP2 with --fsdp) sums
+the gradients, metrics are summed over ranks, and rank 0 alone logs and draws (distributed.py).
 """
 
 from __future__ import annotations
@@ -25,15 +29,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import config as config_module
-from .checkpoint import CONFIG_FILE, latest_checkpoint, load_checkpoint, remove_partial_saves, save_checkpoint
+from . import distributed
+from .checkpoint import (
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    remove_partial_saves,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import TrainConfig
 from .data import load_examples
 from .dpo import require_ref_logps
 from .errors import UserError
 from .evaluate import RankingCounts, evaluate, loss_of, ranking_counts
-from .loading import load_model, load_tokenizer, resolve_device
+from .loading import load_model, load_tokenizer
 from .model import packed_logprobs, prepare_model
-from .optim import build_optimizer, default_warmup, lr_at
+from .optim import build_optimizer, default_warmup, lr_at, set_lr
 from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
 from .plot import METRICS_FILE, plot_run
 
@@ -43,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    train(TrainConfig.from_args(args))
+    try:
+        train(TrainConfig.from_args(args))
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -63,8 +79,9 @@ def train(config: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------------------------------------
     # setup
     config.validate()
-    out_dir = _prepare_output_dir(config)
-    device = resolve_device(config.device)
+    here, device = distributed.init(config.device, config.fsdp)  # torchrun: this rank; else rank 0 of 1
+    say = tqdm.write if here.main else _quiet
+    out_dir = _prepare_output_dir(config, here)
     _check_device_flags(config, device)
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
@@ -84,54 +101,68 @@ def train(config: TrainConfig) -> TrainResult:
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
 
     # ---------------------------------------------------------------------------------------------
-    # model and optimizer
+    # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model
     model = prepare_model(load_model(config, device))
+    checkpoint = latest_checkpoint(out_dir) if config.resume else None
+    if checkpoint is not None:
+        verify_checkpoint(checkpoint)
+        load_weights(model, checkpoint)
+    runner = distributed.wrap(model, here, config.fsdp)  # what the forward goes through
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        model.named_parameters(), config.optim, lr=config.lr, weight_decay=config.weight_decay
-    )
+    optimizer = build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
+                                weight_decay=config.weight_decay, sharded=config.fsdp)  # fmt: skip
     schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
 
     # ---------------------------------------------------------------------------------------------
-    # resume: weights, optimizer, RNGs, data position and counters of the last complete checkpoint
+    # resume: optimizer, RNGs, data position and counters of the last complete checkpoint
     step, epoch, position, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0, 0, 0
-    checkpoint = latest_checkpoint(out_dir) if config.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        state = load_training_state(
+            checkpoint, model=model, optimizer=optimizer, here=here, sharded=config.fsdp
+        )
         step, epoch, position = state["step"], state["epoch"], state["position"]
         skipped, bad_in_row, tokens_seen = state["skipped_steps"], state["bad_in_row"], state["tokens_seen"]
-        _truncate_metrics(out_dir / METRICS_FILE, step)
-        tqdm.write(f"resumed from {checkpoint} (step {step})" + _changed_flags(checkpoint, config))
-    config.save(out_dir / "config.json")
+        if here.main:
+            _truncate_metrics(out_dir / METRICS_FILE, step)
+        say(f"resumed from {checkpoint} (step {step})" + _changed_flags(checkpoint, config, state, here))
+    if here.main:
+        config.save(out_dir / "config.json")
     plan = steps_of_epoch(epoch)
 
     def save() -> Path:
         state = dict(epoch=epoch, position=position, data_seed=config.seed, skipped_steps=skipped,
                      bad_in_row=bad_in_row, tokens_seen=tokens_seen, schedule=schedule)  # fmt: skip
         return save_checkpoint(out_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                               trainer_state=state, config=config, keep=config.keep_checkpoints)  # fmt: skip
+                               trainer_state=state, config=config, keep=config.keep_checkpoints, here=here,
+                               sharded=config.fsdp)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------
     # the loop
-    metrics_file = open(out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
+    metrics_file = open(out_dir / METRICS_FILE, "a", encoding="utf-8") if here.main else None  # noqa: SIM115
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=None if here.main else True)  # fmt: skip
     row: dict[str, Any] = {}
     try:
         if eval_items is not None and step == 0:
-            _log(metrics_file, {"step": 0, **evaluate(model, eval_items, config, autocast=autocast)})
+            _log(metrics_file, {"step": 0, **evaluate(runner, eval_items, config, autocast=autocast)})
         while step < total_steps:
             if position >= len(plan):  # next epoch
                 epoch, position = epoch + 1, 0
                 plan = steps_of_epoch(epoch)
-            batches = [pack_tokenized([items[i] for i in group]) for group in plan[position]]
+            groups, real = distributed.my_microbatches(plan[position], here)
+            batches = [pack_tokenized([items[i] for i in group]) for group in groups]
+            queries = sum(len(group) for group in plan[position])  # the whole step's, on every rank
             position += 1
             lr = lr_at(step, **schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
 
             t0 = time.perf_counter()
-            losses, counts = forward_backward(model, batches, config, autocast)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+            losses, counts = forward_backward(runner, batches, config, autocast, queries=queries, real=real,
+                                              world=here.world)  # fmt: skip
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            grad_norm = float(distributed.local_value(norm))
+            tokens = sum(b.num_tokens for b in batches[:real])
+            losses, counts, tokens = _sum_over_ranks(losses, counts, tokens, device, here.world)
             finite = math.isfinite(losses[0]) and math.isfinite(grad_norm)
             if finite:  # a non-finite step leaves weights and optimizer state as they were
                 optimizer.step()
@@ -143,7 +174,6 @@ def train(config: TrainConfig) -> TrainResult:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             step += 1
-            tokens = sum(b.num_tokens for b in batches)
             tokens_seen += tokens
 
             row = {"step": step, "epoch": epoch, "loss": losses[0], "rank_loss": losses[1],
@@ -155,28 +185,30 @@ def train(config: TrainConfig) -> TrainResult:
                 _log(metrics_file, row)
                 raise NonFiniteTraining(_diverged_message(step, bad_in_row, latest_checkpoint(out_dir)))
             if eval_items is not None and (step == total_steps or _every(step, config.eval_every)):
-                row.update(evaluate(model, eval_items, config, autocast=autocast))
+                row.update(evaluate(runner, eval_items, config, autocast=autocast))
             _log(metrics_file, row)
-            _show(bar, row, config)
+            if here.main:
+                _show(bar, row, config)
 
             if step == total_steps or _every(step, config.save_every):
                 checkpoint = save()
     except KeyboardInterrupt:
         last = latest_checkpoint(out_dir)
-        tqdm.write(f"interrupted at step {step}; last complete checkpoint: {last} (continue with --resume)")
+        say(f"interrupted at step {step}; last complete checkpoint: {last} (continue with --resume)")
         raise
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
 
     # ---------------------------------------------------------------------------------------------
     # the end
-    if config.plot and (out_dir / METRICS_FILE).stat().st_size:
+    if here.main and config.plot and (out_dir / METRICS_FILE).stat().st_size:
         try:
             plot_run(out_dir)
         except Exception as err:  # a plotting problem must not fail a finished run
-            tqdm.write(f"could not draw curves.png ({type(err).__name__}: {err})")
-    tqdm.write(f"done: step {step}, model in {checkpoint}")
+            say(f"could not draw curves.png ({type(err).__name__}: {err})")
+    say(f"done: step {step}, model in {checkpoint}")
     return TrainResult(step=step, checkpoint=checkpoint, last=row, model=model)
 
 
@@ -185,21 +217,53 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def forward_backward(
-    model: Any, batches: list, config: TrainConfig, autocast: contextlib.AbstractContextManager
+    model: Any,
+    batches: list,
+    config: TrainConfig,
+    autocast: contextlib.AbstractContextManager,
+    *,
+    queries: int | None = None,
+    real: int | None = None,
+    world: int = 1,
 ) -> tuple[list[float], RankingCounts]:
-    """Backward of the step's mean loss over all its queries; returns (loss, rank, sft) and counts."""
-    queries = float(sum(b.num_queries for b in batches))
+    """Backward of the step's mean loss over all its queries; returns (loss, rank, sft) and counts.
+
+    Under torchrun, `queries` is the step's query count over every rank, the batches after the
+    first `real` only keep this rank in step with the others (they train with weight 0), and the
+    loss is multiplied by `world`, since DDP and FSDP2 average the ranks' gradients.
+    """
+    queries = float(sum(b.num_queries for b in batches) if queries is None else queries)
+    real = len(batches) if real is None else real
     totals = None
     counts = RankingCounts()
-    for batch in batches:
-        with autocast:
-            logp = packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
-        out = loss_of(logp, batch, config, normalizer=queries)
-        out.loss.backward()
-        parts = torch.stack([out.loss, out.rank_loss, out.sft_loss]).detach().double()
-        totals = parts if totals is None else totals + parts
-        counts += ranking_counts(out.response_scores, batch.scores, batch.response_query, batch.num_queries)
-    return totals.tolist(), counts
+    for i, batch in enumerate(batches):
+        weight = world if i < real else 0
+        with distributed.gradient_sync(model, enabled=i == len(batches) - 1):
+            with autocast:
+                logp = packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
+            out = loss_of(logp, batch, config, normalizer=queries)
+            (out.loss if weight == 1 else out.loss * weight).backward()
+        if i < real:
+            parts = torch.stack([out.loss, out.rank_loss, out.sft_loss]).detach().double()
+            totals = parts if totals is None else totals + parts
+            counts += ranking_counts(
+                out.response_scores, batch.scores, batch.response_query, batch.num_queries
+            )
+    return (totals.tolist() if totals is not None else [0.0, 0.0, 0.0]), counts
+
+
+def _sum_over_ranks(
+    losses: list[float], counts: RankingCounts, tokens: int, device: torch.device, world: int
+) -> tuple[list[float], RankingCounts, int]:
+    """A step's losses, ranking counts and tokens summed over every rank (unchanged in one process)."""
+    if world == 1:
+        return losses, counts, tokens
+    c = counts
+    total = distributed.sum_over_ranks(
+        [*losses, c.correct_pairs, c.pairs, c.top1, c.best_reward, c.queries, tokens], device
+    )
+    summed = RankingCounts(*(int(v) for v in total[3:6]), total[6], int(total[7]))
+    return total[:3], summed, int(total[8])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -248,20 +312,23 @@ def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> list[TokenizedE
 # bookkeeping
 
 
-def _prepare_output_dir(config: TrainConfig) -> Path:
+def _prepare_output_dir(config: TrainConfig, here: distributed.Dist) -> Path:
+    """Checks on every rank (each raises the same error), changes by rank 0 alone."""
     out_dir = Path(config.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {out_dir} is a file; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_saves(out_dir)
     found = latest_checkpoint(out_dir)
     if found is not None and not config.resume:
         raise UserError(
             f"--output-dir {out_dir} already holds {found.name}; pass --resume to continue that run "
             "or choose a new --output-dir"
         )
-    if not config.resume and (out_dir / METRICS_FILE).exists():
-        (out_dir / METRICS_FILE).unlink()  # a fresh run that never reached a checkpoint
+    if here.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_saves(out_dir)
+        if not config.resume and (out_dir / METRICS_FILE).exists():
+            (out_dir / METRICS_FILE).unlink()  # a fresh run that never reached a checkpoint
+    distributed.barrier()
     return out_dir
 
 
@@ -283,15 +350,19 @@ def _seed_everything(seed: int) -> None:
 
 
 # Flags that only change bookkeeping; any other change makes the resumed run differ from the original.
-_BOOKKEEPING = {"resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every", "keep_checkpoints",
-                "log_every", "plot", "max_bad_steps", "device"}  # fmt: skip
+_BOOKKEEPING = {"output_dir", "resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every",
+                "keep_checkpoints", "log_every", "plot", "max_bad_steps", "device"}  # fmt: skip
 
 
-def _changed_flags(checkpoint: Path, config: TrainConfig) -> str:
+def _changed_flags(checkpoint: Path, config: TrainConfig, state: dict, here: distributed.Dist) -> str:
     saved = TrainConfig.load(checkpoint / CONFIG_FILE).to_dict()
     changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in config.to_dict().items()
                if k not in _BOOKKEEPING and saved.get(k) != v]  # fmt: skip
-    return "; with changed flags: " + ", ".join(changed) if changed else ""
+    text = "; with changed flags: " + ", ".join(changed) if changed else ""
+    if state.get("world_size", 1) != here.world:
+        text += (f"; saved by {state.get('world_size', 1)} processes, resumed on {here.world}: the same "
+                 "updates up to float rounding")  # fmt: skip
+    return text
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -309,6 +380,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _log(file, row: dict[str, Any]) -> None:
+    if file is None:  # not rank 0
+        return
     file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
     file.flush()
 
@@ -345,6 +418,10 @@ def _diverged_message(step: int, count: int, last: Path | None) -> str:
         f"(steps {step - count + 1}-{step}, all skipped); lower --lr or check the data, "
         f"or raise --max-bad-steps; {where}"
     )
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """What ranks other than 0 print."""
 
 
 def _every(step: int, interval: int) -> bool:

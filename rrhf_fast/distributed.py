@@ -1,0 +1,208 @@
+"""Multi-GPU training under torchrun: the process group, DDP or FSDP2 around the packed forward, and
+the few collectives the training loop and the checkpoints need.
+
+`torchrun --nproc_per_node N -m rrhf_fast.cli train ...` runs the same command on N processes.
+Every rank plans the same steps (a pure function of seed, epoch and flags) and takes the
+micro-batches `step[rank::world]` of each; the loss stays divided by the step's *global* query
+count, and since DDP and FSDP2 average gradients over ranks, each rank's loss is multiplied by the
+world size: the update equals the one-process update with the same micro-batches accumulated.
+
+Wrapping: DDP hooks the backward and FSDP2 all-gathers sharded parameters only when the forward
+goes through the wrapped module, while `packed_logprobs` calls the decoder and then reads the
+lm_head weight itself. So the wrapped module is `model.PackedLogprobs`, whose forward is the whole
+packed_logprobs: inside it the root parameters (embeddings, final norm, lm_head) are whole tensors.
+FSDP2 shards each decoder layer, then that root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from .errors import UserError
+from .loading import resolve_device
+from .model import PackedLogprobs
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: rank 0 of 1 unless launched by torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return tdist.is_available() and tdist.is_initialized()
+
+
+def init(device_flag: str, fsdp: bool = False) -> tuple[Dist, torch.device]:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK and join the process group (nccl on CUDA, gloo
+    on CPU); without them, one process and no group. Returns this rank's place and device."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if fsdp:
+            raise UserError("--fsdp shards over the processes of torchrun: launch with "
+                            "`torchrun --nproc_per_node N -m rrhf_fast.cli train ...`")  # fmt: skip
+        return Dist(), resolve_device(device_flag)
+    here = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_flag, local_rank=here.local_rank)
+    if not here.active:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            tdist.init_process_group("nccl", device_id=device)
+        else:
+            tdist.init_process_group("gloo")
+    return here, device
+
+
+def shutdown() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def wrap(model: Any, here: Dist, fsdp: bool) -> Any:
+    """What the loop runs the packed forward through: FSDP2 or DDP around PackedLogprobs(model), or
+    `model` itself in a single process. `model` keeps its own (now sharded, under FSDP2) parameters."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        runner = PackedLogprobs(model)
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(runner)
+        return runner
+    if here.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # device_ids=None: packed_logprobs moves the batch itself (a dataclass DDP would copy).
+        # No buffer sync in each forward: the only buffers are rotary tables, equal on every rank,
+        # and evaluation (no backward) must not wait on the other ranks.
+        params = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+        return DistributedDataParallel(PackedLogprobs(model), device_ids=None, **no_sync)
+    return model
+
+
+def decoder_layers(model: Any) -> list[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if layers is None:
+        raise UserError(f"--fsdp: cannot find the decoder layers of {type(base).__name__} to shard")
+    return list(layers)
+
+
+def my_microbatches(step: list[list[int]], here: Dist) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches of a step and how many of them are real.
+
+    Every rank runs the same number of forward/backward passes (FSDP2 all-gathers in each, and
+    DDP's last backward all-reduces): a rank short of one repeats the step's smallest micro-batch,
+    which then trains with weight zero.
+    """
+    mine = step[here.rank :: here.world]
+    count = -(-len(step) // here.world)
+    filler = min(step, key=len)
+    return mine + [filler] * (count - len(mine)), len(mine)
+
+
+@contextlib.contextmanager
+def gradient_sync(runner: Any, enabled: bool) -> Iterator[None]:
+    """Around a micro-batch's forward and backward: all-reduce (or reduce-scatter) gradients only
+    on the step's last one, as DDP's no_sync() / FSDP2's set_requires_gradient_sync intend."""
+    if enabled or not (hasattr(runner, "no_sync") or hasattr(runner, "set_requires_gradient_sync")):
+        yield
+    elif hasattr(runner, "no_sync"):
+        with runner.no_sync():
+            yield
+    else:
+        runner.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            runner.set_requires_gradient_sync(True)
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums over every rank (fp64), or `values` unchanged in a single process."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return list(values)
+    on = device if tdist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=on)
+    tdist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def local_value(value: Any) -> Any:
+    """A DTensor (e.g. clip_grad_norm_'s total norm under FSDP2) as an ordinary tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def barrier() -> None:
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a picklable Python object)."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# -------------------------------------------------------------------------------------------------
+# FSDP2 checkpoints: whole weights for save_pretrained, sharded optimizer states
+
+
+def gather_weights(model: Any, here: Dist) -> dict[str, torch.Tensor]:
+    """The weights save_pretrained writes, whole, on rank 0's CPU (empty elsewhere); every rank must
+    call it. A LoRA model gathers only its trainable (adapter) weights: the base is never saved."""
+    from torch.distributed.tensor import DTensor
+
+    adapter = hasattr(model, "peft_config")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for name, value in model.state_dict().items():
+        if adapter and name not in trainable:
+            continue
+        whole = value.full_tensor() if isinstance(value, DTensor) else value
+        if here.main:
+            out[name] = whole.detach().cpu()
+    return out
+
+
+def save_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directory: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+
+
+def load_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directory: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    try:
+        dcp.load(target, checkpoint_id=directory)
+    except Exception as err:  # DCP raises CheckpointException wrapping each rank's failure
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{directory}: the sharded optimizer state does not fit this model and --optim ({first}); "
+            "resume with the flags of the run that wrote it"
+        ) from None
+    set_optimizer_state_dict(model, optimizer, target["optimizer"])
