@@ -1,0 +1,208 @@
+"""Multi-process training on CPU (gloo), launched as users launch it: `torchrun -m rrhf_fast.cli train`.
+
+Two ranks must give the one-process update with the same micro-batches accumulated (DDP and FSDP2,
+fp32, torch AdamW), and a resumed run must equal the uninterrupted one bit for bit on the same world
+size; an FSDP2 checkpoint also resumes on another world size (its optimizer shards are resharded).
+Each launch costs a few seconds of interpreter start-up on two cores: one DDP test stays in the
+default suite, the others are marked slow.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data import Example, write_examples
+from rrhf_fast.demo import save_tiny_model
+from rrhf_fast.distributed import Dist, my_microbatches, sum_over_ranks
+from rrhf_fast.errors import UserError
+from rrhf_fast.train import train
+
+# micro_batch_tokens 60 holds 1-3 of these queries: a step of grad_accum micro-batches splits
+# unevenly over two ranks, so one rank also runs a zero-weight filler micro-batch.
+BASE = dict(optim="adamw", lr=1e-3, min_lr=1e-3, warmup_steps=0, micro_batch_tokens=60, device="cpu",
+            log_every=0, plot=False, save_every=2, keep_checkpoints=5)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    rng = random.Random(0)
+    examples = []
+    for _ in range(16):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
+        gold = "".join(sorted(digits))
+        examples.append(Example(f"sort {digits}:", [gold, digits + "0", gold[::-1]], [1.0, 0.5, 0.0]))
+    write_examples(root / "d.jsonl", examples)
+    return save_tiny_model(root / "model", seed=0), root / "d.jsonl"
+
+
+def flags(files, out, **overrides):
+    model, data = files
+    cfg = TrainConfig(model=str(model), data=str(data), output_dir=str(out), **{**BASE, **overrides})
+    return cfg
+
+
+def argv(cfg: TrainConfig) -> list[str]:
+    args = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def torchrun(cfg: TrainConfig, nproc: int = 2) -> str:
+    """`torchrun --nproc_per_node N -m rrhf_fast.cli train ...`; returns its stdout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rrhf_fast.cli", "train", *argv(cfg)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def weights(run_dir, step):
+    (file,) = (run_dir / f"checkpoint-{step}").glob("*.safetensors")
+    return load_file(file)
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def metrics(run_dir):
+    drop = ("tokens_per_s", "mem_mib")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def assert_rows_close(a, b):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["queries"] == y["queries"] and x["tokens"] == y["tokens"]
+        for key in ("loss", "rank_loss", "sft_loss", "grad_norm", "accuracy", "top1", "best_reward"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+
+
+# -------------------------------------------------------------------------------------------------
+# equivalence: 2 ranks == 1 process with the same micro-batches accumulated
+
+
+def test_ddp_two_ranks_equal_one_process(tmp_path, files):
+    """2 steps of 3 micro-batches: rank 0 runs two, rank 1 one and a zero-weight filler."""
+    one = train(flags(files, tmp_path / "one", max_steps=2, grad_accum=3))
+    out = torchrun(flags(files, tmp_path / "two", max_steps=2, grad_accum=3))
+
+    start = load_file(files[0] / "model.safetensors")
+    assert max_diff(weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)) <= 1e-5
+    assert max_diff(weights(tmp_path / "two", 2), start) > 1e-4  # it did train
+    assert_rows_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    assert sum(r["queries"] for r in metrics(tmp_path / "two")) > 6  # every rank's queries are counted
+    assert out.count("done: step 2") == 1  # rank 0 alone prints
+    saved = sorted(p.name for p in (tmp_path / "two" / "checkpoint-2").iterdir())
+    assert "rng-rank1.pt" in saved and "optimizer.pt" in saved and "model.safetensors" in saved
+    assert one.step == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [dict(), dict(lora_r=4, lora_dropout=0.0, gradient_checkpointing=True)],
+                         ids=["full", "lora-checkpointing"])  # fmt: skip
+def test_fsdp2_two_ranks_equal_one_process(tmp_path, files, extra):
+    one = train(flags(files, tmp_path / "one", max_steps=2, grad_accum=2, **extra))
+    torchrun(flags(files, tmp_path / "two", max_steps=2, grad_accum=2, fsdp=True, **extra))
+    assert max_diff(weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)) <= 1e-5
+    assert_rows_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
+    assert (tmp_path / "two" / "checkpoint-2" / "optimizer" / ".metadata").is_file()  # sharded
+    assert one.step == 2
+
+
+# -------------------------------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.slow
+def test_ddp_resume_is_bitwise(tmp_path, files):
+    """4 steps (crossing an epoch) == 2 steps, then --resume to 4; the lr is constant, so the first
+    run's shorter schedule is the same schedule."""
+    kw = dict(grad_accum=3)
+    torchrun(flags(files, tmp_path / "whole", max_steps=4, **kw))
+    torchrun(flags(files, tmp_path / "part", max_steps=2, **kw))
+    torchrun(flags(files, tmp_path / "part", max_steps=4, resume=True, **kw))
+    a, b = weights(tmp_path / "whole", 4), weights(tmp_path / "part", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    opt = [
+        torch.load(tmp_path / d / "checkpoint-4" / "optimizer.pt", weights_only=True)
+        for d in ("whole", "part")
+    ]
+    assert str(opt[0]) == str(opt[1])
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "part")
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_same_world_is_bitwise_and_another_world_reshards(tmp_path, files):
+    kw = dict(grad_accum=3, fsdp=True)
+    torchrun(flags(files, tmp_path / "whole", max_steps=4, **kw))
+    torchrun(flags(files, tmp_path / "part", max_steps=2, **kw))
+    shutil.copytree(tmp_path / "part" / "checkpoint-2", tmp_path / "part1" / "checkpoint-2")
+    torchrun(flags(files, tmp_path / "part", max_steps=4, resume=True, **kw))
+    out = torchrun(flags(files, tmp_path / "part1", max_steps=4, resume=True, **kw), nproc=1)
+
+    a, b = weights(tmp_path / "whole", 4), weights(tmp_path / "part", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "part")
+    # One rank: the two optimizer shards are resharded into one; the sums run in another order.
+    assert "saved by 2 processes, resumed on 1" in out
+    assert 0 < max_diff(weights(tmp_path / "part1", 4), a) <= 1e-5
+    with pytest.raises(UserError, match="written by a run with --fsdp, resumed without it"):
+        train(flags(files, tmp_path / "part1", max_steps=6, resume=True, grad_accum=3))
+
+
+@pytest.mark.slow
+def test_fsdp2_with_torchao_adamw8bit(tmp_path, files):
+    pytest.importorskip("torchao")
+    torchrun(flags(files, tmp_path / "two", max_steps=2, grad_accum=2, fsdp=True, optim="adamw8bit"))
+    assert max_diff(weights(tmp_path / "two", 2), load_file(files[0] / "model.safetensors")) > 1e-4
+
+
+# -------------------------------------------------------------------------------------------------
+# pieces, in one process
+
+
+def test_fsdp_needs_torchrun(tmp_path, files):
+    with pytest.raises(UserError, match="launch with `torchrun --nproc_per_node N"):
+        train(flags(files, tmp_path / "run", max_steps=1, fsdp=True))
+
+
+def test_fsdp_with_paged_optimizer_is_refused(tmp_path, files):
+    with pytest.raises(UserError, match="paged-adamw8bit cannot step FSDP2"):
+        flags(files, tmp_path / "run", fsdp=True, optim="paged-adamw8bit").validate()
+
+
+@pytest.mark.parametrize(
+    "step, world, expected",
+    [
+        pytest.param([[0], [1, 2], [3]], 2, [([[0], [3]], 2), ([[1, 2], [0]], 1)], id="3-on-2-filler"),
+        pytest.param([[0], [1]], 2, [([[0]], 1), ([[1]], 1)], id="2-on-2"),
+        pytest.param([[5, 6]], 3, [([[5, 6]], 1), ([[5, 6]], 0), ([[5, 6]], 0)], id="1-on-3"),
+    ],
+)
+def test_each_rank_takes_its_share_and_fillers_keep_ranks_in_step(step, world, expected):
+    got = [my_microbatches(step, Dist(rank, world)) for rank in range(world)]
+    assert got == expected
+    real = [mb for rank in range(world) for mb in got[rank][0][: got[rank][1]]]
+    assert sorted(real) == sorted(step)  # every micro-batch trains exactly once
+
+
+def test_sums_over_ranks_in_one_process_are_the_values():
+    assert sum_over_ranks([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
