@@ -138,8 +138,7 @@ def add_lora(model: Any, config: Any) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        with warnings.catch_warnings():  # peft 0.21 still asks transformers 5 a deprecated question
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with peft_quietly():
             return peft.get_peft_model(model, lora)
     except ValueError as err:  # e.g. a target name that matches no module
         raise UserError(f"--lora-target-modules {names}: {_first_line(err)}") from None
@@ -189,6 +188,14 @@ def import_peft() -> Any:
     import peft
 
     return peft
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """peft 0.21 asks transformers 5 a deprecated question: a FutureWarning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager

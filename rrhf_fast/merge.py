@@ -1,0 +1,104 @@
+"""`rrhf-fast merge`: fold a LoRA run's adapter into its base model, a plain model for anyone to load.
+
+    rrhf-fast merge --checkpoint runs/x/checkpoint-1000 --out merged/ [--base PATH] [--dtype bfloat16]
+
+The base is the run's `--model` (from the checkpoint's train_config.json, else the adapter's own
+config) unless `--base` names another copy of it. It is loaded unquantised even for a QLoRA run:
+merging into 4-bit weights would round the sum back to 4 bits, so the merged model is the
+adapter's function on the full-precision base (the usual practice for QLoRA adapters). The result,
+`model.merge_and_unload()`, is saved with save_pretrained beside the run's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
+from .errors import UserError
+from .loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--checkpoint", required=True, metavar="DIR", help="a LoRA run's checkpoint directory")
+    add("--out", required=True, metavar="DIR", help="where the merged model goes (a new or empty directory)")
+    add("--base", metavar="PATH", help="the base model (default: the run's --model)")
+    add(
+        "--dtype", choices=DTYPES, default="auto", help="merged weights' dtype (auto: the base's saved dtype)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    out = merge(args.checkpoint, args.out, base=args.base, dtype=args.dtype)
+    print(f"merged model in {out}")
+    return 0
+
+
+def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "auto") -> Path:
+    """Merge the adapter of `checkpoint` into its base model and save model + tokenizer to `out`."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.is_dir():
+        raise UserError(
+            f"--checkpoint {checkpoint}: no such directory; give a checkpoint-N directory of a run"
+        )
+    if not (checkpoint / ADAPTER_CONFIG).is_file():
+        raise UserError(
+            f"--checkpoint {checkpoint} holds no LoRA adapter ({ADAPTER_CONFIG}): it is a full model "
+            "already, load it with from_pretrained"
+        )
+    if (checkpoint / MARKER).is_file():
+        verify_checkpoint(checkpoint)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
+    base = base or _base_of(checkpoint)
+    model = _load_base(base, dtype)
+    peft = import_peft()
+    try:
+        with peft_quietly():
+            adapted = peft.PeftModel.from_pretrained(model, checkpoint)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise UserError(
+            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({_first_line(err)}); "
+            "give the base model the run was trained from"
+        ) from None
+    merged = adapted.merge_and_unload()
+    with quiet_progress_bars():
+        merged.save_pretrained(out)
+    tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else Path(base)
+    load_tokenizer(str(tokenizer_dir)).save_pretrained(out)
+    return out
+
+
+def _base_of(checkpoint: Path) -> str:
+    """The run's --model, else the base peft recorded in the adapter config."""
+    for name, key in ((CONFIG_FILE, "model"), (ADAPTER_CONFIG, "base_model_name_or_path")):
+        try:
+            value = json.loads((checkpoint / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError):
+            continue
+        if value:
+            return value
+    raise UserError(f"--checkpoint {checkpoint} does not name its base model; pass --base PATH")
+
+
+def _load_base(base: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if Path(base).expanduser().is_absolute() and not Path(base).expanduser().is_dir():
+        raise UserError(f"--base {base}: no such directory; give the base model the run was trained from")
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    try:
+        with quiet_progress_bars():
+            return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--base {base}: cannot load a causal LM ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
