@@ -456,7 +456,22 @@ def sample_file(
 
         lm, tokenizer = load_pretrained(model, AutoModelForCausalLM, device, dtype)
         candidates = generate_candidates(lm, tokenizer, queries, num_candidates, config)
-    examples = candidates_to_examples(queries, candidates, config.sources(num_candidates))
+    examples = build_examples(queries, candidates, config.sources(num_candidates), merge=merge, dedup=dedup)
+    write_examples(out, examples)
+    return examples
+
+
+def build_examples(
+    queries: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    sources: Sequence[str],
+    *,
+    merge: Sequence[str | os.PathLike] = (),
+    dedup: bool = False,
+) -> list[Example]:
+    """Unscored examples from generated candidates plus the `merge` files' responses; prompts left
+    with no response are dropped (with a warning)."""
+    examples = candidates_to_examples(queries, candidates, sources)
     for path in merge:
         logger.info("merged %d response(s) from %s", merge_responses(examples, path), path)
     if dedup:
@@ -467,7 +482,6 @@ def sample_file(
         logger.warning("%d prompt(s) got no non-empty response and are left out (first: %s)", len(empty),
                        _short(examples[empty[0]].query))  # fmt: skip
         examples = [ex for ex in examples if ex.responses]
-    write_examples(out, examples)
     return examples
 
 
@@ -478,7 +492,7 @@ def sample_file(
 def add_config_flags(parser: Any, cls: type, *, prefix: str = "", skip: Collection[str] = ()) -> None:
     """One `--kebab-case` flag per field of the dataclass `cls` (but those in `skip`), named
     `prefix + field`, with the field's help and choices; a bool is a switch, a tuple a repeatable
-    flag. `parser` may be an argument group."""
+    flag, a field without a default a required flag. `parser` may be an argument group."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -488,7 +502,9 @@ def add_config_flags(parser: Any, cls: type, *, prefix: str = "", skip: Collecti
         if hint is bool:
             kwargs["action"] = "store_true"
         elif typing.get_origin(hint) is tuple:
-            kwargs.update(action="append", default=[], metavar="TEXT")
+            kwargs.update(action="append", default=[], metavar=f.metadata.get("metavar", "TEXT"))
+        elif f.default is dataclasses.MISSING:
+            kwargs.update(required=True, metavar=f.metadata.get("metavar", "S"))
         else:
             base = ([t for t in typing.get_args(hint) if t is not type(None)] or [hint])[0]
             metavar = f.metadata.get("metavar", {int: "N", float: "X"}.get(base, "S"))

@@ -1,0 +1,344 @@
+"""`rrhf-fast iterate`: online RRHF. Each round samples from the CURRENT policy, scores, trains.
+
+Round r (1..R) in `OUTPUT_DIR/round-NNN/`, one stage after another, each stage's file written
+atomically and only when the stage is done:
+
+    sampled.jsonl    k candidates per prompt from the round's starting policy (+ the --merge files)
+    scored.jsonl     the same, scored by --scorer
+    reference.jsonl  --loss dpo only: the scored data with the starting policy's ref_logps
+    train/           `rrhf-fast train` on that data, starting from the round's starting policy
+    trained.json     the final checkpoint of train/: the next round's policy
+    eval.jsonl       greedy answers to --eval-prompts, scored by the same scorer
+    round.json       the round's summary, written last: the round is complete
+
+`round-000/` holds the starting model's evaluation, and `rounds.jsonl` one summary line per round.
+`--resume` skips complete rounds and continues an interrupted one from its last complete stage
+(an interrupted training continues from its last checkpoint, as `rrhf-fast train --resume` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as config_module
+from .checkpoint import latest_checkpoint
+from .config import TrainConfig
+from .data import Example, load_examples, write_examples
+from .errors import UserError
+from .sample import SampleConfig, add_config_flags, build_examples, config_from_args, opt, read_prompts
+from .score import KINDS, ScoreConfig, build_scorer, score_examples
+
+ROUND_FILE, TRAINED_FILE, SUMMARY_FILE, CONFIG_FILE = (
+    "round.json",
+    "trained.json",
+    "rounds.jsonl",
+    "iterate.json",
+)
+# TrainConfig flags that iterate sets itself, per round.
+_TRAIN_SKIP = ("data", "output_dir", "eval_data", "eval_every", "resume")
+# Sampling tokenises prompts exactly as training does: these come from the training flags.
+_SAMPLE_SKIP = ("max_prompt_len", "chat_template")
+
+
+@dataclass
+class IterateConfig:
+    output_dir: str = field(metadata={"help": "one round-NNN/ directory per round, and rounds.jsonl"})
+    prompts: str = field(metadata={"help": 'training prompts: text, one per line, or JSONL with "query"'})
+    scorer: str = field(
+        metadata={"help": "reward-model:PATH | python:MODULE:FUNCTION | judge:PATH | direct:PATH"}
+    )
+    eval_prompts: str | None = opt(None, "held-out prompts: each round's greedy answers are scored")
+    rounds: int = opt(3, "sample -> score -> train rounds")
+    num_candidates: int = opt(4, "candidates sampled from the current policy per prompt and round")
+    merge: tuple[str, ...] = opt(
+        (), "JSONL of fixed extra responses, added every round (repeatable)", metavar="FILE"
+    )
+    dedup: bool = opt(False, "drop repeated identical responses of a prompt")
+    resume: bool = opt(
+        False, "skip complete rounds, continue an interrupted one from its last complete stage"
+    )
+
+
+@dataclass
+class Settings:
+    """Everything a run needs; `train.data` and `train.output_dir` are set per round."""
+
+    run: IterateConfig
+    train: TrainConfig
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in ("run", "train", "sample", "score")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_flags(parser.add_argument_group("the loop"), IterateConfig)
+    train = parser.add_argument_group("training, each round (the flags of rrhf-fast train)")
+    config_module.add_arguments(train, TrainConfig, skip=_TRAIN_SKIP)
+    add_config_flags(parser.add_argument_group("sampling (the flags of rrhf-fast sample)"), SampleConfig,
+                     prefix="sample_", skip=_SAMPLE_SKIP)  # fmt: skip
+    add_config_flags(parser.add_argument_group("scoring (the flags of rrhf-fast score)"), ScoreConfig,
+                     prefix="score_")  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    run = config_from_args(args, IterateConfig)
+    train = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_SKIP
+    }
+    train = TrainConfig(**train, data="", output_dir="", eval_data=None, eval_every=0)
+    sample = config_from_args(args, SampleConfig, prefix="sample_", max_prompt_len=train.max_prompt_len,
+                              chat_template=train.chat_template)  # fmt: skip
+    rows = iterate(Settings(run, train, sample, config_from_args(args, ScoreConfig, prefix="score_")))
+    summary = Path(run.output_dir) / SUMMARY_FILE
+    print(f"iterate: held-out reward by round: {_rewards(rows)}; summary in {summary}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------
+# the loop
+
+
+def iterate(s: Settings) -> list[dict[str, Any]]:
+    """Run (or resume) every round; returns the summary rows (round 0: the starting model)."""
+    out = _prepare(s)
+    prompts, eval_prompts = read_prompts(s.run.prompts), _eval_prompts(s)
+    rows = []
+    if eval_prompts:
+        rows.append(_round_zero(s, out / "round-000", eval_prompts))
+        _write_summary(out, rows)
+    policy = s.train.model
+    for r in range(1, s.run.rounds + 1):
+        row = _round(s, out / f"round-{r:03d}", r, policy, prompts, eval_prompts)
+        rows.append(row)
+        _write_summary(out, rows)
+        policy = str(out / row["model"])
+        print(f"iterate: round {r}/{s.run.rounds} done: {_brief(row)}")
+    return rows
+
+
+def _round(s: Settings, rdir: Path, r: int, policy: str, prompts: list[str], eval_prompts: list[str]) -> dict:
+    if (rdir / ROUND_FILE).exists():
+        print(f"iterate: round {r} is complete, skipped")
+        return _read_json(rdir / ROUND_FILE)
+    rdir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    _stage(rdir / "sampled.jsonl", seconds, "sample", lambda path: _sample(s, policy, r, prompts, path))
+    _stage(rdir / "scored.jsonl", seconds, "score", lambda path: _score(s, rdir / "sampled.jsonl", path))
+    data = rdir / "scored.jsonl"
+    if s.train.loss == "dpo":
+        _stage(rdir / "reference.jsonl", seconds, "reference", lambda path: _reference(s, policy, data, path))
+        data = rdir / "reference.jsonl"
+    _stage(rdir / TRAINED_FILE, seconds, "train", lambda path: _train(s, policy, data, rdir / "train", path))
+    trained = _read_json(rdir / TRAINED_FILE)
+    eval_reward = None
+    if eval_prompts:
+        _stage(
+            rdir / "eval.jsonl",
+            seconds,
+            "eval",
+            lambda path: _evaluate(s, str(rdir.parent / trained["model"]), eval_prompts, path),
+        )
+        eval_reward = _mean_reward(rdir / "eval.jsonl")
+    row = {"round": r, "model": trained["model"], "eval_reward": eval_reward, **_data_stats(s, data),
+           "train_steps": trained["step"], "train_loss": trained["loss"], "seconds": seconds}  # fmt: skip
+    _write_json(rdir / ROUND_FILE, row)
+    return row
+
+
+def _round_zero(s: Settings, rdir: Path, eval_prompts: list[str]) -> dict:
+    """The starting model's held-out reward, the baseline every round is compared with."""
+    if not (rdir / ROUND_FILE).exists():
+        rdir.mkdir(parents=True, exist_ok=True)
+        _stage(rdir / "eval.jsonl", {}, "eval", lambda path: _evaluate(s, s.train.model, eval_prompts, path))
+        _write_json(rdir / ROUND_FILE, {"round": 0, "model": s.train.model,
+                                        "eval_reward": _mean_reward(rdir / "eval.jsonl")})  # fmt: skip
+    return _read_json(rdir / ROUND_FILE)
+
+
+def _stage(path: Path, seconds: dict[str, float], name: str, run) -> None:
+    """Run a stage unless its file exists; the stage writes `path` atomically, last."""
+    if path.exists():
+        return
+    t0 = time.perf_counter()
+    run(path)
+    seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+# -------------------------------------------------------------------------------------------------
+# the stages
+
+
+def _sample(s: Settings, policy: str, r: int, prompts: list[str], path: Path) -> None:
+    from .sample import generate_candidates
+
+    k = s.run.num_candidates
+    seed = None if s.sample.seed is None else s.sample.seed + r - 1  # new draws each round
+    config = dataclasses.replace(s.sample, seed=seed).validate(k)
+    model, tokenizer = _load_policy(s, policy)
+    candidates = generate_candidates(model, tokenizer, prompts, k, config)
+    examples = build_examples(prompts, candidates, config.sources(k), merge=s.run.merge, dedup=s.run.dedup)
+    write_examples(path, examples)
+
+
+def _score(s: Settings, sampled: Path, path: Path) -> None:
+    examples = load_examples(sampled, require_scores=False)
+    score_examples(examples, build_scorer(s.run.scorer, s.score))
+    write_examples(path, examples)
+
+
+def _reference(s: Settings, policy: str, scored: Path, path: Path) -> None:
+    """The round's starting policy is the DPO reference: its log-prob sums, stored with the data."""
+    from .dpo import add_reference_logps
+
+    examples = load_examples(scored)
+    model, tokenizer = _load_policy(s, policy, dtype="bfloat16" if s.train.dtype == "bfloat16" else "float32")
+    add_reference_logps(model, tokenizer, examples, s.train)
+    write_examples(path, examples)
+
+
+def _train(s: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> None:
+    from .train import train
+
+    resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None  # an interrupted training
+    config = dataclasses.replace(
+        s.train, model=policy, data=str(data), output_dir=str(run_dir), resume=resume
+    )
+    result = train(config)
+    loss = result.last.get("loss") if result.last else None
+    model = os.path.relpath(result.checkpoint, path.parent.parent)  # relative to --output-dir
+    _write_json(path, {"model": model, "step": result.step, "loss": loss})
+
+
+def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> None:
+    """Greedy answers, scored by the run's scorer: the held-out reward of the policy."""
+    from .sample import generate_candidates
+
+    model, tokenizer = _load_policy(s, model_path)
+    greedy = SampleConfig(strategy="greedy", max_new_tokens=s.sample.max_new_tokens, stop=s.sample.stop,
+                          batch_size=s.sample.batch_size, max_prompt_len=s.train.max_prompt_len,
+                          chat_template=s.train.chat_template)  # fmt: skip
+    answers = [a for (a,) in generate_candidates(model, tokenizer, prompts, 1, greedy)]
+    del model
+    rewards = build_scorer(s.run.scorer, s.score).score(prompts, [[a] for a in answers])
+    rows = [
+        {"query": q, "answer": a, "reward": float(rw)}
+        for q, a, (rw,) in zip(prompts, answers, rewards, strict=True)
+    ]
+    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def _load_policy(s: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from .loading import quiet_progress_bars
+    from .sample import load_pretrained
+
+    with quiet_progress_bars():
+        return load_pretrained(path, AutoModelForCausalLM, s.train.device, dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def _prepare(s: Settings) -> Path:
+    if s.run.rounds < 1 or s.run.num_candidates < 1:
+        raise UserError("--rounds and --num-candidates must be at least 1")
+    s.train.validate()
+    s.sample.validate(s.run.num_candidates)
+    kind, _, target = s.run.scorer.partition(":")
+    if kind == "python" or kind not in KINDS or not target:
+        build_scorer(s.run.scorer)  # a bad spec or function fails now, not after the first sampling
+    out = Path(s.run.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; give a directory")
+    saved = out / CONFIG_FILE
+    if saved.exists() and not s.run.resume:
+        raise UserError(f"--output-dir {out} already holds an iterate run; pass --resume to continue it "
+                        "or choose a new --output-dir")  # fmt: skip
+    if saved.exists():
+        changed = _changed(_read_json(saved), json.loads(json.dumps(s.to_dict())))
+        if changed:
+            print(f"iterate: resuming with changed flags: {', '.join(changed)}")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(saved, s.to_dict())
+    return out
+
+
+def _changed(old: dict, new: dict) -> list[str]:
+    return [f"{part}.{k}: {old.get(part, {}).get(k)!r} -> {v!r}" for part, values in new.items()
+            for k, v in values.items() if k != "resume" and old.get(part, {}).get(k) != v]  # fmt: skip
+
+
+def _eval_prompts(s: Settings) -> list[str]:
+    return read_prompts(s.run.eval_prompts) if s.run.eval_prompts else []
+
+
+def _data_stats(s: Settings, data: Path) -> dict[str, Any]:
+    """The training data's rewards: the policy's own candidates, and the best per prompt."""
+    examples = load_examples(data)
+    own = set(s.sample.sources(s.run.num_candidates))
+    sampled = [sc for ex in examples for sc, src in zip(ex.scores, _sources(ex), strict=True) if src in own]
+    return {"prompts": len(examples), "responses": sum(len(ex.responses) for ex in examples),
+            "sampled_reward": sum(sampled) / len(sampled) if sampled else None,
+            "best_reward": sum(max(ex.scores) for ex in examples) / len(examples)}  # fmt: skip
+
+
+def _sources(ex: Example) -> list[str]:
+    names = ex.meta.get("sources")
+    return names if isinstance(names, list) and len(names) == len(ex.responses) else [""] * len(ex.responses)
+
+
+def _mean_reward(path: Path) -> float:
+    rewards = [json.loads(line)["reward"] for line in path.read_text(encoding="utf-8").splitlines()]
+    return math.fsum(rewards) / len(rewards)
+
+
+def _write_summary(out: Path, rows: list[dict]) -> None:
+    _write_text(out / SUMMARY_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a temporary file beside `path`, fsynced, then renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _brief(row: dict) -> str:
+    shown = {
+        k: v for k, v in row.items() if k in ("eval_reward", "sampled_reward", "best_reward", "train_loss")
+    }
+    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items() if isinstance(v, float))
+
+
+def _rewards(rows: list[dict]) -> str:
+    return (
+        " -> ".join(f"{row['eval_reward']:.3f}" for row in rows if row.get("eval_reward") is not None) or "-"
+    )
