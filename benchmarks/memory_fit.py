@@ -87,7 +87,7 @@ def make_step(method, model, flags, optimizer, items, per_micro, device, autocas
 
 
 def run_step(step: Callable[[], None], device: torch.device, repeats: int = 2) -> dict | None:
-    """Warm-up once, then time `repeats` steps: {ms, peak_gib, extra_gib}, or None out of memory."""
+    """Warm-up once, then `repeats` timed steps: {ms (mean), peak_gib, extra_gib}; None out of memory."""
     try:
         step()  # first call: optimizer states, kernel autotuning, allocator growth
         common.sync(device)
@@ -107,7 +107,7 @@ def run_step(step: Callable[[], None], device: torch.device, repeats: int = 2) -
     finally:
         common.free_memory(device)
     peak = torch.cuda.max_memory_allocated(device) / common.GIB if device.type == "cuda" else float("nan")
-    return {"ms": sorted(times)[len(times) // 2], "peak_gib": peak, "extra_gib": peak - before / common.GIB}
+    return {"ms": sum(times) / len(times), "peak_gib": peak, "extra_gib": peak - before / common.GIB}
 
 
 def largest_fit(fits: Callable[[int], bool], cap: int) -> tuple[int, int | None]:
