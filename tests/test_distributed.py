@@ -90,9 +90,12 @@ def metrics(run_dir):
 def assert_rows_close(a, b):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
-        assert x["queries"] == y["queries"] and x["tokens"] == y["tokens"]
-        for key in ("loss", "rank_loss", "sft_loss", "grad_norm", "accuracy", "top1", "best_reward"):
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+        assert x.get("queries") == y.get("queries") and x.get("tokens") == y.get("tokens")
+        assert x.keys() == y.keys()
+        for key in ("loss", "rank_loss", "sft_loss", "grad_norm", "accuracy", "top1", "best_reward",
+                    "eval_loss", "eval_accuracy"):  # fmt: skip
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
 
 
 # -------------------------------------------------------------------------------------------------
@@ -100,15 +103,18 @@ def assert_rows_close(a, b):
 
 
 def test_ddp_two_ranks_equal_one_process(tmp_path, files):
-    """2 steps of 3 micro-batches: rank 0 runs two, rank 1 one and a zero-weight filler."""
-    one = train(flags(files, tmp_path / "one", max_steps=2, grad_accum=3))
-    out = torchrun(flags(files, tmp_path / "two", max_steps=2, grad_accum=3))
+    """2 steps of 3 micro-batches: rank 0 runs two, rank 1 one and a zero-weight filler; held-out
+    evaluation (through the DDP module) before, after step 1 and at the end."""
+    kw = dict(max_steps=2, grad_accum=3, eval_data=str(files[1]), eval_every=1)
+    one = train(flags(files, tmp_path / "one", **kw))
+    out = torchrun(flags(files, tmp_path / "two", **kw))
 
     start = load_file(files[0] / "model.safetensors")
     assert max_diff(weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)) <= 1e-5
     assert max_diff(weights(tmp_path / "two", 2), start) > 1e-4  # it did train
     assert_rows_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
-    assert sum(r["queries"] for r in metrics(tmp_path / "two")) > 6  # every rank's queries are counted
+    assert [("eval_loss" in r) for r in metrics(tmp_path / "two")] == [True, True, True]
+    assert sum(r.get("queries", 0) for r in metrics(tmp_path / "two")) > 6  # every rank's queries count
     assert out.count("done: step 2") == 1  # rank 0 alone prints
     saved = sorted(p.name for p in (tmp_path / "two" / "checkpoint-2").iterdir())
     assert "rng-rank1.pt" in saved and "optimizer.pt" in saved and "model.safetensors" in saved
@@ -119,8 +125,9 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, files):
 @pytest.mark.parametrize("extra", [dict(), dict(lora_r=4, lora_dropout=0.0, gradient_checkpointing=True)],
                          ids=["full", "lora-checkpointing"])  # fmt: skip
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, files, extra):
-    one = train(flags(files, tmp_path / "one", max_steps=2, grad_accum=2, **extra))
-    torchrun(flags(files, tmp_path / "two", max_steps=2, grad_accum=2, fsdp=True, **extra))
+    kw = dict(max_steps=2, grad_accum=2, eval_data=str(files[1]), **extra)  # evaluated before and after
+    one = train(flags(files, tmp_path / "one", **kw))
+    torchrun(flags(files, tmp_path / "two", fsdp=True, **kw))
     assert max_diff(weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)) <= 1e-5
     assert_rows_close(metrics(tmp_path / "two"), metrics(tmp_path / "one"))
     assert (tmp_path / "two" / "checkpoint-2" / "optimizer" / ".metadata").is_file()  # sharded
