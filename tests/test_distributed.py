@@ -31,6 +31,15 @@ BASE = dict(optim="adamw", lr=1e-3, min_lr=1e-3, warmup_steps=0, micro_batch_tok
             log_every=0, plot=False, save_every=2, keep_checkpoints=5)  # fmt: skip
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and on a shared 2-core machine much faster (no spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")

@@ -15,6 +15,15 @@ from rrhf_fast.merge import merge
 from rrhf_fast.train import train
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster, and on a shared 2-core machine much faster (no spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny model, and a LoRA run on it that moved its adapter well away from zero."""
