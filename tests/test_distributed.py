@@ -200,6 +200,16 @@ def test_fsdp_needs_torchrun(tmp_path, files):
         train(flags(files, tmp_path / "run", max_steps=1, fsdp=True))
 
 
+def test_fsdp_adamw8bit_without_torchao_is_an_error_not_32_bit_states(monkeypatch):
+    from rrhf_fast.optim import build_optimizer
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
+    params = [("w", torch.nn.Parameter(torch.zeros(4, 4)))]
+    with pytest.raises(UserError, match="needs torchao's DTensor-aware 8-bit AdamW"):
+        build_optimizer(params, "adamw8bit", lr=1e-3, sharded=True)
+    assert type(build_optimizer(params, "adamw8bit", lr=1e-3)).__module__.startswith("bitsandbytes")
+
+
 def test_fsdp_with_paged_optimizer_is_refused(tmp_path, files):
     with pytest.raises(UserError, match="paged-adamw8bit cannot step FSDP2"):
         flags(files, tmp_path / "run", fsdp=True, optim="paged-adamw8bit").validate()
