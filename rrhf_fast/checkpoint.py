@@ -83,7 +83,8 @@ def save_checkpoint(
             _replace_dir(tmp, final)
             _fsync_dir(output_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if here.main:  # the directory is shared; a failed save is removed once (or at the next start)
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     distributed.barrier()  # no rank reads or rotates checkpoints before this one is in place
     if keep is not None and here.main:
