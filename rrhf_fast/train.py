@@ -128,6 +128,8 @@ def train(config: TrainConfig) -> TrainResult:
     if here.main:
         config.save(out_dir / "config.json")
     plan = steps_of_epoch(epoch)
+    if max(map(len, plan)) < here.world:
+        say(_idle_ranks_message(max(map(len, plan)), here.world))
 
     def save() -> Path:
         state = dict(epoch=epoch, position=position, data_seed=config.seed, skipped_steps=skipped,
@@ -417,6 +419,15 @@ def _diverged_message(step: int, count: int, last: Path | None) -> str:
         f"the loss or gradient norm was not finite for {count} steps in a row "
         f"(steps {step - count + 1}-{step}, all skipped); lower --lr or check the data, "
         f"or raise --max-bad-steps; {where}"
+    )
+
+
+def _idle_ranks_message(most: int, world: int) -> str:
+    # A step is the same whatever the number of GPUs (its micro-batches are shared out), so the
+    # flags of a one-GPU run would leave most ranks only running zero-weight fillers.
+    return (
+        f"note: a step has at most {most} micro-batch(es) for {world} ranks, so {world - most} rank(s) "
+        f"only keep in step; give --grad-accum {world} (or a multiple) or a larger --queries-per-step"
     )
 
 
