@@ -45,6 +45,19 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the task, the model and the training"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-only baseline"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    # ---- --online (demo_online.py)
+    online: bool = field(
+        default=False, metadata={"help": "SFT warm-up, then offline vs online RRHF (iterate)"}
+    )
+    rounds: int = field(default=3, metadata={"help": "--online: rounds sharing the --steps"})
+    samples: int = field(default=4, metadata={"help": "--online: candidates from the policy per prompt"})
+    strategy: str = field(default="beam", metadata={"help": "--online: how the candidates are drawn",
+                                                    "choices": ("beam", "sample", "mixed")})  # fmt: skip
+    temperature: float = field(default=1.0, metadata={"help": "--online: temperature of sample / mixed"})
+    sft_warmup: int = field(default=20, metadata={"help": "--online: SFT steps on gold answers first"})
+    demo_fraction: float = field(
+        default=0.2, metadata={"help": "--online: share of prompts with a gold answer"}
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
+    config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    if config.online:
+        from .demo_online import run_online_demo
+
+        _check(config)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        run_online_demo(config)
+    else:
+        run_demo(config)
     return 0
 
 
@@ -78,6 +100,14 @@ def reward(digits: str, response: str) -> float:
     target = gold_of(digits)
     hits = sum(a == b for a, b in zip(response, target, strict=False))
     return hits / max(len(target), len(response), 1)
+
+
+def query_reward(query: str, response: str) -> float:
+    """`reward` of a response to a demo prompt ("sort 4193:"); the scorer of `demo --online`."""
+    digits = query.removeprefix("sort ").removesuffix(":")
+    if prompt_of(digits) != query:
+        raise ValueError(f"not a demo prompt: {query!r}")
+    return reward(digits, response)
 
 
 def corrupt(rng: random.Random, text: str, edits: int) -> str:
@@ -297,6 +327,8 @@ def _check(config: DemoConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not config.min_digits <= config.max_digits <= 10:
         raise UserError("--max-digits must be between --min-digits and 10 (the digits are distinct)")
+    if config.rounds < 1 or config.samples < 1 or not config.temperature > 0:
+        raise UserError("--rounds and --samples must be at least 1 and --temperature above 0")
     if not 0 <= config.gold_fraction <= 1:
         raise UserError("--gold-fraction must be between 0 and 1")
 

@@ -230,11 +230,9 @@ def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> N
                           chat_template=s.train.chat_template)  # fmt: skip
     answers = [a for (a,) in generate_candidates(model, tokenizer, prompts, 1, greedy)]
     del model
-    rewards = build_scorer(s.run.scorer, s.score).score(prompts, [[a] for a in answers])
-    rows = [
-        {"query": q, "answer": a, "reward": float(rw)}
-        for q, a, (rw,) in zip(prompts, answers, rewards, strict=True)
-    ]
+    scored = score_examples([Example(q, [a], []) for q, a in zip(prompts, answers, strict=True)],
+                            build_scorer(s.run.scorer, s.score))  # fmt: skip
+    rows = [{"query": ex.query, "answer": ex.responses[0], "reward": ex.scores[0]} for ex in scored]
     _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 

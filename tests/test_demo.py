@@ -1,12 +1,26 @@
 """rrhf_fast.demo: the task's reward, and shortened demos whose held-out reward must rise."""
 
+import json
 import random
 import re
 
 import pytest
+import torch
 
 from rrhf_fast.cli import main
-from rrhf_fast.demo import corrupt, gold_of, reward
+from rrhf_fast.demo import DemoConfig, corrupt, gold_of, query_reward, reward
+from rrhf_fast.demo_online import _settings, _task
+from rrhf_fast.iterate import iterate
+
+
+@pytest.fixture
+def one_thread():
+    """The figures the online assertions were measured with come from one torch thread (the
+    results of a run depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(
@@ -65,3 +79,51 @@ def test_demo_with_baseline_reward_rises(tmp_path, capsys):
     )
     assert after > before + 0.3
     assert "SFT only (--rank-weight 0)" in out and (tmp_path / "demo" / "sft" / "curves.png").exists()
+
+
+# -------------------------------------------------------------------------------------------------
+# --online: SFT warm-up, then reward-only RRHF through rrhf-fast iterate, offline vs online
+
+
+def test_query_reward_reads_the_digits_from_the_prompt():
+    assert query_reward("sort 4193:", "1394") == reward("4193", "1394") == 0.5
+    with pytest.raises(ValueError, match="not a demo prompt"):
+        query_reward("sort these: 4193", "1349")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_short_online_run_raises_the_reward_in_every_round(tmp_path):
+    """600 prompts, 150 steps in 3 rounds, seed 0. Measured with 1, 2 and 3 torch threads: from 0.300
+    at the start, rounds between 0.44 and 0.56; the policy's own candidates 0.203 -> 0.30-0.32. Rounds
+    this short (50 steps) do not reliably rise one after another (the slow test below shows that at
+    the demo's size), but every round stays well above the warmed-up start."""
+    config = DemoConfig(output_dir=str(tmp_path), train_queries=600, eval_queries=100, steps=150, seed=0)
+    policy, files = _task(config, tmp_path)
+    rows = iterate(_settings(config, policy, files, tmp_path / "online", rounds=3, rank_weight=1.0))
+    start, *rounds = [row["eval_reward"] for row in rows]
+    assert len(rounds) == 3 and min(rounds) > start + 0.1
+    assert [row["train_steps"] for row in rows[1:]] == [50, 50, 50]
+    sampled = [row["sampled_reward"] for row in rows[1:]]
+    assert sampled[-1] > sampled[0] + 0.05  # the policy's own candidates get better: it is online
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_online_demo_beats_one_offline_round_with_the_same_steps(tmp_path, capsys):
+    """The default demo --online, seed 0. Measured (offline; online by round) with 2 torch threads:
+    0.667; 0.634 0.688 0.715, 1 thread: 0.623; 0.627 0.704 0.735, 3 threads: 0.642; 0.635 0.681 0.719.
+    Over seeds 0-7 (2 threads) online minus offline was +0.009 to +0.098, mean +0.061."""
+    code = main(["demo", "--online", "--no-sft-baseline", "--output-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert code == 0
+    match = re.fullmatch(
+        r"demo: online reward (\d\.\d{3}) -> (\d\.\d{3}) \(offline (\d\.\d{3})\)", out.splitlines()[-1]
+    )
+    assert match, out.splitlines()[-1]
+    start, online, offline = map(float, match.groups())
+    assert online > offline + 0.02 and offline > start + 0.1
+    rows = [
+        json.loads(line) for line in (tmp_path / "demo" / "online" / "rounds.jsonl").read_text().splitlines()
+    ]
+    rewards = [row["eval_reward"] for row in rows]
+    assert all(b > a for a, b in zip(rewards, rewards[1:], strict=False))

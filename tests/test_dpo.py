@@ -20,6 +20,16 @@ from rrhf_fast.tiny import build_tokenizer
 from rrhf_fast.train import train
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: more torch threads only spin, and the figures the
+    assertions were measured with come from one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
