@@ -7,7 +7,8 @@ atomically and only when the stage is done:
     scored.jsonl     the same, scored by --scorer
     reference.jsonl  --loss dpo only: the scored data with the starting policy's ref_logps
     train/           `rrhf-fast train` on that data, starting from the round's starting policy
-    trained.json     the final checkpoint of train/: the next round's policy
+    trained.json     the final checkpoint of train/: the next round's policy (with --lora-r, merged/:
+                     the adapter folded into the round's starting model)
     eval.jsonl       greedy answers to --eval-prompts, scored by the same scorer
     round.json       the round's summary, written last: the round is complete
 
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -51,12 +53,21 @@ _SAMPLE_SKIP = ("max_prompt_len", "chat_template")
 
 @dataclass
 class IterateConfig:
-    output_dir: str = field(metadata={"help": "one round-NNN/ directory per round, and rounds.jsonl"})
-    prompts: str = field(metadata={"help": 'training prompts: text, one per line, or JSONL with "query"'})
-    scorer: str = field(
-        metadata={"help": "reward-model:PATH | python:MODULE:FUNCTION | judge:PATH | direct:PATH"}
+    output_dir: str = field(
+        metadata={"help": "one round-NNN/ directory per round, and rounds.jsonl", "metavar": "DIR"}
     )
-    eval_prompts: str | None = opt(None, "held-out prompts: each round's greedy answers are scored")
+    prompts: str = field(
+        metadata={"help": 'training prompts: text, one per line, or JSONL with "query"', "metavar": "FILE"}
+    )
+    scorer: str = field(
+        metadata={
+            "help": "reward-model:PATH | python:MODULE:FUNCTION | judge:PATH | direct:PATH",
+            "metavar": "SPEC",
+        }
+    )
+    eval_prompts: str | None = opt(
+        None, "held-out prompts: each round's greedy answers are scored", metavar="FILE"
+    )
     rounds: int = opt(3, "sample -> score -> train rounds")
     num_candidates: int = opt(4, "candidates sampled from the current policy per prompt and round")
     merge: tuple[str, ...] = opt(
@@ -216,8 +227,24 @@ def _train(s: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> N
     )
     result = train(config)
     loss = result.last.get("loss") if result.last else None
-    model = os.path.relpath(result.checkpoint, path.parent.parent)  # relative to --output-dir
+    model_dir = Path(result.checkpoint)
+    if (model_dir / "adapter_config.json").is_file():
+        model_dir = _merge_adapter(model_dir, policy, path.parent / "merged")
+    model = os.path.relpath(model_dir, path.parent.parent)  # relative to --output-dir
     _write_json(path, {"model": model, "step": result.step, "loss": loss})
+
+
+def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
+    """--lora-r: the adapter folded into the round's starting model, the next round's full model
+    (another adapter on top of a loaded one would be saved without it)."""
+    from .merge import merge
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    for stale in (tmp, dest):
+        shutil.rmtree(stale, ignore_errors=True)
+    merge(checkpoint, tmp, base=base)
+    os.replace(tmp, dest)
+    return dest
 
 
 def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> None:

@@ -170,6 +170,31 @@ def test_dpo_rounds_store_the_reference_log_probs(task, tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
+def test_lora_rounds_build_on_each_other_through_merged_models(task, tmp_path):
+    """Each round's adapter is folded into that round's starting model: round 2's model is the
+    initial one plus two rank-r updates (rank 2r), not plus round 2's adapter alone."""
+    out = tmp_path / "lora"
+    rows = iterate(settings(task, out, lora_r=2, lr=0.05))
+    assert [row["model"] for row in rows[1:]] == ["round-001/merged", "round-002/merged"]
+    config = json.loads((out / "round-002" / "train" / "config.json").read_text())
+    assert config["model"] == str(out / "round-001" / "merged")
+    paths = (task["model"], out / "round-001" / "merged", out / "round-002" / "merged")
+    init, one, two = (load_file(path / "model.safetensors") for path in paths)
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def rank(delta):
+        return int(torch.linalg.matrix_rank(delta.double(), atol=1e-4))
+
+    assert (rank(one[name] - init[name]), rank(two[name] - one[name]), rank(two[name] - init[name])) == (
+        2,
+        2,
+        4,
+    )
+    assert torch.equal(
+        init["model.embed_tokens.weight"], two["model.embed_tokens.weight"]
+    )  # not a LoRA target
+
+
 def test_command_line_runs_a_round_and_reports_the_rewards(task, tmp_path, capsys):
     out = tmp_path / "cli"
     argv = ["iterate", "--model", str(task["model"]), "--prompts", str(task["prompts"]), "--eval-prompts",
