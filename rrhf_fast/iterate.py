@@ -199,6 +199,11 @@ def _sample(s: Settings, policy: str, r: int, prompts: list[str], path: Path) ->
     model, tokenizer = _load_policy(s, policy)
     candidates = generate_candidates(model, tokenizer, prompts, k, config)
     examples = build_examples(prompts, candidates, config.sources(k), merge=s.run.merge, dedup=s.run.dedup)
+    if not examples:
+        raise UserError(
+            f"round {r}: {policy} gave only empty responses (EOS first) and --merge added none: there is "
+            "nothing to train on; start from a model that answers the prompts (e.g. after SFT)"
+        )
     write_examples(path, examples)
 
 

@@ -219,3 +219,16 @@ def test_bad_flags_are_one_sentence_errors(task, tmp_path, capsys):
     assert main([*argv[:-6], "--scorer", SCORER, "--output-dir", str(tmp_path / "y"), "--sample-strategy",
                  "greedy", "--num-candidates", "3"]) == 2  # fmt: skip
     assert "one response per prompt" in capsys.readouterr().err
+
+
+def test_a_policy_with_only_empty_answers_is_one_clear_error(task, tmp_path, monkeypatch):
+    import rrhf_fast.sample as sample_module
+
+    monkeypatch.setattr(
+        sample_module, "generate_candidates", lambda model, tok, queries, k, cfg: [[""] * k] * len(queries)
+    )
+    s = settings(task, tmp_path / "empty", rounds=1)
+    s.run.merge = ()
+    with pytest.raises(UserError, match="round 1: .* gave only empty responses"):
+        iterate(s)
+    assert not (tmp_path / "empty" / "round-001" / "sampled.jsonl").exists()
