@@ -6,6 +6,9 @@
 - best_reward: the mean reward of the highest-p response, the reward a best-of-k pick by the model
   itself would collect;
 - loss, rank_loss, sft_loss: the training objective on the held-out queries.
+
+With `--loss dpo` (dpo.py) the loss is DPO's (reported as rank_loss, sft_loss 0) and the response
+scores ranked are DPO's implicit rewards beta * (S - S_ref).
 """
 
 from __future__ import annotations
