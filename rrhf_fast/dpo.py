@@ -27,6 +27,7 @@ from . import config as config_module
 from .config import TrainConfig
 from .data import Example, load_examples_with_stats, write_examples
 from .errors import UserError
+from .kernels.reference import best_response
 from .model import packed_logprobs
 from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
 
@@ -60,21 +61,13 @@ def dpo_loss(
     num_responses = response_query.numel()
     implicit = beta * (response_sums(logp, token_response, num_responses) - ref_logps.to(logp.dtype))
     scores = scores.to(logp.dtype)
-    hi = scores.new_full((num_queries,), -torch.inf).scatter_reduce(0, response_query, scores, "amax")
-    lo = scores.new_full((num_queries,), torch.inf).scatter_reduce(0, response_query, scores, "amin")
-    best = _first_index(scores == hi[response_query], response_query, num_queries)
-    worst = _first_index(scores == lo[response_query], response_query, num_queries)
+    best = best_response(response_query, scores, num_queries)
+    worst = best_response(response_query, -scores, num_queries)  # the first minimum
     per_query = -F.logsigmoid(implicit[best] - implicit[worst])
-    per_query = torch.where(hi > lo, per_query, torch.zeros_like(per_query))  # all tie: no pair
+    has_pair = scores[best] > scores[worst]  # else all rewards of the query tie
+    per_query = torch.where(has_pair, per_query, torch.zeros_like(per_query))
     loss = per_query.sum() / (normalizer if normalizer is not None else max(num_queries, 1))
     return DPOOutput(loss, loss, torch.zeros_like(loss), implicit.detach())
-
-
-def _first_index(hit: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Per group, the smallest index i with hit[i] (every group has one)."""
-    index = torch.arange(hit.numel(), device=hit.device)
-    first = torch.full((num_groups,), hit.numel(), dtype=torch.long, device=hit.device)
-    return first.scatter_reduce(0, group[hit], index[hit], "amin")
 
 
 # -------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 from .dpo import dpo_loss
 from .errors import UserError
 from .kernels import rrhf_loss
+from .kernels.reference import best_response
 from .model import packed_logprobs
 from .packing import TokenizedExample, pack_tokenized, plan_microbatches
 
@@ -75,12 +76,9 @@ def ranking_counts(
 
 def _first_argmax(values: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Index of the first maximum of `values` within each group (NaN counts as no maximum)."""
-    top = torch.full((num_groups,), -torch.inf).scatter_reduce(0, group, values, "amax")
-    index = torch.arange(values.numel())
-    is_top = values == top[group]
-    first = torch.full((num_groups,), values.numel(), dtype=torch.long)
-    first = first.scatter_reduce(0, group[is_top], index[is_top], "amin")
+    first = best_response(group, values, num_groups)
     # A group whose values are all NaN has no maximum: take its first response.
+    index = torch.arange(values.numel())
     fallback = torch.full((num_groups,), values.numel(), dtype=torch.long).scatter_reduce(
         0, group, index, "amin"
     )
