@@ -102,14 +102,18 @@ def _dlogits_kernel(
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """DZ[:, :VC] = dlogp/dlogits for vocabulary columns v_offset .. v_offset + VC."""
+    """DZ[:, :VC] = dlogp/dlogits for vocabulary columns v_offset .. v_offset + VC.
+
+    W points at the chunk's first row already: v_offset * stride_w can pass 2**31 (V = 256k,
+    D = 8192), and scalar kernel arguments are 32-bit, so the launcher offsets the pointer.
+    """
     pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(VC, BLOCK_V), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     m_mask = offs_m < M
     v_mask = offs_v < VC
     z = _logits_tile(
-        H, W + v_offset * stride_w, offs_m.to(tl.int64), offs_v, m_mask, v_mask, stride_h, stride_w,
+        H, W, offs_m.to(tl.int64), offs_v, m_mask, v_mask, stride_h, stride_w,
         D, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
     )  # fmt: skip
     if SOFTCAP:
@@ -311,7 +315,7 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
         dz = buffer[: M * vc].view(M, vc)
-        _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap)
+        _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, grad, dz, v0, softcap)
         if need_dw:
             torch.mm(dz.t(), h_rows, out=dw[v0 : v0 + vc])
         if need_dh:
@@ -371,7 +375,8 @@ def token_logprobs(
     if hidden.dtype != weight.dtype:
         raise ValueError(f"token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
     if resolve_impl(impl, hidden.device) == "torch":
-        return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap)
+        # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
+        return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"token_logprobs: triton supports fp32, fp16 and bf16, not {hidden.dtype}")
     torch._assert_async(((targets >= 0) & (targets < weight.shape[0])).all(), "targets out of range [0, V)")
