@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .errors import ModelError
 from .packing import PackedBatch
 
 NAME = "rrhf_shared_prompt"
@@ -48,7 +49,7 @@ def packed_forward() -> Iterator[None]:
 def resolve_backend(attn: str, device: torch.device, softcap: bool = False) -> str:
     """`auto`: varlen on CUDA without attention soft-capping, flex on CUDA with it, else dense."""
     if attn not in BACKENDS:
-        raise ValueError(f"attn must be one of {BACKENDS}, got {attn!r}")
+        raise ModelError(f"attn must be one of {BACKENDS}, got {attn!r}")
     if attn != "auto":
         return attn
     if torch.device(device).type != "cuda":
@@ -154,10 +155,10 @@ def shared_prompt_attention(
     backend = sp_meta.backend
     if backend == "varlen" and query.dtype not in (torch.float16, torch.bfloat16) and query.is_cuda:
         if sp_meta.fallback is None:
-            raise ValueError(f"attn='varlen' needs fp16/bf16 on CUDA, got {query.dtype}; use attn='flex'")
+            raise ModelError(f"attn='varlen' needs fp16/bf16 on CUDA, got {query.dtype}; use attn='flex'")
         backend = sp_meta.fallback
     if dropout and backend != "dense":
-        raise ValueError(f"attn={backend!r} has no attention dropout; set config.attention_dropout = 0")
+        raise ModelError(f"attn={backend!r} has no attention dropout; set config.attention_dropout = 0")
     if backend == "dense":
         out = _dense(query, key, value, sp_meta.dense_mask(window), scaling, softcap, dropout)
     elif backend == "flex":
@@ -285,17 +286,17 @@ def _torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window, softcap):
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        raise RuntimeError(
+        raise ModelError(
             "attn='varlen' needs flash-attn or torch >= 2.10 (torch.nn.attention.varlen); use attn='flex'"
         ) from None
     if softcap is not None:
-        raise ValueError("torch varlen attention has no logit soft-capping (Gemma 2); use attn='flex'")
+        raise ModelError("torch varlen attention has no logit soft-capping (Gemma 2); use attn='flex'")
     params = inspect.signature(varlen_attn).parameters
     kwargs: dict[str, Any] = {"scale": scale}
     if "window_size" in params:  # torch >= 2.12: (left, right); (-1, 0) is causal
         kwargs["window_size"] = (-1 if window is None else window - 1, 0)
     elif window is not None:
-        raise ValueError("this torch's varlen attention has no sliding window; use attn='flex'")
+        raise ModelError("this torch's varlen attention has no sliding window; use attn='flex'")
     else:  # torch 2.10 / 2.11
         kwargs["is_causal"] = True
     if k.shape[1] != q.shape[1]:

@@ -16,3 +16,7 @@ class DataError(UserError, ValueError):
             where += f": field {field!r}"
         super().__init__(f"{where}: {problem}")
         self.path, self.line, self.field, self.problem = path, line, field, problem
+
+
+class ModelError(UserError, ValueError):
+    """A model, or an attention or kernel choice, that rrhf-fast cannot run as asked."""

@@ -11,8 +11,24 @@ from typing import Any
 import torch
 
 from . import attention
+from .errors import ModelError
 from .kernels import token_logprobs
-from .packing import PackedBatch
+from .packing import PackedBatch, TokenizedExample, pack_tokenized
+
+# Architectures whose causal-LM head multiplies the logits by a constant from the config. The
+# fused kernel applies the factor to the hidden states (logits are linear in them). The same
+# field name means opposite things across families (Granite divides by `logits_scaling`,
+# HyperCLOVA X multiplies), hence a table by model_type rather than by field.
+_LOGIT_FACTORS = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), lambda c: c.logit_scale),
+    **dict.fromkeys(
+        ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa", "granitemoe_swa"),
+        lambda c: 1.0 / c.logits_scaling,
+    ),
+    "minicpm3": lambda c: 1.0 / c.logits_scaling,
+    "hyperclovax": lambda c: c.logits_scaling,
+    "falcon_h1": lambda c: c.lm_head_multiplier,
+}
 
 
 def prepare_model(model: Any) -> Any:
@@ -26,7 +42,7 @@ def prepare_model(model: Any) -> Any:
     if base.config._attn_implementation != attention.NAME:
         base.set_attn_implementation(attention.NAME)
     if base.config._attn_implementation != attention.NAME:
-        raise RuntimeError(
+        raise ModelError(
             f"{type(base).__name__} does not take a custom attention function "
             f"(its attention is {base.config._attn_implementation!r}); rrhf-fast cannot pack it"
         )
@@ -58,8 +74,66 @@ def packed_logprobs(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, sp_meta=meta
         )
     hidden = out.last_hidden_state[0]
+    factor = logit_factor(config)
+    if factor != 1.0:
+        hidden = hidden * factor
     softcap = getattr(config, "final_logit_softcapping", None) or None
     return token_logprobs(hidden, head.weight, batch.rows, batch.targets, softcap=softcap, impl=impl)
+
+
+def logit_factor(config: Any) -> float:
+    """The constant the architecture's head multiplies its logits by (1.0 for most)."""
+    get = _LOGIT_FACTORS.get(getattr(config, "model_type", None))
+    return 1.0 if get is None else float(get(config))
+
+
+@torch.no_grad()
+def check_logit_parity(model: Any, *, attn: str = "auto", impl: str = "auto") -> float:
+    """Check that packed log-probs equal the model's own forward; return the largest gap (nats).
+
+    Two probes go through `packed_logprobs` and, response by response, through the plain forward
+    (logits, log_softmax, gather): a query with one response, which catches a logit transform the
+    head applies and rrhf-fast does not (bound: 1e-3 nats in fp32, 0.25 in half precision, where
+    two correct paths differ by rounding), and the same response placed after a longer one, which
+    catches layers that carry state along the row (Mamba / SSM / convolution hybrids): there the
+    response's gap must stay at the rounding level the first probe measured.
+    """
+    base = _unwrap(model)
+    vocab = base.get_output_embeddings().weight.shape[0]
+    ids = [(7 * i + 3) % vocab for i in range(24)]
+    prompt, first, probe = ids[:6], ids[6:18], ids[18:24]
+    was_training = base.training
+    base.eval()
+    try:
+        alone = _probe_gap(base, prompt, [probe], attn, impl)
+        after = _probe_gap(base, prompt, [first, probe], attn, impl)
+    finally:
+        base.train(was_training)
+    fp32 = base.get_output_embeddings().weight.dtype == torch.float32
+    bound, slack = (1e-3, 1e-5) if fp32 else (0.25, 0.05)
+    name = f"{type(base).__name__} ({base.config.model_type})"
+    if not alone <= bound:
+        raise ModelError(
+            f"{name}: packed log-probs differ from the model's own forward by {alone:.3g} nats (bound "
+            f"{bound}): its head transforms the logits in a way rrhf-fast does not reproduce"
+        )
+    if not after <= 4 * alone + slack:
+        raise ModelError(
+            f"{name}: a response's log-probs change by {after:.3g} nats when another response precedes "
+            "it in the packed row: its layers carry state along the sequence (recurrent or convolution "
+            "layers), which shared-prompt packing cannot isolate"
+        )
+    return max(alone, after)
+
+
+def _probe_gap(base: Any, prompt: list[int], responses: list[list[int]], attn: str, impl: str) -> float:
+    """Largest |packed - plain| log-prob over the LAST response's tokens."""
+    item = TokenizedExample(prompt_ids=prompt, response_ids=responses, scores=[0.0] * len(responses))
+    packed = packed_logprobs(base, pack_tokenized([item]), attn=attn, impl=impl).float()
+    row = torch.tensor([prompt + responses[-1]], device=base.get_input_embeddings().weight.device)
+    logits = base(input_ids=row, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+    plain = logits.log_softmax(-1).gather(-1, row[0, len(prompt) :, None]).squeeze(-1)
+    return (packed[-len(responses[-1]) :] - plain).abs().max().item()
 
 
 class PackedLogprobs(torch.nn.Module):
@@ -88,15 +162,15 @@ def _unwrap(model: Any) -> Any:
 def _output_head(base: Any) -> torch.nn.Module:
     head = base.get_output_embeddings()
     if head is None:
-        raise ValueError(f"{type(base).__name__} has no lm_head; pass a causal LM (AutoModelForCausalLM)")
+        raise ModelError(f"{type(base).__name__} has no lm_head; pass a causal LM (AutoModelForCausalLM)")
     if getattr(head, "bias", None) is not None:
-        raise ValueError("the lm_head has a bias, which the fused token_logprobs does not take")
+        raise ModelError("the lm_head has a bias, which the fused token_logprobs does not take")
     weight = getattr(head, "weight", None)
     if type(head).__module__.startswith(("peft", "bitsandbytes")) or not isinstance(weight, torch.Tensor):
-        raise ValueError(
+        raise ModelError(
             f"the lm_head is a {type(head).__name__}, not a plain linear layer; "
             "leave lm_head out of LoRA target modules and quantisation"
         )
     if not weight.is_floating_point():
-        raise ValueError(f"the lm_head weight is {weight.dtype}; keep lm_head unquantised")
+        raise ModelError(f"the lm_head weight is {weight.dtype}; keep lm_head unquantised")
     return head

@@ -10,7 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
+    CohereConfig,
     Gemma2Config,
+    GraniteConfig,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
@@ -20,6 +22,8 @@ from transformers import (
 )
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma2")
+# Architectures whose head scales the logits (rrhf_fast.model applies the factor): tested too.
+SCALED_LOGIT_ARCHS = ("cohere", "granite")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -87,8 +91,12 @@ def tiny_config(
             final_logit_softcapping=30.0,
             attn_logit_softcapping=50.0,
         )
+    elif arch == "cohere":
+        cfg = CohereConfig(**common, logit_scale=0.0625)
+    elif arch == "granite":
+        cfg = GraniteConfig(**common, logits_scaling=8.0)
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS}")
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {ARCHS + SCALED_LOGIT_ARCHS}")
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg

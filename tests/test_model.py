@@ -12,9 +12,11 @@ import torch
 
 from rrhf_fast import attention
 from rrhf_fast.data import Example
-from rrhf_fast.model import packed_logprobs, prepare_model
+from rrhf_fast.errors import ModelError
+from rrhf_fast.kernels import rrhf_loss
+from rrhf_fast.model import _LOGIT_FACTORS, check_logit_parity, packed_logprobs, prepare_model
 from rrhf_fast.packing import pack, tokenize_example
-from rrhf_fast.tiny import ARCHS, build_tiny_model, build_tokenizer
+from rrhf_fast.tiny import ARCHS, SCALED_LOGIT_ARCHS, build_tiny_model, build_tokenizer
 
 TOK = build_tokenizer()
 # Three queries with different prompt lengths and k = 3 or 4 ragged responses.
@@ -81,6 +83,63 @@ def test_packed_equals_each_response_alone(arch, attn, checkpointing):
     # attn="varlen" on the CPU runs the pure-torch emulation of the varlen kernels on the gathered
     # [prompt; response] keys: this proves cu_seqlens / kv_index end to end.
     compare(arch, attn, checkpointing)
+
+
+@pytest.mark.parametrize("arch", SCALED_LOGIT_ARCHS)
+def test_architectures_that_scale_their_logits(arch):
+    # Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling.
+    compare(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS + SCALED_LOGIT_ARCHS)
+def test_logit_parity_probe_passes_supported_models(arch):
+    model = prepare_model(build_tiny_model(arch, seed=4))
+    assert check_logit_parity(model) < 1e-5
+    assert check_logit_parity(model.to(torch.bfloat16)) < 0.05
+
+
+def test_logit_parity_probe_catches_an_unknown_logit_transform(monkeypatch):
+    model = prepare_model(build_tiny_model("granite", seed=4))
+    monkeypatch.delitem(_LOGIT_FACTORS, "granite")  # as if rrhf-fast did not know the architecture
+    with pytest.raises(ModelError, match="transforms the logits"):
+        check_logit_parity(model)
+
+
+def test_logit_parity_probe_refuses_recurrent_hybrids():
+    # Jamba's Mamba layers carry state along the row: a response would see the one before it.
+    from transformers import AutoModelForCausalLM, JambaConfig
+
+    config = JambaConfig(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=2, mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = prepare_model(AutoModelForCausalLM.from_config(config))
+    with pytest.raises(ModelError, match="carry state along the sequence"):
+        check_logit_parity(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_triton_kernels_inside_the_model_path(arch):
+    """The fused Triton token_logprobs (soft-capped for Gemma 2) and rrhf_loss, in the real model
+    path, equal the torch references: values and parameter gradients (interpreter on CPU)."""
+    model = prepare_model(build_tiny_model(arch, seed=5))
+    batch = pack(EXAMPLES, TOK)
+    results = []
+    for impl in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        logp = packed_logprobs(model, batch, attn="dense", impl=impl)
+        out = rrhf_loss(logp, batch.token_response, batch.response_query, batch.scores,
+                        prompt_len=batch.prompt_len, impl=impl)  # fmt: skip
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((logp.detach(), out.loss.detach(), grads))
+    (logp_t, loss_t, grads_t), (logp_k, loss_k, grads_k) = results
+    torch.testing.assert_close(logp_k, logp_t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss_k, loss_t, rtol=0, atol=1e-6)
+    for name, grad in grads_t.items():
+        torch.testing.assert_close(grads_k[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_tied_embeddings():
