@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .kernels.rrhf_loss import MODES, SFT_REDUCTIONS
+from .kernels.utils import IMPLS
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
+# = attention.BACKENDS, which is not imported here: attention.py loads transformers, ~3 s more on
+# the --help of sample, score and demo; tests/test_cli_flags.py checks that the two agree.
 ATTN = ("auto", "varlen", "flex", "dense")
-IMPLS = ("auto", "triton", "torch")
-MODES = ("paper", "official")
 DTYPES = ("auto", "float32", "bfloat16")
-SFT_REDUCTIONS = ("mean", "sum")
 LOSSES = ("rrhf", "dpo")
 
 
