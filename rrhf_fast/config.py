@@ -30,84 +30,93 @@ DTYPES = ("auto", "float32", "bfloat16")
 LOSSES = ("rrhf", "dpo")
 
 
-def _f(default: Any, help: str, **meta: Any) -> Any:
-    """A field with its flag's help text (and optional `choices`) in the metadata."""
+def opt(default: Any, help: str, **meta: Any) -> Any:
+    """A config field whose flag's help (and optional `choices`, `metavar`) live in its metadata."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
 
 
-def _required(help: str) -> Any:
-    return field(metadata={"help": help})
+def required(help: str, **meta: Any) -> Any:
+    """A config field without a default: a required flag."""
+    return field(metadata={"help": help, **meta})
 
 
 @dataclass
 class TrainConfig:
     # ---- inputs and outputs
-    model: str = _required("model directory saved with save_pretrained, or a hub id")
-    data: str = _required("training data: JSONL of {query, responses, scores} or a saved dataset")
-    output_dir: str = _required("run directory: config, metrics.jsonl, curves.png, checkpoints")
-    eval_data: str | None = _f(None, "held-out data in the training format, for ranking accuracy")
-    eval_every: int = _f(0, "evaluate every N steps (0: only before and after training)")
+    model: str = required("model directory saved with save_pretrained, or a hub id", metavar="PATH")
+    data: str = required(
+        "training data: JSONL of {query, responses, scores} or a saved dataset", metavar="PATH"
+    )
+    output_dir: str = required("run directory: config, metrics.jsonl, curves.png, checkpoints", metavar="DIR")
+    eval_data: str | None = opt(
+        None, "held-out data in the training format, for ranking accuracy", metavar="PATH"
+    )
+    eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
     # ---- how long, how big
-    max_steps: int | None = _f(None, "optimizer steps to train (default: --epochs passes over the data)")
-    epochs: int = _f(1, "passes over the data when --max-steps is not given")
-    micro_batch_tokens: int = _f(4096, "token budget of one packed micro-batch (memory knob)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step (when --queries-per-step is not given)")
-    queries_per_step: int | None = _f(
+    max_steps: int | None = opt(None, "optimizer steps to train (default: --epochs passes over the data)")
+    epochs: int = opt(1, "passes over the data when --max-steps is not given")
+    micro_batch_tokens: int = opt(4096, "token budget of one packed micro-batch (memory knob)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (when --queries-per-step is not given)")
+    queries_per_step: int | None = opt(
         None, "queries per optimizer step, split into micro-batches by --micro-batch-tokens"
     )
-    max_prompt_len: int | None = _f(None, "keep the last N prompt tokens")
-    max_response_len: int | None = _f(None, "keep the first N response tokens (EOS included)")
-    chat_template: bool = _f(False, "wrap each query in the tokenizer's chat template as a user turn")
+    max_prompt_len: int | None = opt(None, "keep the last N prompt tokens")
+    max_response_len: int | None = opt(None, "keep the first N response tokens (EOS included)")
+    chat_template: bool = opt(False, "wrap each query in the tokenizer's chat template as a user turn")
     # ---- optimization
-    lr: float = _f(2e-5, "peak learning rate")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine decay")
-    warmup_steps: int | None = _f(None, "linear warmup steps (default: 3%% of the steps)")
-    weight_decay: float = _f(0.0, "AdamW weight decay, applied to matrices only")
-    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
-    optim: str = _f("adamw8bit", "optimizer", choices=OPTIMIZERS)
-    max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each one is skipped)")
+    lr: float = opt(2e-5, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine decay")
+    warmup_steps: int | None = opt(None, "linear warmup steps (default: 3%% of the steps)")
+    weight_decay: float = opt(0.0, "AdamW weight decay, applied to matrices only")
+    max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    optim: str = opt("adamw8bit", "optimizer", choices=OPTIMIZERS)
+    max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # ---- the loss (DESIGN.md section 1)
-    loss: str = _f("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
-                   choices=LOSSES)  # fmt: skip
-    dpo_beta: float = _f(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
-    mode: str = _f("paper", "loss normalisation: paper, or the authors' released code", choices=MODES)
-    length_penalty: float = _f(1.0, "response score = sum of log-probs / length ** length_penalty")
-    rank_weight: float = _f(1.0, "weight of the ranking loss (0: SFT only)")
-    sft_weight: float = _f(1.0, "weight of the SFT loss on the best-scored response")
-    sft_reduction: str = _f(
+    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
+                    choices=LOSSES)  # fmt: skip
+    dpo_beta: float = opt(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
+    mode: str = opt("paper", "loss normalisation: paper, or the authors' released code", choices=MODES)
+    length_penalty: float = opt(1.0, "response score = sum of log-probs / length ** length_penalty")
+    rank_weight: float = opt(1.0, "weight of the ranking loss (0: SFT only)")
+    sft_weight: float = opt(1.0, "weight of the SFT loss on the best-scored response")
+    sft_reduction: str = opt(
         "mean", "SFT loss of the best response: token mean, or the paper's sum", choices=SFT_REDUCTIONS
     )
     # ---- model and kernels
-    attn: str = _f("auto", "attention backend for the shared-prompt packing", choices=ATTN)
-    loss_impl: str = _f("auto", "implementation of the fused kernels", choices=IMPLS)
-    dtype: str = _f(
+    attn: str = opt("auto", "attention backend for the shared-prompt packing", choices=ATTN)
+    loss_impl: str = opt("auto", "implementation of the fused kernels", choices=IMPLS)
+    dtype: str = opt(
         "auto", "weight dtype; auto: float32 weights (bf16 autocast on CUDA, fp32 on CPU)", choices=DTYPES
     )
-    device: str = _f("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory")
-    lora_r: int = _f(0, "LoRA rank (0: full fine-tuning)")
-    lora_alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / r")
-    lora_dropout: float = _f(0.05, "dropout on the input of the LoRA adapters")
-    lora_target_modules: str = _f(
+    device: str = opt("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward to save memory")
+    lora_r: int = opt(0, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA alpha: the adapter's update is scaled by alpha / r")
+    lora_dropout: float = opt(0.05, "dropout on the input of the LoRA adapters")
+    lora_target_modules: str = opt(
         "all-linear", "comma-separated module names to adapt (all-linear: every decoder linear, not lm_head)"
     )
-    load_in_4bit: bool = _f(False, "load the base model in 4-bit NF4 (QLoRA; needs --lora-r)")
-    load_in_8bit: bool = _f(False, "load the base model in 8-bit (LLM.int8; needs --lora-r)")
-    fsdp: bool = _f(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2), not DDP")
+    load_in_4bit: bool = opt(False, "load the base model in 4-bit NF4 (QLoRA; needs --lora-r)")
+    load_in_8bit: bool = opt(False, "load the base model in 8-bit (LLM.int8; needs --lora-r)")
+    fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2), not DDP")
     # ---- bookkeeping
-    seed: int = _f(0, "seed of the data order and of every random number generator")
-    resume: bool = _f(False, "continue from the last complete checkpoint in --output-dir")
-    save_every: int = _f(500, "save a checkpoint every N steps (and always at the end; 0: only at the end)")
-    keep_checkpoints: int = _f(2, "keep the N newest checkpoints")
-    log_every: int = _f(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
-    plot: bool = _f(True, "draw curves.png at the end of training")
+    seed: int = opt(0, "seed of the data order and of every random number generator")
+    resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
+    save_every: int = opt(500, "save a checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep_checkpoints: int = opt(2, "keep the N newest checkpoints")
+    log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
+    plot: bool = opt(True, "draw curves.png at the end of training")
 
     # ------------------------------------------------------------------------------------------
 
     def validate(self) -> TrainConfig:
         """Raise UserError on impossible values or flag combinations; return self."""
+        for f in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
+            value = getattr(self, f.name)
+            if f.type == "float" and not abs(value) < float("inf"):
+                raise UserError(f"--{_flag(f.name)} must be a finite number, got {value}")
         positive = ("micro_batch_tokens", "grad_accum", "epochs", "keep_checkpoints", "max_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -202,52 +211,60 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        return config_from_args(args, cls)
 
 
 # ----------------------------------------------------------------------------------------------
 # argparse from the dataclass
 
 
-def add_arguments(parser: Any, cls: type = TrainConfig, *, skip: Collection[str] = ()) -> None:
-    """One `--kebab-case` option per field of `cls` (but those in `skip`), typed, with the field's
-    help and choices; `parser` may be an argument group."""
+def add_arguments(
+    parser: Any, cls: type = TrainConfig, *, prefix: str = "", skip: Collection[str] = ()
+) -> None:
+    """One `--kebab-case` flag per field of the dataclass `cls` (but those in `skip`), named and
+    stored as `prefix + field`, typed, with the help, choices and metavar of the field's metadata:
+    a bool is a `--x` / `--no-x` switch, a tuple a repeatable flag, a field without a default a
+    required flag. `parser` may be an argument group."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        base, optional = _base_type(hints[f.name])
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata.get("help", "")}
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if base is bool:
-            kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kwargs.update(type=base, metavar=_metavar(f.name, base))
-            if required:
-                kwargs["required"] = True
-            else:
-                kwargs["default"] = f.default
-                kwargs["help"] += " (default: %(default)s)"
-            if "choices" in f.metadata:
-                kwargs.update(choices=f.metadata["choices"], metavar=None)
-        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+        if f.name not in skip:
+            name = prefix + f.name
+            parser.add_argument(f"--{_flag(name)}", dest=name, **_argument(f, hints[f.name]))
 
 
-def _base_type(hint: Any) -> tuple[type, bool]:
-    """`int | None` -> (int, True); `str` -> (str, False)."""
+def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:
+    """`cls` from the flags `add_arguments(prefix=...)` made; `fixed` gives the skipped fields."""
+    values = {f.name: fixed[f.name] if f.name in fixed else getattr(args, prefix + f.name)
+              for f in dataclasses.fields(cls)}  # fmt: skip
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """add_argument's keywords for one field."""
+    kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
+    base = _base_type(hint)
+    if base is bool:
+        return {**kwargs, "action": argparse.BooleanOptionalAction, "default": f.default}
+    if typing.get_origin(base) is tuple:
+        return {**kwargs, "action": "append", "default": [], "metavar": f.metadata.get("metavar", "TEXT")}
+    kwargs.update(type=base, metavar=f.metadata.get("metavar", {int: "N", float: "X"}.get(base, "S")))
+    if "choices" in f.metadata:
+        kwargs.update(choices=f.metadata["choices"], metavar=None)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return {**kwargs, "required": True}
+    kwargs["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if kwargs["default"] is not None:
+        kwargs["help"] += " (default: %(default)s)"
+    return kwargs
+
+
+def _base_type(hint: Any) -> Any:
+    """`int | None` -> int; `str` -> str."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
-        return inner, True
-    return hint, False
-
-
-def _metavar(name: str, base: type) -> str:
-    if name in ("model", "data", "eval_data"):
-        return "PATH"
-    if name == "output_dir":
-        return "DIR"
-    return {int: "N", float: "X", str: "S"}.get(base, "V")
+        return inner
+    return hint
 
 
 def _flag(name: str) -> str:

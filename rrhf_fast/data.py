@@ -46,6 +46,18 @@ class LoadStats:
     def num_blank(self) -> int:
         return len(self.blank_lines)
 
+    def locations(self) -> list[str]:
+        """Where each example is: "FILE:LINE" (JSONL, blank lines counted), else "SOURCE row I"."""
+        if not Path(self.source).is_file():
+            return [f"{self.source} row {i}" for i in range(len(self.examples))]
+        blank, found, line = set(self.blank_lines), [], 0
+        for _ in self.examples:
+            line += 1
+            while line in blank:
+                line += 1
+            found.append(f"{self.source}:{line}")
+        return found
+
 
 def load_examples(
     path_or_dataset: Any,

@@ -13,7 +13,6 @@ once for an SFT-only baseline (`--rank-weight 0`) trained for the same steps on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from .errors import UserError
 
 @dataclass
 class DemoConfig:
-    output_dir: str = field(default="demo_runs", metadata={"help": "where data, runs and plots go"})
+    output_dir: str = field(
+        default="demo_runs", metadata={"help": "where data, runs and plots go", "metavar": "DIR"}
+    )
     steps: int = field(default=300, metadata={"help": "optimizer steps of each training run"})
     train_queries: int = field(default=1500, metadata={"help": "training queries"})
     eval_queries: int = field(default=150, metadata={"help": "held-out queries"})
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    config = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    config = config_module.config_from_args(args, DemoConfig)
     if config.online:
         from .demo_online import run_online_demo
 

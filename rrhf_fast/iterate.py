@@ -33,10 +33,10 @@ from typing import Any
 
 from . import config as config_module
 from .checkpoint import latest_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, config_from_args, opt
 from .data import Example, load_examples, write_examples
 from .errors import UserError
-from .sample import SampleConfig, add_config_flags, build_examples, config_from_args, opt, read_prompts
+from .sample import SampleConfig, build_examples, read_prompts
 from .score import KINDS, ScoreConfig, build_scorer, score_examples
 
 ROUND_FILE, TRAINED_FILE, SUMMARY_FILE, CONFIG_FILE = (
@@ -93,21 +93,20 @@ class Settings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_flags(parser.add_argument_group("the loop"), IterateConfig)
-    train = parser.add_argument_group("training, each round (the flags of rrhf-fast train)")
+    group = parser.add_argument_group
+    config_module.add_arguments(group("the loop"), IterateConfig)
+    train = group("training, each round (the flags of rrhf-fast train)")
     config_module.add_arguments(train, TrainConfig, skip=_TRAIN_SKIP)
-    add_config_flags(parser.add_argument_group("sampling (the flags of rrhf-fast sample)"), SampleConfig,
-                     prefix="sample_", skip=_SAMPLE_SKIP)  # fmt: skip
-    add_config_flags(parser.add_argument_group("scoring (the flags of rrhf-fast score)"), ScoreConfig,
-                     prefix="score_")  # fmt: skip
+    config_module.add_arguments(group("sampling (the flags of rrhf-fast sample)"), SampleConfig,
+                                prefix="sample_", skip=_SAMPLE_SKIP)  # fmt: skip
+    config_module.add_arguments(group("scoring (the flags of rrhf-fast score)"), ScoreConfig,
+                                prefix="score_")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
     run = config_from_args(args, IterateConfig)
-    train = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _TRAIN_SKIP
-    }
-    train = TrainConfig(**train, data="", output_dir="", eval_data=None, eval_every=0)
+    train = config_from_args(args, TrainConfig, data="", output_dir="", eval_data=None, eval_every=0,
+                             resume=False)  # fmt: skip
     sample = config_from_args(args, SampleConfig, prefix="sample_", max_prompt_len=train.max_prompt_len,
                               chat_template=train.chat_template)  # fmt: skip
     rows = iterate(Settings(run, train, sample, config_from_args(args, ScoreConfig, prefix="score_")))

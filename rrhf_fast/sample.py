@@ -11,22 +11,22 @@ Prompts are tokenised exactly as training tokenises them (`packing.tokenize_prom
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import platform
-import typing
-from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import config as config_module
 from .beam_search import decode, diverse_beam_search, ensure_pad_token, eos_token_ids, left_pad
+from .config import config_from_args, opt
 from .data import Example, load_examples_with_stats, write_examples
 from .errors import DataError, UserError
 from .loading import resolve_device
@@ -37,11 +37,6 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("beam", "sample", "mixed", "greedy")
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def opt(default: Any, help: str, **meta: Any) -> Any:
-    """A config field whose flag help (and `choices`) live in its metadata."""
-    return field(default=default, metadata={"help": help, **meta})
 
 
 @dataclass
@@ -153,19 +148,6 @@ def _parse_prompt(text: str, path: Path, lineno: int) -> str:
     return record["query"]
 
 
-def example_locations(stats: Any) -> list[str]:
-    """ "file:line" of each example `load_examples_with_stats` read (JSONL: one per non-blank line)."""
-    if not Path(stats.source).is_file():
-        return [f"{stats.source} row {i}" for i in range(len(stats.examples))]
-    blank, locations, line = set(stats.blank_lines), [], 0
-    for _ in stats.examples:
-        line += 1
-        while line in blank:
-            line += 1
-        locations.append(f"{stats.source}:{line}")
-    return locations
-
-
 def merge_responses(examples: list[Example], path: str | os.PathLike) -> int:
     """Append the responses of `path` (training format, scores ignored) to the examples with the
     same query; their source is the record's own `sources` or else the file's stem. Returns the
@@ -175,7 +157,7 @@ def merge_responses(examples: list[Example], path: str | os.PathLike) -> int:
     for ex in examples:
         by_query.setdefault(ex.query, []).append(ex)
     added = 0
-    for extra, where in zip(stats.examples, example_locations(stats), strict=True):
+    for extra, where in zip(stats.examples, stats.locations(), strict=True):
         targets = by_query.get(extra.query)
         if targets is None:
             raise UserError(
@@ -489,39 +471,6 @@ def build_examples(
 # Command line
 
 
-def add_config_flags(parser: Any, cls: type, *, prefix: str = "", skip: Collection[str] = ()) -> None:
-    """One `--kebab-case` flag per field of the dataclass `cls` (but those in `skip`), named
-    `prefix + field`, with the field's help and choices; a bool is a switch, a tuple a repeatable
-    flag, a field without a default a required flag. `parser` may be an argument group."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        hint, flag = hints[f.name], "--" + (prefix + f.name).replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": prefix + f.name, "help": f.metadata.get("help", "")}
-        if hint is bool:
-            kwargs["action"] = "store_true"
-        elif typing.get_origin(hint) is tuple:
-            kwargs.update(action="append", default=[], metavar=f.metadata.get("metavar", "TEXT"))
-        elif f.default is dataclasses.MISSING:
-            kwargs.update(required=True, metavar=f.metadata.get("metavar", "S"))
-        else:
-            base = ([t for t in typing.get_args(hint) if t is not type(None)] or [hint])[0]
-            metavar = f.metadata.get("metavar", {int: "N", float: "X"}.get(base, "S"))
-            kwargs.update(type=base, default=f.default, choices=f.metadata.get("choices"))
-            kwargs.update(metavar=None if "choices" in f.metadata else metavar)
-            if f.default is not None:
-                kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument(flag, **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:
-    """`cls` from the flags `add_config_flags(prefix=...)` made; `fixed` gives the skipped fields."""
-    values = {f.name: fixed[f.name] if f.name in fixed else getattr(args, prefix + f.name)
-              for f in dataclasses.fields(cls)}  # fmt: skip
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", required=True, metavar="PATH", help="causal LM: save_pretrained directory or hub id"
@@ -542,11 +491,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSONL of extra responses (training format) matched by query (repeatable)",
     )
-    p.add_argument("--dedup", action="store_true", help="drop repeated identical responses of a prompt")
+    p.add_argument(
+        "--dedup", action=argparse.BooleanOptionalAction, default=False,
+        help="drop repeated identical responses of a prompt",
+    )  # fmt: skip
     p.add_argument("--backend", choices=BACKENDS, default="hf", help="vllm: faster sampling, if installed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="(auto: bfloat16 on CUDA, else float32)")
-    add_config_flags(p, SampleConfig)  # fmt: skip
+    config_module.add_arguments(p, SampleConfig)
 
 
 def main(args: argparse.Namespace) -> int:

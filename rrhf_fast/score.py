@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 import torch
 
+from . import config as config_module
 from .beam_search import ensure_pad_token
+from .config import config_from_args, opt
 from .data import Example, load_examples_with_stats, write_examples
 from .errors import UserError
 from .labelers import (
@@ -44,15 +46,7 @@ from .labelers import (
     require_chat_template,
     unflatten,
 )
-from .sample import (
-    DTYPES,
-    add_config_flags,
-    config_from_args,
-    example_locations,
-    load_pretrained,
-    opt,
-    save_run_config,
-)
+from .sample import DTYPES, load_pretrained, save_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +277,7 @@ def score_file(
     stats = load_examples_with_stats(in_path, require_scores=False)
     if not stats.examples:
         raise UserError(f"{in_path}: holds no examples to score")
-    score_examples(stats.examples, scorer, overwrite=overwrite, locations=example_locations(stats))
+    score_examples(stats.examples, scorer, overwrite=overwrite, locations=stats.locations())
     write_examples(out_path, stats.examples)
     return stats.examples
 
@@ -301,8 +295,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="reward-model:PATH | python:MODULE:FUNCTION | judge:PATH | direct:PATH",
     )
     p.add_argument("--out", required=True, metavar="FILE", help="output JSONL with the scores filled in")
-    p.add_argument("--overwrite", action="store_true", help="replace scores the input already has")
-    add_config_flags(p, ScoreConfig)
+    p.add_argument(
+        "--overwrite", action=argparse.BooleanOptionalAction, default=False,
+        help="replace scores the input already has",
+    )  # fmt: skip
+    config_module.add_arguments(p, ScoreConfig)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -92,7 +92,9 @@ IMPOSSIBLE = [
     pytest.param(["--micro-batch-tokens", "0"], "--micro-batch-tokens must be at least 1", id="zero-budget"),
     pytest.param(["--max-steps", "0"], "--max-steps must be at least 1", id="zero-steps"),
     pytest.param(["--lr", "-1"], "--lr must be a non-negative", id="negative-lr"),
-    pytest.param(["--lr", "nan"], "--lr must be a non-negative", id="nan-lr"),
+    pytest.param(["--lr", "nan"], "--lr must be a finite number, got nan", id="nan-lr"),
+    pytest.param(["--length-penalty", "inf"], "--length-penalty must be a finite number", id="inf-alpha"),
+    pytest.param(["--max-grad-norm=-inf"], "--max-grad-norm must be a finite number", id="inf-clip"),
     pytest.param(["--min-lr", "1", "--lr", "0.1"], "--min-lr", id="min-lr-above-lr"),
     pytest.param(["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1", id="keep-zero"),
 ]

@@ -175,10 +175,10 @@ def test_greedy_takes_one_candidate_and_names_its_source():
 def test_prefixed_flags_skip_fields_and_fill_them_back():
     import argparse
 
-    from rrhf_fast.sample import add_config_flags, config_from_args
+    from rrhf_fast.config import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_config_flags(parser, SampleConfig, prefix="sample_", skip=("seed", "chat_template"))
+    add_arguments(parser, SampleConfig, prefix="sample_", skip=("seed", "chat_template"))
     args = parser.parse_args(["--sample-temperature", "0.5", "--sample-stop", "a", "--sample-stop", "b"])
     assert not hasattr(args, "sample_seed") and not hasattr(args, "temperature")
     with pytest.raises(SystemExit):
