@@ -14,6 +14,14 @@ prompt), the same model weights (a fresh copy per provider, same seed) and the s
   `--max-tokens` tokens.
 tokens/s counts the useful tokens (each prompt once plus the responses) for every provider; MFU is
 the same useful-FLOP count (workload.model_flops) over time and the GPU's dense bf16 peak.
+
+Every provider's timed step starts from the tokenised queries on the host, as the trainer's does:
+rrhf-fast packs its micro-batches (`pack_tokenized`) and the reference collates its padded copies
+(`reference_step.collate`) inside the step, and both copy them to the GPU there.
+
+Not the trainer's numerics: on the GPU the weights are bf16 and torch AdamW keeps its states in
+bf16 too, for every provider (the trainer's default is fp32 master weights under bf16 autocast
+with 8-bit AdamW); the report's section heading says so (SETUP).
 """
 
 from __future__ import annotations
@@ -35,11 +43,17 @@ RESPONSE_LEN = 128
 HEADLINE = (6, 512)  # issue 8: k = 6, prompt 512, responses 128
 GPU_CONFIGS = [(k, p) for p in (128, 512, 2048) for k in (2, 4, 8)]  # (k, prompt length)
 SMOKE_HEADLINE, SMOKE_CONFIGS, SMOKE_RESPONSE_LEN = (2, 8), [(3, 8), (3, 16)], 4
+# What every provider runs, in the report's section heading (the sweep label).
+SETUP = "{dtype} weights, torch AdamW ({dtype} states), packing in the step"
+SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def ours_step(model, optimizer, batches, num_queries: int, attn: str, impl: str) -> Callable[[], None]:
+def ours_step(model, optimizer, items, plan, device, attn: str, impl: str) -> Callable[[], None]:
+    num_queries = sum(len(group) for group in plan)
+
     def step():
-        for batch in batches:
+        for group in plan:  # packed and copied in the step, as the reference collates in its own
+            batch = pack_tokenized([items[i] for i in group]).to(device)
             logp = packed_logprobs(model, batch, attn=attn, impl=impl)
             out = rrhf_loss(
                 logp,
@@ -65,8 +79,7 @@ def make_step(provider: str, model, optimizer, items, device, args) -> Callable[
         plan = [[i] for i in range(len(items))]
     else:
         plan = plan_microbatches([it.packed_len for it in items], args.max_tokens)
-    batches = [pack_tokenized([items[i] for i in group]).to(device) for group in plan]
-    return ours_step(model, optimizer, batches, len(items), args.attn, args.impl)
+    return ours_step(model, optimizer, items, plan, device, args.attn, args.impl)
 
 
 def prepare(provider, model, optimizer, k, prompt_len, response_len, device, smoke, args):
@@ -111,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = f"k={k} P={prompt_len} R={response_len}"
                 rec.measure(
                     "rrhf_step",
-                    f"P={prompt_len} R={response_len}",
+                    f"P={prompt_len} R={response_len}; " + SETUP.format(dtype=SHORT[dtype]),
                     provider,
                     config,
                     k,

@@ -2,15 +2,18 @@
 
 A checkpoint is `OUTPUT_DIR/checkpoint-STEP/`: a `save_pretrained` directory (safetensors weights,
 model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bit states included),
-`trainer_state.pt` (step, scheduler, data order, counters, every RNG) and `train_config.json`.
+`trainer_state.pt` (step, scheduler, data order and fingerprint, counters, every RNG),
+`train_config.json` (the flags) and `run.json` (what they resolved to, library versions, the GPU).
 Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
 temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
 (the size of every file) written last, and only then renamed into place: a crash or Ctrl-C at any
 moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed at the
-next start. Loading never unpickles arbitrary objects: safetensors for the weights and
-`torch.load(weights_only=True)` for the rest.
+next start. A re-save of an existing step parks the old copy as `.parked-checkpoint-STEP` for the
+moment between two renames; the next start puts it back if the new copy never arrived. Loading
+never unpickles arbitrary objects: safetensors for the weights and `torch.load(weights_only=True)`
+for the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from . import distributed
 from .distributed import Dist
 from .errors import UserError
 from .loading import quiet_progress_bars
+from .provenance import RUN_FILE, write_run_info
 
 FORMAT = "rrhf-fast-checkpoint"
 VERSION = 1
@@ -44,6 +49,7 @@ CONFIG_FILE = "train_config.json"
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
+_PARKED_PREFIX = ".parked-"  # + checkpoint-STEP; must not match _TMP_PREFIX: it may be the only copy
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -62,12 +68,14 @@ def save_checkpoint(
     keep: int | None = None,
     here: Dist | None = None,
     sharded: bool = False,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint-STEP atomically, then delete all but the `keep` newest complete ones.
 
     Under torchrun every rank calls this: rank 0 writes the weights (FSDP2: gathered whole), the
     optimizer (FSDP2, `sharded`: each rank its shard, torch.distributed.checkpoint) and the trainer
     state; every other rank its RNG state. Rank 0 renames the directory once all have written.
+    `run_info` (JSON-able: the run's resolved settings) is written as run.json.
     """
     here = here or Dist()
     output_dir = Path(output_dir)
@@ -76,6 +84,8 @@ def save_checkpoint(
     tmp = Path(distributed.broadcast(made))
     try:
         _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here, sharded)
+        if here.main and run_info is not None:
+            write_run_info(tmp / RUN_FILE, run_info)
         distributed.barrier()  # every rank's files are written
         if here.main:
             _write_marker(tmp, step)
@@ -134,9 +144,19 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the `.tmp-*` directories of saves that a crash interrupted."""
+    """Delete the `.tmp-*` directories of saves that a crash interrupted (returned), and settle the
+    copies a re-save parked: put back where its checkpoint never arrived, else deleted."""
     root = Path(output_dir)
-    stale = [p for p in root.glob(f"{_TMP_PREFIX}*") if p.is_dir()] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    for parked in sorted(root.glob(f"{_PARKED_PREFIX}checkpoint-*")):
+        final = root / parked.name.removeprefix(_PARKED_PREFIX)
+        if (parked / MARKER).is_file() and not (final / MARKER).is_file():
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(parked, final)
+        else:
+            shutil.rmtree(parked, ignore_errors=True)
+    stale = [p for p in root.glob(f"{_TMP_PREFIX}*") if p.is_dir()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -150,13 +170,38 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Callable[[], torch.optim.Optimizer],
+    here: Dist | None = None,
+    sharded: bool = False,
 ) -> dict[str, Any]:
-    """Restore weights and optimizer in place; return the trainer state (RNGs already restored)."""
+    """Verify `path`, copy its weights into `model`, then restore the optimizer and this rank's RNGs;
+    return the trainer state. What `rrhf-fast train --resume` runs.
+
+    `optimizer` may be a function that builds it, called once the weights are in: a run under
+    torchrun wraps the model there (FSDP2 shards the weights it holds, so they must be loaded
+    first) and builds the optimizer over the wrapped parameters, whose state is loaded next.
+    """
     path = Path(path)
     verify_checkpoint(path)
     load_weights(model, path)
-    return load_training_state(path, model=model, optimizer=optimizer)
+    if callable(optimizer):
+        optimizer = optimizer()
+    return load_training_state(path, model=model, optimizer=optimizer, here=here, sharded=sharded)
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The verified checkpoint's trainer state (step, schedule, data fingerprint, ...), restoring
+    nothing: what a resumed run checks before it loads the model."""
+    path = Path(path)
+    verify_checkpoint(path)
+    return _read_state(path)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    state = _torch_load(path / STATE_FILE)
+    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+        raise UserError(f"{path / STATE_FILE}: not an rrhf-fast trainer state; delete the checkpoint")
+    return state
 
 
 def load_training_state(
@@ -170,9 +215,7 @@ def load_training_state(
     """Everything but the weights: optimizer (FSDP2 `sharded`: resharded to this world size), this
     rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state."""
     here = here or Dist()
-    state = _torch_load(path / STATE_FILE)
-    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
-        raise UserError(f"{path / STATE_FILE}: not an rrhf-fast trainer state; delete the checkpoint")
+    state = _read_state(path)
     if state.get("sharded", False) != sharded:
         was, now = ("with", "without") if state.get("sharded") else ("without", "with")
         raise UserError(f"{path}: written by a run {was} --fsdp, resumed {now} it; resume with the flags of "
@@ -376,8 +419,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     if not final.exists():
         os.rename(tmp, final)
         return
-    old = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(final, old)
+    # Between the two renames the parked copy is the only complete one: remove_partial_saves
+    # puts it back after a crash there, and never deletes it as a partial save.
+    parked = final.with_name(f"{_PARKED_PREFIX}{final.name}")
+    shutil.rmtree(parked, ignore_errors=True)
+    os.rename(final, parked)
+    _fsync_dir(final.parent)
     os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(parked, ignore_errors=True)

@@ -77,7 +77,23 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
         ) from None
     if quantization is None:
         model.to(device)
+        _warn_pure_bf16(config)
     return finish_model(model, config)
+
+
+def _warn_pure_bf16(config: Any) -> None:
+    """bf16 keeps 8 significant bits: without fp32 master weights, an update below half a weight's
+    spacing (2**-8 of it, relative) rounds to zero, so small learning rates silently stop training.
+    Only a training config (one with an optimizer) updates weights."""
+    trains = hasattr(config, "optim") and not getattr(config, "lora_r", 0)
+    if trains and getattr(config, "dtype", "auto") == "bfloat16":
+        logging.getLogger(__name__).warning(
+            "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves: an update "
+            "smaller than about 1/256 of a weight rounds to nothing, so small learning rates barely train; "
+            "prefer fp32 master weights (--dtype auto, the default, with bf16 autocast on CUDA), LoRA "
+            "adapters (--lora-r N), or an optimizer that rounds stochastically (torchao's "
+            "AdamW8bit(bf16_stochastic_round=True); --fsdp --optim adamw8bit does not set it yet)"
+        )
 
 
 def quantization_config(config: Any) -> Any:

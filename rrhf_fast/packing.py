@@ -104,13 +104,15 @@ def tokenize_example(
     max_prompt_len: int | None = None,
     max_response_len: int | None = None,
     chat_template: bool = False,
+    where: str | None = None,
 ) -> TokenizedExample:
     """Prompt = the query with the tokenizer's special tokens; each response = its tokens + EOS.
 
     The prompt keeps its last `max_prompt_len` tokens; a response keeps its first
     `max_response_len` tokens (EOS included), so a truncated response has no EOS. Text is text:
     a literal "</s>" inside a query or response is not read as a special token (except inside
-    a chat template, whose markup needs them).
+    a chat template, whose markup needs them). `where` (e.g. "FILE:LINE" of the record) starts the
+    message of an error about this example.
     """
     for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len)):
         if value is not None and value < 1:
@@ -123,17 +125,18 @@ def tokenize_example(
         prompt = prompt[-max_prompt_len:]
     if not prompt:
         raise UserError(
-            f"query {example.query!r} tokenises to no tokens and the tokenizer adds no BOS: the first "
-            "response token would have nothing to condition on; give a non-empty query"
+            f"{_where(where, example)}: the query tokenises to no tokens and the tokenizer adds no BOS: "
+            "the first response token would have nothing to condition on; give a non-empty query"
         )
     encoded = tokenizer(list(example.responses), add_special_tokens=False, split_special_tokens=True)
     responses = [list(ids) + [eos] for ids in encoded["input_ids"]]
     if max_response_len is not None:
         responses = [r[:max_response_len] for r in responses]
-    return TokenizedExample(prompt, responses, [float(s) for s in example.scores], _ref_logps(example))
+    scores = [float(s) for s in example.scores]
+    return TokenizedExample(prompt, responses, scores, _ref_logps(example, where))
 
 
-def _ref_logps(example: Example) -> list[float]:
+def _ref_logps(example: Example, where: str | None) -> list[float]:
     """The record's `ref_logps` (one finite number per response), or [] when it has none."""
     value = example.meta.get("ref_logps")
     if value is None:
@@ -144,10 +147,15 @@ def _ref_logps(example: Example) -> list[float]:
     )
     if not ok:
         raise UserError(
-            f"query {example.query[:60]!r}: field 'ref_logps' must be a list of one finite number per "
+            f"{_where(where, example)}: field 'ref_logps' must be a list of one finite number per "
             f"response ({len(example.responses)}), got {str(value)[:80]}"
         )
     return [float(v) for v in value]
+
+
+def _where(where: str | None, example: Example) -> str:
+    """How an error names the example: its location when known, else its query."""
+    return where or f"query {example.query[:60]!r}"
 
 
 def tokenize_prompt(query: str, tokenizer: Any, chat_template: bool = False) -> list[int]:

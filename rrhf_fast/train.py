@@ -33,22 +33,23 @@ from . import distributed
 from .checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
-    load_training_state,
-    load_weights,
+    load_checkpoint,
+    read_trainer_state,
     remove_partial_saves,
     save_checkpoint,
-    verify_checkpoint,
 )
 from .config import TrainConfig
-from .data import load_examples
+from .data import load_examples_with_stats
 from .dpo import require_ref_logps
 from .errors import UserError
 from .evaluate import RankingCounts, evaluate, loss_of, ranking_counts
 from .loading import load_model, load_tokenizer
-from .model import packed_logprobs, prepare_model
+from .model import check_logit_parity, packed_logprobs, prepare_model
 from .optim import build_optimizer, default_warmup, lr_at, set_lr
 from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
 from .plot import METRICS_FILE, plot_run
+from .provenance import RUN_FILE, resolved_settings, write_run_info
+from .resume import changed_flags, check_same_data, choose_schedule, data_fingerprint, truncate_metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,61 +83,93 @@ def train(config: TrainConfig) -> TrainResult:
     here, device = distributed.init(config.device, config.fsdp)  # torchrun: this rank; else rank 0 of 1
     say = tqdm.write if here.main else _quiet
     out_dir = _prepare_output_dir(config, here)
+    checkpoint = latest_checkpoint(out_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        say(f"no checkpoint in {out_dir}, starting from step 0")
     _check_device_flags(config, device)
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-    _seed_everything(config.seed)
+    _seed_everything(config.seed)  # the same on every rank: LoRA adapters start equal on each
 
     # ---------------------------------------------------------------------------------------------
     # data: tokenised once; each epoch a seeded permutation, cut into steps of micro-batches
     tokenizer = load_tokenizer(config.model)
-    items = _tokenize(config.data, tokenizer, config)
-    eval_items = _tokenize(config.eval_data, tokenizer, config) if config.eval_data else None
+    items, where = _tokenize(config.data, tokenizer, config)
+    evals = _tokenize(config.eval_data, tokenizer, config) if config.eval_data else None
+    eval_items = evals[0] if evals else None
     lengths = [it.packed_len for it in items]
+    data_id = data_fingerprint(items)
 
     def steps_of_epoch(epoch: int) -> list[list[list[int]]]:
         return plan_steps(lengths, epoch_order(len(items), config.seed, epoch), config)
 
     total_steps = config.max_steps or sum(len(steps_of_epoch(e)) for e in range(config.epochs))
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
-
-    # ---------------------------------------------------------------------------------------------
-    # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model
-    model = prepare_model(load_model(config, device))
-    checkpoint = latest_checkpoint(out_dir) if config.resume else None
-    if checkpoint is not None:
-        verify_checkpoint(checkpoint)
-        load_weights(model, checkpoint)
-    runner = distributed.wrap(model, here, config.fsdp)  # what the forward goes through
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
-                                weight_decay=config.weight_decay, sharded=config.fsdp)  # fmt: skip
     schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
+    if checkpoint is not None:  # refuse other data, settle the schedule, before loading any weights
+        saved_state, saved_config = read_trainer_state(checkpoint), TrainConfig.load(checkpoint / CONFIG_FILE)
+        check_same_data(saved_state, data_id, config.data, checkpoint)
+        schedule, note = choose_schedule(schedule, saved_state, saved_config, config)
+        total_steps = schedule["total_steps"]
+        if note:
+            say(note)
 
     # ---------------------------------------------------------------------------------------------
-    # resume: optimizer, RNGs, data position and counters of the last complete checkpoint
+    # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model, its
+    # optimizer state once the optimizer holds the wrapped parameters (checkpoint.load_checkpoint)
+    model = prepare_model(load_model(config, device))
+    _check_vocabulary(model, [(items, where), evals] if evals else [(items, where)])
+    with autocast:  # packed log-probs must equal the model's own: refuse what packing cannot mirror
+        check_logit_parity(model, attn=config.attn, impl=config.loss_impl)
+    # Dropout masks differ across ranks; the data order has its own generators (epoch_order).
+    torch.manual_seed(config.seed + here.rank)
+    built: dict[str, Any] = {}
+
+    def wrap_and_build() -> torch.optim.Optimizer:
+        built["runner"] = distributed.wrap(model, here, config.fsdp)  # what the forward goes through
+        built["optimizer"] = build_optimizer(
+            model.named_parameters(),
+            config.optim,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            sharded=config.fsdp,
+        )
+        return built["optimizer"]
+
+    # ---------------------------------------------------------------------------------------------
+    # resume: weights, optimizer, RNGs, data position and counters of the last complete checkpoint
     step, epoch, position, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0, 0, 0
     if checkpoint is not None:
-        state = load_training_state(
-            checkpoint, model=model, optimizer=optimizer, here=here, sharded=config.fsdp
+        state = load_checkpoint(
+            checkpoint, model=model, optimizer=wrap_and_build, here=here, sharded=config.fsdp
         )
         step, epoch, position = state["step"], state["epoch"], state["position"]
         skipped, bad_in_row, tokens_seen = state["skipped_steps"], state["bad_in_row"], state["tokens_seen"]
         if here.main:
-            _truncate_metrics(out_dir / METRICS_FILE, step)
-        say(f"resumed from {checkpoint} (step {step})" + _changed_flags(checkpoint, config, state, here))
+            truncate_metrics(out_dir / METRICS_FILE, step)
+        say(
+            f"resumed from {checkpoint} (step {step})"
+            + changed_flags(saved_config, config, state, here.world)
+        )
+    else:
+        wrap_and_build()
+    runner, optimizer = built["runner"], built["optimizer"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    resolved = resolved_settings(config, model, device, here.world, schedule, data_id)
     if here.main:
         config.save(out_dir / "config.json")
+        write_run_info(out_dir / RUN_FILE, resolved)
     plan = steps_of_epoch(epoch)
     if max(map(len, plan)) < here.world:
         say(_idle_ranks_message(max(map(len, plan)), here.world))
 
     def save() -> Path:
         state = dict(epoch=epoch, position=position, data_seed=config.seed, skipped_steps=skipped,
-                     bad_in_row=bad_in_row, tokens_seen=tokens_seen, schedule=schedule)  # fmt: skip
+                     bad_in_row=bad_in_row, tokens_seen=tokens_seen, schedule=schedule,
+                     data=data_id)  # fmt: skip
         return save_checkpoint(out_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
                                trainer_state=state, config=config, keep=config.keep_checkpoints, here=here,
-                               sharded=config.fsdp)  # fmt: skip
+                               sharded=config.fsdp, run_info=resolved)  # fmt: skip
 
     # ---------------------------------------------------------------------------------------------
     # the loop
@@ -158,6 +191,8 @@ def train(config: TrainConfig) -> TrainResult:
             lr = lr_at(step, **schedule)
             set_lr(optimizer, lr)
 
+            if on_cuda:  # mem_mib is this step's peak
+                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             losses, counts = forward_backward(runner, batches, config, autocast, queries=queries, real=real,
                                               world=here.world)  # fmt: skip
@@ -296,18 +331,48 @@ def plan_steps(lengths: list[int], order: list[int], config: TrainConfig) -> lis
     return [micro[s : s + config.grad_accum] for s in range(0, len(micro), config.grad_accum)]
 
 
-def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> list[TokenizedExample]:
-    examples = load_examples(path)
-    if not examples:
+def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> tuple[list[TokenizedExample], list[str]]:
+    """The tokenised examples of `path` and where each one is ("FILE:LINE"), every one checked to fit
+    a micro-batch: an error names the record, not its index in a shuffled step."""
+    stats = load_examples_with_stats(path)
+    if not stats.examples:
         raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
+    where = stats.locations()
     items = [
         tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
-                         max_response_len=config.max_response_len, chat_template=config.chat_template)
-        for ex in examples
+                         max_response_len=config.max_response_len, chat_template=config.chat_template,
+                         where=loc)
+        for ex, loc in zip(stats.examples, where, strict=True)
     ]  # fmt: skip
+    budget = config.micro_batch_tokens
+    for item, loc in zip(items, where, strict=True):
+        if item.packed_len > budget:
+            raise UserError(
+                f"{loc}: the query packs to {item.packed_len} tokens (its prompt once plus its "
+                f"{len(item.response_ids)} responses), over the micro-batch budget --micro-batch-tokens "
+                f"{budget}; raise --micro-batch-tokens, or truncate with --max-prompt-len / "
+                "--max-response-len"
+            )
     if config.loss == "dpo":
         require_ref_logps(items, path)
-    return items
+    return items, where
+
+
+def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], list[str]]]) -> None:
+    """Every token id must index the embedding and the lm_head: a tokenizer with more tokens than
+    the weights otherwise fails deep inside the forward (an IndexError, a CUDA device-side assert)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight.shape[0]
+    head = base.get_output_embeddings().weight.shape[0]
+    for items, where in datasets:
+        for item, loc in zip(items, where, strict=True):
+            top = max(max(item.prompt_ids), *(max(r) for r in item.response_ids))
+            if top >= min(embedding, head):
+                raise UserError(
+                    f"{loc}: token id {top} is outside the model's vocabulary ({embedding} embedding rows, "
+                    f"{head} lm_head rows): the tokenizer has more tokens than the weights; use the "
+                    "model's own tokenizer, or resize its embeddings (resize_token_embeddings) and save it"
+                )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -319,6 +384,9 @@ def _prepare_output_dir(config: TrainConfig, here: distributed.Dist) -> Path:
     out_dir = Path(config.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output-dir {out_dir} is a file; give a directory")
+    if here.main and out_dir.is_dir():
+        remove_partial_saves(out_dir)  # first: it puts back a checkpoint a crashed re-save had parked
+    distributed.barrier()
     found = latest_checkpoint(out_dir)
     if found is not None and not config.resume:
         raise UserError(
@@ -327,9 +395,8 @@ def _prepare_output_dir(config: TrainConfig, here: distributed.Dist) -> Path:
         )
     if here.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_saves(out_dir)
-        if not config.resume and (out_dir / METRICS_FILE).exists():
-            (out_dir / METRICS_FILE).unlink()  # a fresh run that never reached a checkpoint
+        if found is None and (out_dir / METRICS_FILE).exists():
+            (out_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
     distributed.barrier()
     return out_dir
 
@@ -349,36 +416,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Flags that only change bookkeeping; any other change makes the resumed run differ from the original.
-_BOOKKEEPING = {"output_dir", "resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every",
-                "keep_checkpoints", "log_every", "plot", "max_bad_steps", "device"}  # fmt: skip
-
-
-def _changed_flags(checkpoint: Path, config: TrainConfig, state: dict, here: distributed.Dist) -> str:
-    saved = TrainConfig.load(checkpoint / CONFIG_FILE).to_dict()
-    changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in config.to_dict().items()
-               if k not in _BOOKKEEPING and saved.get(k) != v]  # fmt: skip
-    text = "; with changed flags: " + ", ".join(changed) if changed else ""
-    if state.get("world_size", 1) != here.world:
-        text += (f"; saved by {state.get('world_size', 1)} processes, resumed on {here.world}: the same "
-                 "updates up to float rounding")  # fmt: skip
-    return text
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the metrics rows a crashed run wrote after the checkpoint it resumes from."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def _log(file, row: dict[str, Any]) -> None:
@@ -404,6 +441,8 @@ def _show(bar: Any, row: dict[str, Any], config: TrainConfig) -> None:
 
 
 def _peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the step's peak of allocated memory (reset at each step's start); CPU: the process's
+    peak resident memory so far (the OS keeps no per-step peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:

@@ -218,7 +218,7 @@ def test_output_dir_with_checkpoints_needs_resume(tmp_path, model_dir, capsys):
     assert again.step == 2
     out = capsys.readouterr().out
     assert "resumed from" in out and "with changed flags: --lr 0.001 (was 0.01)" in out
-    assert "--max-steps" not in out  # extending a run is not a change of the trajectory
+    assert "--max-steps, --lr changed, so the learning-rate schedule changes: 2 steps instead of 1" in out
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, model_dir):
@@ -324,3 +324,23 @@ def test_gradient_checkpointing_matches(tmp_path, model_dir):
     ckpt_run = train(config(tmp_path, model_dir, data, "ckpt", max_steps=2, queries_per_step=4,
                             gradient_checkpointing=True))  # fmt: skip
     assert max_diff(weights(plain.model), weights(ckpt_run.model)) <= 1e-6
+
+
+# -------------------------------------------------------------------------------------------------
+# the model must be one whose packed log-probs equal its own forward
+
+
+def test_a_model_whose_head_transforms_logits_is_refused_before_training(tmp_path, model_dir, monkeypatch):
+    data = write_data(tmp_path / "d.jsonl", 4)
+    real = train_module.load_model
+
+    def load_scaled(config, device):  # a head that scales its logits, as an unknown architecture might
+        model = real(config, device)
+        model.get_output_embeddings().register_forward_hook(lambda module, args, out: out * 2)
+        return model
+
+    monkeypatch.setattr(train_module, "load_model", load_scaled)
+    cfg = config(tmp_path, model_dir, data, max_steps=1)
+    with pytest.raises(UserError, match="head transforms the logits"):
+        train(cfg)
+    assert latest_checkpoint(cfg.output_dir) is None
