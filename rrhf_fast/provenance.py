@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,21 @@ def versions() -> dict[str, str | None]:
 
 def write_run_info(path: str | os.PathLike, info: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+
+def save_run_config(out: str | os.PathLike, kind: str, settings: dict[str, Any]) -> Path:
+    """Write `settings` with the versions and the time beside `out` as `<stem>.<kind>.json` (what
+    `rrhf-fast sample` and `score` ran with)."""
+    path = Path(out).with_suffix(f".{kind}.json")
+    record = {
+        "command": f"rrhf-fast {kind}",
+        "settings": settings,
+        "versions": {**versions(), "python": platform.python_version()},
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
 
 
 def _name(dtype: torch.dtype) -> str:

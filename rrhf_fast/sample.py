@@ -15,10 +15,8 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from .data import Example, load_examples_with_stats, write_examples
 from .errors import DataError, UserError
 from .loading import resolve_device
 from .packing import tokenize_prompt
+from .provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -322,29 +321,6 @@ def load_pretrained(path: str, auto_class: Any, device: str = "auto", dtype: str
             "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
         )
     return model.to(dev).eval(), tokenizer
-
-
-def save_run_config(out: str | os.PathLike, kind: str, settings: dict[str, Any]) -> Path:
-    """Write `settings` with versions and time beside `out` as `<stem>.<kind>.json`."""
-    import transformers
-
-    from . import __version__
-
-    path = Path(out).with_suffix(f".{kind}.json")
-    versions = {
-        "rrhf_fast": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    record = {
-        "command": f"rrhf-fast {kind}",
-        "settings": settings,
-        "versions": {**versions, "python": platform.python_version()},
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

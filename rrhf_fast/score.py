@@ -46,7 +46,8 @@ from .labelers import (
     require_chat_template,
     unflatten,
 )
-from .sample import DTYPES, load_pretrained, save_run_config
+from .provenance import save_run_config
+from .sample import DTYPES, load_pretrained
 
 logger = logging.getLogger(__name__)
 
