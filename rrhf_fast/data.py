@@ -102,14 +102,19 @@ def load_examples_with_stats(
 
 
 def write_examples(path: str | os.PathLike, examples: Iterable[Example]) -> None:
-    """Write examples as UTF-8 JSONL, one per line, atomically (a temp file, then os.replace)."""
+    """Write examples as UTF-8 JSONL, one per line, atomically."""
+    write_text_atomically(path, "".join(_dumps(ex) + "\n" for ex in examples))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """A temporary file beside `path`, fsynced, then renamed over it: a crash leaves the old file
+    or the new one, never half of one. Creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for ex in examples:
-                f.write(_dumps(ex) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

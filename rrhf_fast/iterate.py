@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 from . import config as config_module
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig, config_from_args, opt
-from .data import Example, load_examples, write_examples
+from .data import Example, load_examples, write_examples, write_text_atomically
 from .errors import UserError
 from .sample import SampleConfig, build_examples, read_prompts
 from .score import KINDS, ScoreConfig, build_scorer, score_examples
@@ -264,7 +263,7 @@ def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> N
     scored = score_examples([Example(q, [a], []) for q, a in zip(prompts, answers, strict=True)],
                             build_scorer(s.run.scorer, s.score))  # fmt: skip
     rows = [{"query": ex.query, "answer": ex.responses[0], "reward": ex.scores[0]} for ex in scored]
-    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _load_policy(s: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
@@ -335,7 +334,7 @@ def _mean_reward(path: Path) -> float:
 
 
 def _write_summary(out: Path, rows: list[dict]) -> None:
-    _write_text(out / SUMMARY_FILE, "".join(json.dumps(row) + "\n" for row in rows))
+    write_text_atomically(out / SUMMARY_FILE, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def _read_json(path: Path) -> dict:
@@ -343,21 +342,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    _write_text(path, json.dumps(value, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically: a temporary file beside `path`, fsynced, then renamed over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def _brief(row: dict) -> str:

@@ -5,22 +5,11 @@ import random
 import re
 
 import pytest
-import torch
 
 from rrhf_fast.cli import main
 from rrhf_fast.demo import DemoConfig, corrupt, gold_of, query_reward, reward
 from rrhf_fast.demo_online import _settings, _task
 from rrhf_fast.iterate import iterate
-
-
-@pytest.fixture
-def one_thread():
-    """The figures the online assertions were measured with come from one torch thread (the
-    results of a run depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -31,13 +31,7 @@ BASE = dict(optim="adamw", lr=1e-3, min_lr=1e-3, warmup_steps=0, micro_batch_tok
             log_every=0, plot=False, save_every=2, keep_checkpoints=5)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and on a shared 2-core machine much faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,7 @@ from rrhf_fast.packing import pack, tokenize_example
 from rrhf_fast.tiny import build_tokenizer
 from rrhf_fast.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: more torch threads only spin, and the figures the
-    assertions were measured with come from one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ SCORER = "python:rrhf_fast.demo:query_reward"
 STEPS = 3  # per round
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: more torch threads only spin, and the figures the
-    assertions were measured with come from one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
 
 @pytest.fixture(scope="module")

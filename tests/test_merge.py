@@ -14,14 +14,7 @@ from rrhf_fast.loading import import_peft
 from rrhf_fast.merge import merge
 from rrhf_fast.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and on a shared 2-core machine much faster (no spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
 
 @pytest.fixture(scope="module")
