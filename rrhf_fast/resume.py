@@ -35,15 +35,18 @@ _BOOKKEEPING = {"output_dir", "resume", "max_steps", "epochs", "eval_data", "eva
 
 
 def data_fingerprint(items: Sequence[TokenizedExample]) -> dict[str, Any]:
-    """The number of queries and tokens, and a hash of every query's token ids, lengths and scores."""
+    """The number of queries and tokens, and a hash of every query's token ids, lengths, scores and
+    reference log-probs (--loss dpo: other ones would silently train towards another reference)."""
     digest = hashlib.sha256()
     for item in items:
-        lengths = [len(item.prompt_ids), len(item.response_ids), *map(len, item.response_ids)]
+        lengths = [len(item.prompt_ids), len(item.response_ids), *map(len, item.response_ids),
+                   len(item.ref_logps)]  # fmt: skip
         digest.update(array("q", lengths).tobytes())
         digest.update(array("q", item.prompt_ids).tobytes())
         for response in item.response_ids:
             digest.update(array("q", response).tobytes())
         digest.update(array("d", item.scores).tobytes())
+        digest.update(array("d", item.ref_logps).tobytes())
     return {"queries": len(items), "tokens": sum(it.packed_len for it in items), "sha256": digest.hexdigest()}
 
 
@@ -56,9 +59,9 @@ def check_same_data(state: dict[str, Any], fingerprint: dict[str, Any], data: st
     raise UserError(
         f"--data {data} is not the data {checkpoint} was trained on ({fingerprint['queries']} queries "
         f"and {fingerprint['tokens']} tokens now, {saved['queries']} and {saved['tokens']} then, or other "
-        "token ids or scores), so the run would continue in another data order; resume with that run's "
-        "--data, --model tokenizer, --max-prompt-len, --max-response-len and --chat-template, or train "
-        "into a new --output-dir"
+        "token ids, scores or ref_logps), so the run would continue in another data order; resume with "
+        "that run's --data, --model tokenizer, --max-prompt-len, --max-response-len and --chat-template, "
+        "or train into a new --output-dir"
     )
 
 
