@@ -35,14 +35,7 @@ from rrhf_fast.resume import data_fingerprint
 from rrhf_fast.tiny import build_tiny_model, build_tokenizer
 from rrhf_fast.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: more torch threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
 
 @pytest.fixture(scope="module")
