@@ -100,8 +100,10 @@ def train(config: TrainConfig) -> TrainResult:
     lengths = [it.packed_len for it in items]
     data_id = data_fingerprint(items)
 
-    def steps_of_epoch(epoch: int) -> list[list[list[int]]]:
-        return plan_steps(lengths, epoch_order(len(items), config.seed, epoch), config)
+    def steps_of_epoch(epoch: int, done: int = 0) -> list[list[list[int]]]:
+        """The epoch's steps after its first `done` queries (greedy planning: the same steps as the
+        whole epoch's from that point on, whenever `done` ends a step of the same flags)."""
+        return plan_steps(lengths, epoch_order(len(items), config.seed, epoch)[done:], config)
 
     total_steps = config.max_steps or sum(len(steps_of_epoch(e)) for e in range(config.epochs))
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
@@ -137,13 +139,16 @@ def train(config: TrainConfig) -> TrainResult:
         return built["optimizer"]
 
     # ---------------------------------------------------------------------------------------------
-    # resume: weights, optimizer, RNGs, data position and counters of the last complete checkpoint
-    step, epoch, position, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0, 0, 0
+    # resume: weights, optimizer, RNGs, data position and counters of the last complete checkpoint.
+    # The position is the number of the epoch's queries already trained, so a resume with another
+    # --queries-per-step / --grad-accum / --micro-batch-tokens plans the rest of the epoch anew
+    # rather than skip or repeat queries.
+    step, epoch, done, skipped, bad_in_row, tokens_seen = 0, 0, 0, 0, 0, 0
     if checkpoint is not None:
         state = load_checkpoint(
             checkpoint, model=model, optimizer=wrap_and_build, here=here, sharded=config.fsdp
         )
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+        step, epoch, done = state["step"], state["epoch"], _queries_done(state, steps_of_epoch)
         skipped, bad_in_row, tokens_seen = state["skipped_steps"], state["bad_in_row"], state["tokens_seen"]
         if here.main:
             truncate_metrics(out_dir / METRICS_FILE, step)
@@ -159,12 +164,12 @@ def train(config: TrainConfig) -> TrainResult:
     if here.main:
         config.save(out_dir / "config.json")
         write_run_info(out_dir / RUN_FILE, resolved)
-    plan = steps_of_epoch(epoch)
-    if max(map(len, plan)) < here.world:
+    plan, position = steps_of_epoch(epoch, done), 0
+    if plan and max(map(len, plan)) < here.world:
         say(_idle_ranks_message(max(map(len, plan)), here.world))
 
     def save() -> Path:
-        state = dict(epoch=epoch, position=position, data_seed=config.seed, skipped_steps=skipped,
+        state = dict(epoch=epoch, queries_done=done, data_seed=config.seed, skipped_steps=skipped,
                      bad_in_row=bad_in_row, tokens_seen=tokens_seen, schedule=schedule,
                      data=data_id)  # fmt: skip
         return save_checkpoint(out_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -182,12 +187,12 @@ def train(config: TrainConfig) -> TrainResult:
             _log(metrics_file, {"step": 0, **evaluate(runner, eval_items, config, autocast=autocast)})
         while step < total_steps:
             if position >= len(plan):  # next epoch
-                epoch, position = epoch + 1, 0
+                epoch, done, position = epoch + 1, 0, 0
                 plan = steps_of_epoch(epoch)
             groups, real = distributed.my_microbatches(plan[position], here)
             batches = [pack_tokenized([items[i] for i in group]) for group in groups]
             queries = sum(len(group) for group in plan[position])  # the whole step's, on every rank
-            position += 1
+            position, done = position + 1, done + queries
             lr = lr_at(step, **schedule)
             set_lr(optimizer, lr)
 
@@ -310,6 +315,15 @@ def _sum_over_ranks(
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=generator).tolist()
+
+
+def _queries_done(state: dict[str, Any], steps_of_epoch: Any) -> int:
+    """How many of its epoch's queries a checkpoint had trained (one written before `queries_done`
+    was kept counts the queries of its first `position` steps, planned with the same flags)."""
+    if "queries_done" in state:
+        return state["queries_done"]
+    steps = steps_of_epoch(state["epoch"])[: state["position"]]
+    return sum(len(group) for step in steps for group in step)
 
 
 def plan_steps(lengths: list[int], order: list[int], config: TrainConfig) -> list[list[list[int]]]:

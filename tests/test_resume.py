@@ -151,6 +151,33 @@ def test_resume_with_another_step_size_keeps_the_checkpoints_schedule(tmp_path, 
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(s, **old) for s in range(4)], rel=1e-12)
 
 
+def _record_steps(monkeypatch):
+    """The query indices of every step the trainer takes, in order."""
+    steps, real = [], distributed.my_microbatches
+
+    def record(step, here):
+        steps.append(sorted(i for group in step for i in group))
+        return real(step, here)
+
+    monkeypatch.setattr(distributed, "my_microbatches", record)
+    return steps
+
+
+def test_resume_with_another_step_size_trains_the_rest_of_the_epoch(tmp_path, model_dir, monkeypatch):
+    """2 queries per step, killed after step 2, resumed with 4 per step: the next step takes the 4
+    queries of the epoch not yet trained (a position counted in steps would skip to the next epoch)."""
+    data = write_data(tmp_path / "d.jsonl", 8)
+    cfg = config(tmp_path, model_dir, data, max_steps=4, queries_per_step=2, save_every=2)
+    before = _record_steps(monkeypatch)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")  # as if killed before the last save
+    after = _record_steps(monkeypatch)
+    assert train(resumed(cfg, queries_per_step=4)).step == 4  # the checkpoint's 4-step schedule
+    order = [train_module.epoch_order(8, cfg.seed, e) for e in (0, 1)]
+    assert before[:2] == [sorted(order[0][:2]), sorted(order[0][2:4])]
+    assert after == [sorted(order[0][4:]), sorted(order[1][:4])]
+
+
 def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, model_dir, capsys):
     data = write_data(tmp_path / "d.jsonl", 8)
     cfg = config(tmp_path, model_dir, data, max_steps=2, queries_per_step=2)
