@@ -419,3 +419,10 @@ def test_each_rank_seeds_torch_with_seed_plus_rank_after_loading(tmp_path, model
     assert torch.equal(rng1, torch.Generator().manual_seed(8).get_state())
     assert lora0 and lora0.keys() == lora1.keys()
     assert all(torch.equal(lora0[n], lora1[n]) for n in lora0)
+
+
+def test_a_checkpoint_that_counted_steps_resumes_after_their_queries():
+    """Checkpoints written before `queries_done` kept the position in steps of the same plan."""
+    plan = [[[3, 1], [0]], [[2]], [[5, 4]]]  # steps -> micro-batches -> queries
+    assert train_module._queries_done({"epoch": 0, "position": 2}, lambda epoch: plan) == 4
+    assert train_module._queries_done({"epoch": 0, "position": 2, "queries_done": 3}, lambda epoch: plan) == 3
