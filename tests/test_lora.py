@@ -6,17 +6,17 @@ models (where its CPU backend is missing they skip); the CUDA flavour (bf16 auto
 """
 
 import json
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import config as train_config
+from training_runs import write_data
 
 import rrhf_fast.train as train_module
 from rrhf_fast.checkpoint import latest_checkpoint
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
 from rrhf_fast.demo import save_tiny_model
 from rrhf_fast.errors import UserError
 from rrhf_fast.loading import finish_model, load_model
@@ -30,29 +30,14 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-def write_data(path, n=8, seed=0):
-    """n queries, 3 graded responses each (a sorted string, a near miss, a wrong order)."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
-        gold = "".join(sorted(digits))
-        responses = [gold, digits + "0", gold[::-1][:-1] or "x"]
-        examples.append(Example(f"sort {digits}:", responses, [1.0, 0.5, 0.0]))
-    write_examples(path, examples)
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data") / "d.jsonl")
 
 
 def config(tmp_path, model_dir, data, name="run", **overrides):
-    base = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / name), optim="adamw", lr=1e-2,
-                device="cpu", log_every=0, plot=False, save_every=0, warmup_steps=0, lora_r=4, lora_alpha=8.0,
-                queries_per_step=4, max_steps=4)  # fmt: skip
-    return TrainConfig(**{**base, **overrides})
+    lora = dict(lora_r=4, lora_alpha=8.0, queries_per_step=4, max_steps=4)
+    return train_config(tmp_path, model_dir, data, name, **{**lora, **overrides})
 
 
 def losses(run_dir):

@@ -6,13 +6,13 @@ import copy
 import json
 import logging
 import os
-import random
 import re
 import shutil
 
 import pytest
 import torch
 import transformers
+from training_runs import config, metrics, write_data
 
 import rrhf_fast.distributed as distributed
 import rrhf_fast.train as train_module
@@ -25,7 +25,7 @@ from rrhf_fast.checkpoint import (
     verify_checkpoint,
 )
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, load_examples, write_examples
+from rrhf_fast.data import load_examples, write_examples
 from rrhf_fast.demo import save_tiny_model
 from rrhf_fast.errors import UserError
 from rrhf_fast.loading import load_model, load_tokenizer
@@ -43,31 +43,8 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, hidden_size=32, layers=1)
 
 
-def write_data(path, n, seed=0):
-    """n queries of 3 graded responses each."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
-        gold = "".join(sorted(digits))
-        responses = [gold, digits + "0", gold[::-1][:-1] or "x"]
-        examples.append(Example(query=f"sort {digits}:", responses=responses, scores=[1.0, 0.5, 0.0]))
-    write_examples(path, examples)
-    return path
-
-
-def config(tmp_path, model_dir, data, name="run", **overrides):
-    base = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / name), optim="adamw", lr=1e-2,
-                device="cpu", log_every=0, plot=False, save_every=0, warmup_steps=0)  # fmt: skip
-    return TrainConfig(**{**base, **overrides})
-
-
 def resumed(cfg, **overrides):
     return TrainConfig(**{**cfg.to_dict(), "resume": True, **overrides})
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def write_jsonl(path, records):

@@ -1,17 +1,16 @@
 """rrhf_fast.train: accumulation by global query counts, exact resume, the finite-loss guard, metrics."""
 
-import json
 import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import config, metrics, write_data
 
 import rrhf_fast.checkpoint as ckpt
 import rrhf_fast.train as train_module
 from rrhf_fast.checkpoint import latest_checkpoint, verify_checkpoint
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
 from rrhf_fast.demo import save_tiny_model
 from rrhf_fast.errors import UserError
 from rrhf_fast.evaluate import ranking_counts
@@ -25,37 +24,12 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
-def write_data(path, n, seed=0, equal_lengths=False):
-    """n queries, 3 graded responses each; with equal_lengths every query packs to the same size."""
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        digits = "".join(rng.choice("0123456789") for _ in range(4 if equal_lengths else rng.randint(2, 6)))
-        gold = "".join(sorted(digits))
-        responses = (
-            [gold, digits, gold[::-1]] if equal_lengths else [gold, digits + "0", gold[::-1][:-1] or "x"]
-        )
-        examples.append(Example(query=f"sort {digits}:", responses=responses, scores=[1.0, 0.5, 0.0]))
-    write_examples(path, examples)
-    return path
-
-
-def config(tmp_path, model_dir, data, name="run", **overrides):
-    base = dict(model=str(model_dir), data=str(data), output_dir=str(tmp_path / name), optim="adamw", lr=1e-2,
-                device="cpu", log_every=0, plot=False, save_every=0, warmup_steps=0)  # fmt: skip
-    return TrainConfig(**{**base, **overrides})
-
-
 def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # -------------------------------------------------------------------------------------------------
