@@ -84,9 +84,8 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
 def _warn_pure_bf16(config: Any) -> None:
     """bf16 keeps 8 significant bits: without fp32 master weights, an update below half a weight's
     spacing (2**-8 of it, relative) rounds to zero, so small learning rates silently stop training.
-    Only a training config (one with an optimizer) updates weights."""
-    trains = hasattr(config, "optim") and not getattr(config, "lora_r", 0)
-    if trains and getattr(config, "dtype", "auto") == "bfloat16":
+    With LoRA only the adapters train, and peft keeps them in fp32 (autocast_adapter_dtype)."""
+    if config.dtype == "bfloat16" and not config.lora_r:
         logging.getLogger(__name__).warning(
             "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves: an update "
             "smaller than about 1/256 of a weight rounds to nothing, so small learning rates barely train; "
