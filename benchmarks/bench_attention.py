@@ -5,7 +5,7 @@ appends to results/attention.csv (or attention_cpu_smoke.csv) and regenerates at
 
 Same model (the bench_step one), same G queries, same token_logprobs kernel and the same per-token
 upstream gradient; what differs is the layout and the attention backend:
-- `shared-prompt/<dense|flex|varlen>`: rrhf_fast.model.packed_logprobs, each prompt once in one
+- `shared-prompt/<dense|flex|varlen>`: rrhf_fast.models.logprobs.packed_logprobs, each prompt once in one
   unpadded row, the rrhf_shared_prompt attention with that backend;
 - `padded/<sdpa|flex_attention|flash_attention_2>`: the k copies of prompt + response of every query
   as rows of one right-padded batch [G*k, L], transformers' own attention of that name.
@@ -24,9 +24,9 @@ import torch
 import workload
 from reference_step import IGNORE, collate
 
+from rrhf_fast.data.packing import pack_tokenized
 from rrhf_fast.kernels import token_logprobs
-from rrhf_fast.model import packed_logprobs
-from rrhf_fast.packing import pack_tokenized
+from rrhf_fast.models.logprobs import packed_logprobs
 
 # provider -> (layout, backend); shared-prompt backends are rrhf-fast's, padded ones transformers'.
 PROVIDERS = {

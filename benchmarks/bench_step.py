@@ -34,9 +34,9 @@ import torch
 import workload
 from reference_step import reference_step
 
+from rrhf_fast.data.packing import pack_tokenized, plan_microbatches
 from rrhf_fast.kernels import rrhf_loss
-from rrhf_fast.model import packed_logprobs
-from rrhf_fast.packing import pack_tokenized, plan_microbatches
+from rrhf_fast.models.logprobs import packed_logprobs
 
 PROVIDERS = ("rrhf-fast", "rrhf-fast/packed", "reference")
 RESPONSE_LEN = 128

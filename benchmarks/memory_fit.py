@@ -37,9 +37,9 @@ from memory_models import METHODS, SHAPES, build
 from reference_step import query_loss
 from report import read_rows, write_report
 
-from rrhf_fast.optim import build_optimizer
-from rrhf_fast.packing import pack_tokenized
-from rrhf_fast.train import forward_backward
+from rrhf_fast.data.packing import pack_tokenized
+from rrhf_fast.training.optim import build_optimizer
+from rrhf_fast.training.train import forward_backward
 
 K, PROMPT, RESPONSE = 6, 512, 128
 SMOKE_K, SMOKE_PROMPT, SMOKE_RESPONSE = 2, 8, 4

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.loading import finish_model, import_bitsandbytes
-from rrhf_fast.model import prepare_model
+from rrhf_fast.models.loading import finish_model, import_bitsandbytes
+from rrhf_fast.models.logprobs import prepare_model
 
 LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
               bos_token_id=128000, eos_token_id=128001)  # fmt: skip
@@ -50,7 +50,7 @@ def method_flags(shape: str, method: str) -> TrainConfig:
 def model_config(shape: str, smoke: bool):
     from transformers import LlamaConfig, Qwen2Config
 
-    from rrhf_fast.tiny import tiny_config
+    from rrhf_fast.models.tiny import tiny_config
 
     if smoke:
         return tiny_config("llama")

@@ -6,7 +6,7 @@ batch), its k responses as k copies of prompt + response right-padded to the lon
 collator), a full forward producing the logits [k, L, V], log_softmax in fp32, a gather of the
 response tokens, per-response sums, the loss in either mode; gradients are accumulated over the
 queries of a step (mean over queries) and the optimizer steps once. It takes the same tokenised
-queries as rrhf-fast's packing (`rrhf_fast.packing.TokenizedExample`), so both see the same tokens.
+queries as rrhf-fast's packing (`rrhf_fast.data.packing.TokenizedExample`), so both see the same tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rrhf_fast.packing import TokenizedExample
+from rrhf_fast.data.packing import TokenizedExample
 
 IGNORE = -100
 

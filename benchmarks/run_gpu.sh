@@ -60,13 +60,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # -P: no current directory on sys.path, where ./rrhf_fast (without its kernels) would shadow the package.
-if ! "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.model" 2>/dev/null; then
+if ! "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.models.logprobs" 2>/dev/null; then
   # Not installed here: stage the package as it installs (kernels/ becomes rrhf_fast.kernels).
   stage=/tmp/rrhf_fast_src
   rm -rf "$stage" && mkdir -p "$stage"
   cp -r rrhf_fast "$stage/" && rm -rf "$stage/rrhf_fast/kernels" && cp -r kernels "$stage/rrhf_fast/kernels"
   export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
-  "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.model" || { say "cannot import rrhf_fast"; exit 1; }
+  "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.models.logprobs" || { say "cannot import rrhf_fast"; exit 1; }
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
 "$PYTHON" -c "import torch, triton, transformers as t; print('torch', torch.__version__, 'triton',

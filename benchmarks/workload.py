@@ -21,10 +21,10 @@ LLAMA_1B = dict(
 
 
 def build_llama(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A random-initialised Llama causal LM: "1b" (LLAMA_1B) or "tiny" (rrhf_fast.tiny), in train mode."""
+    """A random-initialised Llama causal LM: "1b" (LLAMA_1B) or "tiny" (models.tiny), in train mode."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from rrhf_fast.tiny import tiny_config
+    from rrhf_fast.models.tiny import tiny_config
 
     config = LlamaConfig(**LLAMA_1B) if size == "1b" else tiny_config("llama")
     torch.manual_seed(seed)
@@ -34,8 +34,8 @@ def build_llama(size: str, device: torch.device, dtype: torch.dtype, seed: int =
 
 
 def random_queries(num_queries: int, k: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0):
-    """Tokenised queries (rrhf_fast.packing.TokenizedExample) of random ids and distinct scores."""
-    from rrhf_fast.packing import TokenizedExample
+    """Tokenised queries (rrhf_fast.data.packing.TokenizedExample) of random ids and distinct scores."""
+    from rrhf_fast.data.packing import TokenizedExample
 
     gen = torch.Generator().manual_seed(seed)
 

@@ -11,17 +11,23 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from rrhf_fast.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("rrhf_fast.train", "train a causal LM with RRHF on a scored JSONL file"),
-    "sample": ("rrhf_fast.sample", "sample k candidate responses per prompt from a model"),
-    "score": ("rrhf_fast.score", "score candidate responses with a reward model, a function or an LLM judge"),
-    "iterate": ("rrhf_fast.iterate", "online RRHF: sample, score and train, repeated"),
-    "ref-logps": ("rrhf_fast.dpo", "add a reference model's log-prob sum per response (for --loss dpo)"),
-    "merge": ("rrhf_fast.merge", "merge a trained LoRA adapter into its base model"),
-    "plot": ("rrhf_fast.plot", "draw the training curves of a run directory"),
-    "demo": ("rrhf_fast.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
+    "train": ("rrhf_fast.training.train", "train a causal LM with RRHF on a scored JSONL file"),
+    "sample": ("rrhf_fast.generation.sample", "sample k candidate responses per prompt from a model"),
+    "score": (
+        "rrhf_fast.generation.score",
+        "score candidate responses with a reward model, a function or an LLM judge",
+    ),
+    "iterate": ("rrhf_fast.pipelines.iterate", "online RRHF: sample, score and train, repeated"),
+    "ref-logps": (
+        "rrhf_fast.objectives.dpo",
+        "add a reference model's log-prob sum per response (for --loss dpo)",
+    ),
+    "merge": ("rrhf_fast.training.merge", "merge a trained LoRA adapter into its base model"),
+    "plot": ("rrhf_fast.training.plot", "draw the training curves of a run directory"),
+    "demo": ("rrhf_fast.pipelines.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
 }
 
 

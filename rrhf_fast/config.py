@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .kernels.rrhf_loss import MODES, SFT_REDUCTIONS
-from .kernels.utils import IMPLS
+from rrhf_fast.errors import UserError
+from rrhf_fast.kernels.rrhf_loss import MODES, SFT_REDUCTIONS
+from rrhf_fast.kernels.utils import IMPLS
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
 # = attention.BACKENDS, which is not imported here: attention.py loads transformers, ~3 s more on

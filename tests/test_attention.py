@@ -1,4 +1,4 @@
-"""rrhf_fast.attention: every backend against a brute-force reference of the attention rule."""
+"""rrhf_fast.models.attention: every backend against a brute-force reference of the attention rule."""
 
 import pytest
 import torch
@@ -6,8 +6,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from rrhf_fast import attention
-from rrhf_fast.attention import (
+from rrhf_fast.data.packing import TokenizedExample, pack_tokenized
+from rrhf_fast.models import attention
+from rrhf_fast.models.attention import (
     NAME,
     SharedPromptMeta,
     packed_forward,
@@ -15,7 +16,6 @@ from rrhf_fast.attention import (
     shared_prompt_attention,
     varlen_reference,
 )
-from rrhf_fast.packing import TokenizedExample, pack_tokenized
 
 
 def ragged_batch(seed: int = 0):

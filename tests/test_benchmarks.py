@@ -155,8 +155,8 @@ def test_old_csv_gains_new_columns(tmp_path):
 
 def test_model_flops_formula():
     """Tiny Llama: D=64, 4 heads of 16, 2 KV heads, MLP 128, 2 layers, V=259; one query P=5, n=(3, 2)."""
-    from rrhf_fast.packing import TokenizedExample
-    from rrhf_fast.tiny import build_tiny_model
+    from rrhf_fast.data.packing import TokenizedExample
+    from rrhf_fast.models.tiny import build_tiny_model
 
     model = build_tiny_model("llama")
     items = [TokenizedExample([1, 2, 3, 4, 5], [[6, 7, 8], [9, 10]], [0.0, 1.0])]

@@ -1,4 +1,4 @@
-"""rrhf_fast.checkpoint: atomic, rotated, verified checkpoints that never unpickle arbitrary objects."""
+"""training.checkpoint: atomic, rotated, verified checkpoints that never unpickle arbitrary objects."""
 
 import json
 import pickle
@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-import rrhf_fast.checkpoint as ckpt
-from rrhf_fast.checkpoint import (
+import rrhf_fast.training.checkpoint as ckpt
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.training.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
     remove_partial_saves,
     save_checkpoint,
 )
-from rrhf_fast.config import TrainConfig
-from rrhf_fast.errors import UserError
-from rrhf_fast.optim import build_optimizer
-from rrhf_fast.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.training.optim import build_optimizer
 
 
 def _setup(seed=0, tie=False, optim="adamw"):

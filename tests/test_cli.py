@@ -5,8 +5,8 @@ import json
 import pytest
 
 from rrhf_fast.cli import main
-from rrhf_fast.data import Example, write_examples
-from rrhf_fast.demo import save_tiny_model
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.pipelines.demo import save_tiny_model
 
 
 @pytest.fixture(scope="module")

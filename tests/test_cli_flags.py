@@ -49,7 +49,7 @@ def test_iterate_chat_template_flags_agree():
 
 
 def test_attn_choices_are_the_attention_backends():
-    from rrhf_fast.attention import BACKENDS
     from rrhf_fast.config import ATTN
+    from rrhf_fast.models.attention import BACKENDS
 
     assert ATTN == BACKENDS

@@ -1,4 +1,4 @@
-"""rrhf_fast.data: the JSONL and dataset readers, their error messages, the writer."""
+"""rrhf_fast.data.records: the JSONL and dataset readers, their error messages, the writer."""
 
 import json
 import logging
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_fast.data import Example, load_examples, load_examples_with_stats, write_examples
+from rrhf_fast.data.records import Example, load_examples, load_examples_with_stats, write_examples
 from rrhf_fast.errors import DataError, UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -55,7 +55,7 @@ def test_malformed_input_names_file_line_and_field(name, line, field, words):
 
 
 def test_blank_lines_are_skipped_counted_and_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="rrhf_fast.data"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_fast.data.records"):
         stats = load_examples_with_stats(FIXTURES / "blank_lines.jsonl")
     assert len(stats.examples) == 3
     assert stats.blank_lines == [2, 4, 5, 7] and stats.num_blank == 4

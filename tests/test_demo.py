@@ -1,4 +1,4 @@
-"""rrhf_fast.demo: the task's reward, and shortened demos whose held-out reward must rise."""
+"""rrhf_fast.pipelines.demo: the task's reward, and shortened demos whose held-out reward must rise."""
 
 import json
 import random
@@ -7,9 +7,9 @@ import re
 import pytest
 
 from rrhf_fast.cli import main
-from rrhf_fast.demo import DemoConfig, corrupt, gold_of, query_reward, reward
-from rrhf_fast.demo_online import _settings, _task
-from rrhf_fast.iterate import iterate
+from rrhf_fast.pipelines.demo import DemoConfig, corrupt, gold_of, query_reward, reward
+from rrhf_fast.pipelines.demo_online import _settings, _task
+from rrhf_fast.pipelines.iterate import iterate
 
 
 @pytest.mark.parametrize(

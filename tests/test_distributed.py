@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
-from rrhf_fast.demo import save_tiny_model
-from rrhf_fast.distributed import Dist, my_microbatches, sum_over_ranks
+from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.train import train
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.distributed import Dist, my_microbatches, sum_over_ranks
+from rrhf_fast.training.train import train
 
 # micro_batch_tokens 60 holds 1-3 of these queries: a step of grad_accum micro-batches splits
 # unevenly over two ranks, so one rank also runs a zero-weight filler micro-batch.
@@ -195,7 +195,7 @@ def test_fsdp_needs_torchrun(tmp_path, files):
 
 
 def test_fsdp_adamw8bit_without_torchao_is_an_error_not_32_bit_states(monkeypatch):
-    from rrhf_fast.optim import build_optimizer
+    from rrhf_fast.training.optim import build_optimizer
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
     params = [("w", torch.nn.Parameter(torch.zeros(4, 4)))]

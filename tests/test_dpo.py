@@ -1,4 +1,4 @@
-"""rrhf_fast.dpo: the DPO loss on a packed batch, its gradient, the stored reference log-probs,
+"""rrhf_fast.objectives.dpo: the DPO loss on a packed batch, its gradient, the stored reference log-probs,
 a DPO training run through train.py, and the errors for data without reference log-probs."""
 
 import json
@@ -10,14 +10,14 @@ import torch
 
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, load_examples, write_examples
-from rrhf_fast.demo import save_tiny_model
-from rrhf_fast.dpo import add_reference_logps, dpo_loss
+from rrhf_fast.data.packing import pack, tokenize_example
+from rrhf_fast.data.records import Example, load_examples, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.model import packed_logprobs
-from rrhf_fast.packing import pack, tokenize_example
-from rrhf_fast.tiny import build_tokenizer
-from rrhf_fast.train import train
+from rrhf_fast.models.logprobs import packed_logprobs
+from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.objectives.dpo import add_reference_logps, dpo_loss
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 

@@ -1,4 +1,4 @@
-"""rrhf_fast.iterate: every round's files, resume after a crash in round 2 (bitwise equal to the run
+"""rrhf_fast.pipelines.iterate: every round's files, resume after a crash in round 2 (bitwise equal to the run
 that never stopped), DPO rounds with reference log-probs, the command line."""
 
 import json
@@ -9,17 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rrhf_fast.iterate as iterate_module
-import rrhf_fast.train as train_module
+import rrhf_fast.pipelines.iterate as iterate_module
+import rrhf_fast.training.train as train_module
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import load_examples
-from rrhf_fast.demo import gold_of, save_tiny_model
+from rrhf_fast.data.records import load_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.iterate import IterateConfig, Settings, iterate
-from rrhf_fast.sample import SampleConfig
+from rrhf_fast.generation.sample import SampleConfig
+from rrhf_fast.pipelines.demo import gold_of, save_tiny_model
+from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
-SCORER = "python:rrhf_fast.demo:query_reward"
+SCORER = "python:rrhf_fast.pipelines.demo:query_reward"
 STEPS = 3  # per round
 
 
@@ -215,7 +215,7 @@ def test_bad_flags_are_one_sentence_errors(task, tmp_path, capsys):
 
 
 def test_a_policy_with_only_empty_answers_is_one_clear_error(task, tmp_path, monkeypatch):
-    import rrhf_fast.sample as sample_module
+    import rrhf_fast.generation.sample as sample_module
 
     monkeypatch.setattr(
         sample_module, "generate_candidates", lambda model, tok, queries, k, cfg: [[""] * k] * len(queries)

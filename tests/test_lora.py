@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from training_runs import config as train_config
 from training_runs import write_data
 
-import rrhf_fast.train as train_module
-from rrhf_fast.checkpoint import latest_checkpoint
+import rrhf_fast.training.train as train_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.demo import save_tiny_model
 from rrhf_fast.errors import UserError
-from rrhf_fast.loading import finish_model, load_model
-from rrhf_fast.train import train
+from rrhf_fast.models.loading import finish_model, load_model
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.checkpoint import latest_checkpoint
+from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
@@ -145,7 +145,7 @@ def test_lora_on_lm_head_is_refused_by_the_flags():
 
 def test_lora_on_lm_head_is_refused_after_loading():
     """Whatever the flags, a peft layer in place of the lm_head is caught once the adapters are in."""
-    from rrhf_fast.tiny import build_tiny_model
+    from rrhf_fast.models.tiny import build_tiny_model
 
     flags = SimpleNamespace(model="tiny", lora_r=4, lora_alpha=8.0, lora_dropout=0.0,
                             lora_target_modules="lm_head", gradient_checkpointing=False)  # fmt: skip

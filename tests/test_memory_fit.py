@@ -87,7 +87,7 @@ def test_shapes_have_the_published_parameter_counts(shape, params):
 def test_materialize_keeps_tied_weights_and_computes_rotary_tables():
     from transformers import AutoModelForCausalLM
 
-    from rrhf_fast.tiny import build_tiny_model, tiny_config
+    from rrhf_fast.models.tiny import build_tiny_model, tiny_config
 
     config = tiny_config("llama", tie_word_embeddings=True)
     with torch.device("meta"):

@@ -8,11 +8,11 @@ from transformers import AutoModelForCausalLM
 
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
-from rrhf_fast.demo import save_tiny_model
-from rrhf_fast.loading import import_peft
-from rrhf_fast.merge import merge
-from rrhf_fast.train import train
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.models.loading import import_peft
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.merge import merge
+from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 

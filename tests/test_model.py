@@ -1,4 +1,4 @@
-"""rrhf_fast.model: one packed shared-prompt batch == each (prompt, response) run alone.
+"""rrhf_fast.models.logprobs: one packed shared-prompt batch == each (prompt, response) run alone.
 
 The flash-linear-attention varlen test, for the tiny llama / qwen2 / mistral / gemma2 models: log-
 probs and parameter gradients from ONE packed batch equal those of every `prompt + response` run
@@ -10,13 +10,13 @@ import copy
 import pytest
 import torch
 
-from rrhf_fast import attention
-from rrhf_fast.data import Example
+from rrhf_fast.data.packing import pack, tokenize_example
+from rrhf_fast.data.records import Example
 from rrhf_fast.errors import ModelError
 from rrhf_fast.kernels import rrhf_loss
-from rrhf_fast.model import _LOGIT_FACTORS, check_logit_parity, packed_logprobs, prepare_model
-from rrhf_fast.packing import pack, tokenize_example
-from rrhf_fast.tiny import ARCHS, SCALED_LOGIT_ARCHS, build_tiny_model, build_tokenizer
+from rrhf_fast.models import attention
+from rrhf_fast.models.logprobs import _LOGIT_FACTORS, check_logit_parity, packed_logprobs, prepare_model
+from rrhf_fast.models.tiny import ARCHS, SCALED_LOGIT_ARCHS, build_tiny_model, build_tokenizer
 
 TOK = build_tokenizer()
 # Three queries with different prompt lengths and k = 3 or 4 ragged responses.

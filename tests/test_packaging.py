@@ -37,7 +37,7 @@ def test_transformers_models_build_from_the_repository_root():
     code = (
         "import torch, transformers\n"
         "from transformers.utils import import_utils\n"
-        "from rrhf_fast.tiny import build_tiny_model\n"
+        "from rrhf_fast.models.tiny import build_tiny_model\n"
         "model = build_tiny_model('llama')\n"
         "logits = model(torch.tensor([[1, 2, 3]])).logits\n"
         "import kernels\n"

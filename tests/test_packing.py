@@ -1,13 +1,11 @@
-"""rrhf_fast.packing: tokenisation rules, the PackedBatch layout and the token-budget batcher."""
+"""rrhf_fast.data.packing: tokenisation rules, the PackedBatch layout and the token-budget batcher."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rrhf_fast.data import Example
-from rrhf_fast.errors import UserError
-from rrhf_fast.packing import (
+from rrhf_fast.data.packing import (
     PackedBatch,
     TokenizedExample,
     pack,
@@ -15,7 +13,9 @@ from rrhf_fast.packing import (
     plan_microbatches,
     tokenize_example,
 )
-from rrhf_fast.tiny import build_tokenizer
+from rrhf_fast.data.records import Example
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.tiny import build_tokenizer
 
 TOK = build_tokenizer()
 BOS, EOS = TOK.bos_token_id, TOK.eos_token_id

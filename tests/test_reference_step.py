@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rrhf_fast.data import Example
+from rrhf_fast.data.packing import tokenize_example
+from rrhf_fast.data.records import Example
 from rrhf_fast.kernels import rrhf_loss_torch
-from rrhf_fast.packing import tokenize_example
-from rrhf_fast.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_step import reference_backward, reference_step  # noqa: E402

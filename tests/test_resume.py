@@ -1,6 +1,6 @@
 """Resume safety and run provenance: other data refused, the checkpoint's learning-rate schedule kept
 unless asked, parked re-saves put back, run.json, errors that name the record, the pure-bf16 warning
-and the per-rank dropout seed (rrhf_fast.resume, rrhf_fast.provenance, rrhf_fast.checkpoint)."""
+and the per-rank dropout seed (training.resume, training.provenance, training.checkpoint)."""
 
 import copy
 import json
@@ -14,26 +14,26 @@ import torch
 import transformers
 from training_runs import config, metrics, write_data
 
-import rrhf_fast.distributed as distributed
-import rrhf_fast.train as train_module
-from rrhf_fast.attention import resolve_backend
-from rrhf_fast.checkpoint import (
+import rrhf_fast.training.distributed as distributed
+import rrhf_fast.training.train as train_module
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import TokenizedExample, tokenize_example
+from rrhf_fast.data.records import load_examples, write_examples
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.attention import resolve_backend
+from rrhf_fast.models.loading import load_model, load_tokenizer
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.checkpoint import (
     latest_checkpoint,
     read_trainer_state,
     remove_partial_saves,
     save_checkpoint,
     verify_checkpoint,
 )
-from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import load_examples, write_examples
-from rrhf_fast.demo import save_tiny_model
-from rrhf_fast.errors import UserError
-from rrhf_fast.loading import load_model, load_tokenizer
-from rrhf_fast.optim import build_optimizer, default_warmup, lr_at
-from rrhf_fast.packing import TokenizedExample, tokenize_example
-from rrhf_fast.resume import data_fingerprint
-from rrhf_fast.tiny import build_tiny_model, build_tokenizer
-from rrhf_fast.train import train
+from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at
+from rrhf_fast.training.resume import data_fingerprint
+from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
@@ -351,9 +351,9 @@ def test_resume_without_a_checkpoint_starts_again_at_step_0(tmp_path, model_dir,
 )
 def test_pure_bf16_full_fine_tuning_warns(model_dir, caplog, flags, warns):
     cfg = TrainConfig(model=str(model_dir), data="d", output_dir="o", **flags)
-    with caplog.at_level(logging.WARNING, logger="rrhf_fast.loading"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_fast.models.loading"):
         load_model(cfg, torch.device("cpu"))
-    said = [r.getMessage() for r in caplog.records if r.name == "rrhf_fast.loading"]
+    said = [r.getMessage() for r in caplog.records if r.name == "rrhf_fast.models.loading"]
     assert any("--dtype bfloat16 without --lora-r trains the bf16 weights" in m for m in said) == warns
 
 

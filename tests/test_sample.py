@@ -1,4 +1,4 @@
-"""rrhf_fast.sample and rrhf_fast.beam_search: prompts, candidates, diverse beam search, files."""
+"""generation.sample and generation.beam_search: prompts, candidates, diverse beam search, files."""
 
 import json
 import logging
@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from rrhf_fast import cli
-from rrhf_fast.beam_search import decode, diverse_beam_search, left_pad, positions
-from rrhf_fast.data import Example, load_examples
+from rrhf_fast.data.packing import tokenize_prompt
+from rrhf_fast.data.records import Example, load_examples
 from rrhf_fast.errors import DataError, UserError
-from rrhf_fast.packing import tokenize_prompt
-from rrhf_fast.sample import (
+from rrhf_fast.generation.beam_search import decode, diverse_beam_search, left_pad, positions
+from rrhf_fast.generation.sample import (
     SampleConfig,
     candidates_to_examples,
     cut_at_stop,
@@ -23,7 +23,7 @@ from rrhf_fast.sample import (
     sample_file,
     vllm_available,
 )
-from rrhf_fast.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
 
 EOS, PAD = 257, 258
 QUERIES = ["Hello there", "Hi", "A much longer prompt than the others, to pad the rest", "Q"]

@@ -1,4 +1,4 @@
-"""rrhf_fast.score and rrhf_fast.labelers: reward model, Python function, RLAIF judge and d-RLAIF
+"""generation.score and generation.labelers: reward model, Python function, RLAIF judge and d-RLAIF
 direct scorers; scoring files."""
 
 import json
@@ -11,10 +11,16 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rrhf_fast import cli
-from rrhf_fast.data import load_examples
+from rrhf_fast.data.records import load_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.labelers import DirectScorer, JudgeScorer, fill_template, load_template, parse_options
-from rrhf_fast.score import (
+from rrhf_fast.generation.labelers import (
+    DirectScorer,
+    JudgeScorer,
+    fill_template,
+    load_template,
+    parse_options,
+)
+from rrhf_fast.generation.score import (
     FunctionScorer,
     RewardModelScorer,
     ScoreConfig,
@@ -23,7 +29,7 @@ from rrhf_fast.score import (
     score_examples,
     score_file,
 )
-from rrhf_fast.tiny import build_tiny_model, build_tokenizer, tiny_config
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer, tiny_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "score"
 QUERIES = ["What is 2+2?", "Say hi in French"]

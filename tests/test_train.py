@@ -1,4 +1,4 @@
-"""rrhf_fast.train: accumulation by global query counts, exact resume, the finite-loss guard, metrics."""
+"""training.train: accumulation by global query counts, exact resume, the finite-loss guard, metrics."""
 
 import random
 
@@ -7,16 +7,16 @@ import torch
 from safetensors.torch import load_file
 from training_runs import config, metrics, write_data
 
-import rrhf_fast.checkpoint as ckpt
-import rrhf_fast.train as train_module
-from rrhf_fast.checkpoint import latest_checkpoint, verify_checkpoint
+import rrhf_fast.training.checkpoint as ckpt
+import rrhf_fast.training.train as train_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.demo import save_tiny_model
+from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.errors import UserError
-from rrhf_fast.evaluate import ranking_counts
-from rrhf_fast.packing import pack_tokenized, tokenize_example
-from rrhf_fast.tiny import build_tokenizer
-from rrhf_fast.train import epoch_order, forward_backward, plan_steps, train
+from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.training.checkpoint import latest_checkpoint, verify_checkpoint
+from rrhf_fast.training.evaluate import ranking_counts
+from rrhf_fast.training.train import epoch_order, forward_backward, plan_steps, train
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def max_diff(a, b):
 
 
 def _packed_len(data):
-    from rrhf_fast.data import load_examples
+    from rrhf_fast.data.records import load_examples
 
     return [tokenize_example(e, build_tokenizer()).packed_len for e in load_examples(data)]
 
@@ -74,9 +74,9 @@ def test_micro_batching_gives_the_same_update(tmp_path, model_dir, split, micro_
 
 def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path, model_dir):
     """Adam hides a uniform gradient scale; compare the gradients themselves, uneven splits too."""
-    from rrhf_fast.data import load_examples
-    from rrhf_fast.loading import load_model, resolve_device
-    from rrhf_fast.model import prepare_model
+    from rrhf_fast.data.records import load_examples
+    from rrhf_fast.models.loading import load_model, resolve_device
+    from rrhf_fast.models.logprobs import prepare_model
 
     data = write_data(tmp_path / "d.jsonl", 8, seed=3)
     cfg = config(tmp_path, model_dir, data)

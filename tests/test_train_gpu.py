@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
-from rrhf_fast.model import check_logit_parity, prepare_model
-from rrhf_fast.tiny import ARCHS, build_tiny_model, build_tokenizer
-from rrhf_fast.train import train
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.models.logprobs import check_logit_parity, prepare_model
+from rrhf_fast.models.tiny import ARCHS, build_tiny_model, build_tokenizer
+from rrhf_fast.training.train import train
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,7 @@ import json
 import random
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data import Example, write_examples
+from rrhf_fast.data.records import Example, write_examples
 
 
 def write_data(path, n=8, seed=0, equal_lengths=False):

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from .errors import UserError
-from .loading import resolve_device
-from .model import PackedLogprobs
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import resolve_device
+from rrhf_fast.models.logprobs import PackedLogprobs
 
 
 @dataclass(frozen=True)

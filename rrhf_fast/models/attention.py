@@ -28,8 +28,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .errors import ModelError
-from .packing import PackedBatch
+from rrhf_fast.data.packing import PackedBatch
+from rrhf_fast.errors import ModelError
 
 NAME = "rrhf_shared_prompt"
 BACKENDS = ("auto", "varlen", "flex", "dense")

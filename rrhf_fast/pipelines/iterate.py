@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import config as config_module
-from .checkpoint import latest_checkpoint
-from .config import TrainConfig, config_from_args, opt
-from .data import Example, load_examples, write_examples, write_text_atomically
-from .errors import UserError
-from .sample import SampleConfig, build_examples, read_prompts
-from .score import KINDS, ScoreConfig, build_scorer, score_examples
+from rrhf_fast import config as config_module
+from rrhf_fast.config import TrainConfig, config_from_args, opt
+from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
+from rrhf_fast.errors import UserError
+from rrhf_fast.generation.sample import SampleConfig, build_examples, read_prompts
+from rrhf_fast.generation.score import KINDS, ScoreConfig, build_scorer, score_examples
+from rrhf_fast.training.checkpoint import latest_checkpoint
 
 ROUND_FILE, TRAINED_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "round.json",
@@ -189,7 +189,7 @@ def _stage(path: Path, seconds: dict[str, float], name: str, run) -> None:
 
 
 def _sample(s: Settings, policy: str, r: int, prompts: list[str], path: Path) -> None:
-    from .sample import generate_candidates
+    from rrhf_fast.generation.sample import generate_candidates
 
     k = s.run.num_candidates
     seed = None if s.sample.seed is None else s.sample.seed + r - 1  # new draws each round
@@ -213,7 +213,7 @@ def _score(s: Settings, sampled: Path, path: Path) -> None:
 
 def _reference(s: Settings, policy: str, scored: Path, path: Path) -> None:
     """The round's starting policy is the DPO reference: its log-prob sums, stored with the data."""
-    from .dpo import add_reference_logps
+    from rrhf_fast.objectives.dpo import add_reference_logps
 
     examples = load_examples(scored)
     model, tokenizer = _load_policy(s, policy, dtype="bfloat16" if s.train.dtype == "bfloat16" else "float32")
@@ -222,7 +222,7 @@ def _reference(s: Settings, policy: str, scored: Path, path: Path) -> None:
 
 
 def _train(s: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> None:
-    from .train import train
+    from rrhf_fast.training.train import train
 
     resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None  # an interrupted training
     config = dataclasses.replace(
@@ -240,7 +240,7 @@ def _train(s: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> N
 def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
     """--lora-r: the adapter folded into the round's starting model, the next round's full model
     (another adapter on top of a loaded one would be saved without it)."""
-    from .merge import merge
+    from rrhf_fast.training.merge import merge
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     for stale in (tmp, dest):
@@ -252,7 +252,7 @@ def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
 
 def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> None:
     """Greedy answers, scored by the run's scorer: the held-out reward of the policy."""
-    from .sample import generate_candidates
+    from rrhf_fast.generation.sample import generate_candidates
 
     model, tokenizer = _load_policy(s, model_path)
     greedy = SampleConfig(strategy="greedy", max_new_tokens=s.sample.max_new_tokens, stop=s.sample.stop,
@@ -269,8 +269,8 @@ def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> N
 def _load_policy(s: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from .loading import quiet_progress_bars
-    from .sample import load_pretrained
+    from rrhf_fast.generation.sample import load_pretrained
+    from rrhf_fast.models.loading import quiet_progress_bars
 
     with quiet_progress_bars():
         return load_pretrained(path, AutoModelForCausalLM, s.train.device, dtype)

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .beam_search import ensure_pad_token, last_logits, left_pad, positions
-from .errors import UserError
-from .packing import tokenize_prompt
+from rrhf_fast.data.packing import tokenize_prompt
+from rrhf_fast.errors import UserError
+from rrhf_fast.generation.beam_search import ensure_pad_token, last_logits, left_pad, positions
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from rrhf_fast.errors import DataError
 
 logger = logging.getLogger(__name__)
 

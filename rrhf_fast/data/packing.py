@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .data import Example
-from .errors import UserError
+from rrhf_fast.data.records import Example
+from rrhf_fast.errors import UserError
 
 
 @dataclass

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig
-from .errors import UserError
-from .optim import lr_at
-from .packing import TokenizedExample
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import TokenizedExample
+from rrhf_fast.errors import UserError
+from rrhf_fast.training.optim import lr_at
 
 # Flags that define the learning-rate schedule: changing one on resume asks for a new schedule.
 SCHEDULE_FLAGS = ("max_steps", "epochs", "lr", "min_lr", "warmup_steps")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from rrhf_fast.errors import UserError
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

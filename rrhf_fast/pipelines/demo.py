@@ -3,7 +3,7 @@
 The task: sort a short string of digits ("sort 4193:" -> "1349"). The reward is a Python function
 with partial credit (the fraction of positions that match the sorted string, over the longer of
 the two), so candidates are graded, not just right or wrong. A tiny random-initialised causal LM
-(rrhf_fast.tiny) with the local byte-level tokenizer is trained offline on ranked candidates from
+(rrhf_fast.models.tiny) with the local byte-level tokenizer is trained offline on ranked candidates from
 three sources: the gold answer (for only a share of the queries), corrupted copies of it, and the
 model's own samples, all scored by the reward function. Training runs through `rrhf-fast train`'s
 own loop; held-out prompts are answered greedily and scored before and after, once for RRHF and
@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from . import config as config_module
-from .config import TrainConfig
-from .data import Example, write_examples
-from .errors import UserError
+from rrhf_fast import config as config_module
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.errors import UserError
 
 
 @dataclass
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = config_module.config_from_args(args, DemoConfig)
     if config.online:
-        from .demo_online import run_online_demo
+        from rrhf_fast.pipelines.demo_online import run_online_demo
 
         _check(config)
         if config.threads:
@@ -156,8 +156,8 @@ def build_examples(
 
 def save_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
     """A random-initialised tiny llama and the byte-level tokenizer, saved with save_pretrained."""
-    from .loading import quiet_progress_bars
-    from .tiny import build_tiny_model, build_tokenizer
+    from rrhf_fast.models.loading import quiet_progress_bars
+    from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
 
     model = build_tiny_model("llama", seed=seed, hidden_size=hidden_size, num_layers=layers)
     path = Path(path)
@@ -230,8 +230,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Build data, train RRHF (and the SFT baseline), print rewards; return the figures."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .loading import quiet_progress_bars
-    from .train import train
+    from rrhf_fast.models.loading import quiet_progress_bars
+    from rrhf_fast.training.train import train
 
     _check(config)
     if config.threads:

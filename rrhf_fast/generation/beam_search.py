@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from rrhf_fast.errors import UserError
 
 
 @torch.no_grad()

@@ -15,9 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
-from .errors import UserError
-from .loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
+from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
 
 DTYPES = ("auto", "float32", "bfloat16")
 

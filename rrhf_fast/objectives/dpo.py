@@ -23,13 +23,18 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import config as config_module
-from .config import TrainConfig
-from .data import Example, load_examples_with_stats, write_examples
-from .errors import UserError
-from .kernels.reference import best_response
-from .model import packed_logprobs
-from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
+from rrhf_fast import config as config_module
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import (
+    TokenizedExample,
+    pack_tokenized,
+    plan_microbatches,
+    tokenize_example,
+)
+from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.errors import UserError
+from rrhf_fast.kernels.reference import best_response
+from rrhf_fast.models.logprobs import packed_logprobs
 
 
 class DPOOutput(NamedTuple):
@@ -154,8 +159,8 @@ def main(args: argparse.Namespace) -> int:
 
 def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     """Read `config.data`, add ref_logps computed with `config.model`, write `out_path` atomically."""
-    from .loading import load_tokenizer, resolve_device, weight_dtype
-    from .sample import load_pretrained
+    from rrhf_fast.generation.sample import load_pretrained
+    from rrhf_fast.models.loading import load_tokenizer, resolve_device, weight_dtype
 
     config.validate()
     examples = load_examples_with_stats(config.data, require_scores=False).examples

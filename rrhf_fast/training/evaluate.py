@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .dpo import dpo_loss
-from .errors import UserError
-from .kernels import rrhf_loss
-from .kernels.reference import best_response
-from .model import packed_logprobs
-from .packing import TokenizedExample, pack_tokenized, plan_microbatches
+from rrhf_fast.data.packing import TokenizedExample, pack_tokenized, plan_microbatches
+from rrhf_fast.errors import UserError
+from rrhf_fast.kernels import rrhf_loss
+from rrhf_fast.kernels.reference import best_response
+from rrhf_fast.models.logprobs import packed_logprobs
+from rrhf_fast.objectives.dpo import dpo_loss
 
 
 @dataclass

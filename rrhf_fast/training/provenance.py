@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, attention
-from .kernels.utils import resolve_impl
+from rrhf_fast import __version__
+from rrhf_fast.kernels.utils import resolve_impl
+from rrhf_fast.models import attention
 
 RUN_FILE = "run.json"
 _PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "torchao", "flash-attn")

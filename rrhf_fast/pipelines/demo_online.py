@@ -4,7 +4,7 @@
    (gold answers) for `--demo-fraction` of the training prompts: the starting policy of every run.
 2. Reward-only RRHF through `rrhf-fast iterate`: per prompt, `--samples` candidates from the policy
    (diverse beam search, the RRHF paper's sampling policy, by default), scored by the task's reward
-   (`python:rrhf_fast.demo:query_reward`), no gold answers; held-out prompts answered greedily.
+   (`python:rrhf_fast.pipelines.demo:query_reward`), no gold answers; held-out prompts answered greedily.
    - offline: ONE round of `--steps` steps on candidates of the starting policy;
    - online: `--rounds` rounds of `--steps / --rounds` steps, each sampling from the policy the
      previous round left: the same prompts, total steps and seed.
@@ -26,12 +26,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .data import Example, write_examples
-from .demo import DemoConfig, _distinct_queries, _train_config, gold_of, prompt_of, save_tiny_model
-from .iterate import IterateConfig, Settings, iterate
-from .sample import SampleConfig
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.generation.sample import SampleConfig
+from rrhf_fast.pipelines.demo import (
+    DemoConfig,
+    _distinct_queries,
+    _train_config,
+    gold_of,
+    prompt_of,
+    save_tiny_model,
+)
+from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
-SCORER = "python:rrhf_fast.demo:query_reward"
+SCORER = "python:rrhf_fast.pipelines.demo:query_reward"
 # name: (label, online, --rank-weight)
 RUNS = {
     "offline": ("offline RRHF", False, 1.0),
@@ -83,7 +90,7 @@ def _task(config: DemoConfig, out: Path) -> tuple[Path, dict[str, Path]]:
 
 def _warmup(config: DemoConfig, model_dir: Path, out: Path, demos: list[str]) -> Path:
     """SFT on gold answers (one response per query: the RRHF loss is its SFT term alone)."""
-    from .train import train
+    from rrhf_fast.training.train import train
 
     write_examples(out / "demos.jsonl", [Example(prompt_of(d), [gold_of(d)], [1.0]) for d in demos])
     cfg = dataclasses.replace(_train_config(config, model_dir, out, "sft-warmup", 0.0), eval_data=None,

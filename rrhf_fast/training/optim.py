@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 import torch
 
-from .config import OPTIMIZERS
-from .errors import UserError
-from .loading import import_bitsandbytes
+from rrhf_fast.config import OPTIMIZERS
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import import_bitsandbytes
 
 
 def build_optimizer(

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from . import attention
-from .errors import ModelError
-from .kernels import token_logprobs
-from .packing import PackedBatch, TokenizedExample, pack_tokenized
+from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized
+from rrhf_fast.errors import ModelError
+from rrhf_fast.kernels import token_logprobs
+from rrhf_fast.models import attention
 
 # Architectures whose causal-LM head multiplies the logits by a constant from the config. The
 # fused kernel applies the factor to the hidden states (logits are linear in them). The same
@@ -140,7 +140,7 @@ def _probe_gap(base: Any, prompt: list[int], responses: list[list[int]], attn: s
 
 
 class PackedLogprobs(torch.nn.Module):
-    """`packed_logprobs` as a module's forward: the unit DDP and FSDP2 wrap (rrhf_fast.distributed).
+    """`packed_logprobs` as a module's forward: the unit DDP and FSDP2 wrap (rrhf_fast.training.distributed).
 
     Both act only when the forward runs through the wrapped module, and packed_logprobs reads the
     lm_head weight outside of any module's forward; wrapped whole, FSDP2 holds the root parameters

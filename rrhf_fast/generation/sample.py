@@ -22,14 +22,20 @@ from typing import Any
 
 import torch
 
-from . import config as config_module
-from .beam_search import decode, diverse_beam_search, ensure_pad_token, eos_token_ids, left_pad
-from .config import config_from_args, opt
-from .data import Example, load_examples_with_stats, write_examples
-from .errors import DataError, UserError
-from .loading import resolve_device
-from .packing import tokenize_prompt
-from .provenance import save_run_config
+from rrhf_fast import config as config_module
+from rrhf_fast.config import config_from_args, opt
+from rrhf_fast.data.packing import tokenize_prompt
+from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.errors import DataError, UserError
+from rrhf_fast.generation.beam_search import (
+    decode,
+    diverse_beam_search,
+    ensure_pad_token,
+    eos_token_ids,
+    left_pad,
+)
+from rrhf_fast.models.loading import resolve_device
+from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 

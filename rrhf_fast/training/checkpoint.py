@@ -33,11 +33,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import distributed
-from .distributed import Dist
-from .errors import UserError
-from .loading import quiet_progress_bars
-from .provenance import RUN_FILE, write_run_info
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import quiet_progress_bars
+from rrhf_fast.training import distributed
+from rrhf_fast.training.distributed import Dist
+from rrhf_fast.training.provenance import RUN_FILE, write_run_info
 
 FORMAT = "rrhf-fast-checkpoint"
 VERSION = 1
@@ -300,7 +300,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 def _load_adapter(model: Any, path: Path, state: dict[str, torch.Tensor]) -> None:
     """The adapter weights as peft saves them (adapter name dropped from the keys), exactly."""
-    from .loading import import_peft
+    from rrhf_fast.models.loading import import_peft
 
     peft = import_peft()
     own = peft.get_peft_model_state_dict(model)

@@ -32,12 +32,12 @@ from typing import Any, Protocol
 
 import torch
 
-from . import config as config_module
-from .beam_search import ensure_pad_token
-from .config import config_from_args, opt
-from .data import Example, load_examples_with_stats, write_examples
-from .errors import UserError
-from .labelers import (
+from rrhf_fast import config as config_module
+from rrhf_fast.config import config_from_args, opt
+from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.errors import UserError
+from rrhf_fast.generation.beam_search import ensure_pad_token
+from rrhf_fast.generation.labelers import (
     DirectScorer,
     JudgeScorer,
     check_template,
@@ -46,8 +46,8 @@ from .labelers import (
     require_chat_template,
     unflatten,
 )
-from .provenance import save_run_config
-from .sample import DTYPES, load_pretrained
+from rrhf_fast.generation.sample import DTYPES, load_pretrained
+from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 

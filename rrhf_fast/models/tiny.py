@@ -22,7 +22,7 @@ from transformers import (
 )
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma2")
-# Architectures whose head scales the logits (rrhf_fast.model applies the factor): tested too.
+# Architectures whose head scales the logits (rrhf_fast.models.logprobs applies the factor): tested too.
 SCALED_LOGIT_ARCHS = ("cohere", "granite")
 
 CHAT_TEMPLATE = (

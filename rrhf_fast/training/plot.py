@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from rrhf_fast.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"

@@ -28,9 +28,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import config as config_module
-from . import distributed
-from .checkpoint import (
+from rrhf_fast import config as config_module
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import (
+    TokenizedExample,
+    pack_tokenized,
+    plan_microbatches,
+    tokenize_example,
+)
+from rrhf_fast.data.records import load_examples_with_stats
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import load_model, load_tokenizer
+from rrhf_fast.models.logprobs import check_logit_parity, packed_logprobs, prepare_model
+from rrhf_fast.objectives.dpo import require_ref_logps
+from rrhf_fast.training import distributed
+from rrhf_fast.training.checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
     load_checkpoint,
@@ -38,18 +50,17 @@ from .checkpoint import (
     remove_partial_saves,
     save_checkpoint,
 )
-from .config import TrainConfig
-from .data import load_examples_with_stats
-from .dpo import require_ref_logps
-from .errors import UserError
-from .evaluate import RankingCounts, evaluate, loss_of, ranking_counts
-from .loading import load_model, load_tokenizer
-from .model import check_logit_parity, packed_logprobs, prepare_model
-from .optim import build_optimizer, default_warmup, lr_at, set_lr
-from .packing import TokenizedExample, pack_tokenized, plan_microbatches, tokenize_example
-from .plot import METRICS_FILE, plot_run
-from .provenance import RUN_FILE, resolved_settings, write_run_info
-from .resume import changed_flags, check_same_data, choose_schedule, data_fingerprint, truncate_metrics
+from rrhf_fast.training.evaluate import RankingCounts, evaluate, loss_of, ranking_counts
+from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at, set_lr
+from rrhf_fast.training.plot import METRICS_FILE, plot_run
+from rrhf_fast.training.provenance import RUN_FILE, resolved_settings, write_run_info
+from rrhf_fast.training.resume import (
+    changed_flags,
+    check_same_data,
+    choose_schedule,
+    data_fingerprint,
+    truncate_metrics,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

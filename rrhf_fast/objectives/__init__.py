@@ -1,0 +1,1 @@
+"""Objectives: the losses a training step minimises, chosen by `--loss`."""
