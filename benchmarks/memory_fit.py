@@ -38,6 +38,7 @@ from reference_step import query_loss
 from report import read_rows, write_report
 
 from rrhf_fast.data.packing import pack_tokenized
+from rrhf_fast.objectives import build_objective
 from rrhf_fast.training.optim import build_optimizer
 from rrhf_fast.training.train import forward_backward
 
@@ -71,9 +72,10 @@ def make_step(method, model, flags, optimizer, items, per_micro, device, autocas
                 loss.backward()
     else:
         batches = [pack_tokenized(group).to(device) for group in groups]
+        objective = build_objective(flags)
 
         def backward() -> None:
-            forward_backward(model, batches, flags, autocast, queries=len(items))
+            forward_backward(model, objective, batches, autocast, queries=len(items))
 
     def step() -> None:
         try:

@@ -1,8 +1,8 @@
-"""rrhf_fast.training.evaluate: the model's pick per query (first maximum; no maximum when all NaN)."""
+"""objectives.metrics: the model's pick per query (first maximum; no maximum when all NaN)."""
 
 import torch
 
-from rrhf_fast.training.evaluate import ranking_counts
+from rrhf_fast.objectives.metrics import ranking_counts
 
 
 def test_top1_takes_the_first_of_tied_model_scores():

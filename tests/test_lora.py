@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from training_runs import config as train_config
 from training_runs import write_data
 
-import rrhf_fast.training.train as train_module
+import rrhf_fast.objectives.base as objective_base
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import finish_model, load_model
@@ -103,7 +103,7 @@ def test_lora_resume_is_bitwise(tmp_path, model_dir, data, monkeypatch):
     kw = dict(max_steps=6, queries_per_step=3, lora_dropout=0.1, optim="adamw8bit", warmup_steps=2)
     whole = train(config(tmp_path, model_dir, data, "whole", **kw))
     cfg = config(tmp_path, model_dir, data, "killed", save_every=3, **kw)
-    real, calls = train_module.packed_logprobs, {"n": 0}
+    real, calls = objective_base.packed_logprobs, {"n": 0}
 
     def forward(*args, **kwargs):
         calls["n"] += 1
@@ -112,7 +112,7 @@ def test_lora_resume_is_bitwise(tmp_path, model_dir, data, monkeypatch):
         return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "packed_logprobs", forward)
+        patch.setattr(objective_base, "packed_logprobs", forward)
         with pytest.raises(KeyboardInterrupt):
             train(cfg)
     assert latest_checkpoint(cfg.output_dir).name == "checkpoint-3"

@@ -14,6 +14,7 @@ import torch
 import transformers
 from training_runs import config, metrics, write_data
 
+import rrhf_fast.objectives.base as objective_base
 import rrhf_fast.training.distributed as distributed
 import rrhf_fast.training.train as train_module
 from rrhf_fast.config import TrainConfig
@@ -312,7 +313,7 @@ def test_token_ids_outside_the_model_vocabulary_name_the_record(tmp_path, where)
 
 def _interrupt_at_step(monkeypatch, step):
     """Ctrl-C in the forward of `step` (one micro-batch per step in these runs)."""
-    real = train_module.packed_logprobs
+    real = objective_base.packed_logprobs
     calls = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -321,7 +322,7 @@ def _interrupt_at_step(monkeypatch, step):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "packed_logprobs", forward)
+    monkeypatch.setattr(objective_base, "packed_logprobs", forward)
 
 
 def test_resume_without_a_checkpoint_starts_again_at_step_0(tmp_path, model_dir, monkeypatch, capsys):
@@ -380,7 +381,7 @@ def _first_forward_of_rank(tmp_path, model_dir, monkeypatch, rank):
     with monkeypatch.context() as patch:
         patch.setattr(distributed, "init", lambda device, fsdp=False: (distributed.Dist(rank, 2), cpu))
         patch.setattr(distributed, "wrap", lambda model, here, fsdp: model)
-        patch.setattr(train_module, "packed_logprobs", first_forward)
+        patch.setattr(objective_base, "packed_logprobs", first_forward)
         with pytest.raises(_FirstForward):
             train(config(tmp_path, model_dir, data, f"rank{rank}", max_steps=1, seed=7, lora_r=2))
     return seen["rng"], seen["lora"]

@@ -7,15 +7,16 @@ import torch
 from safetensors.torch import load_file
 from training_runs import config, metrics, write_data
 
+import rrhf_fast.objectives.base as objective_base
 import rrhf_fast.training.checkpoint as ckpt
 import rrhf_fast.training.train as train_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.objectives import build_objective, ranking_counts
 from rrhf_fast.pipelines.demo import save_tiny_model
 from rrhf_fast.training.checkpoint import latest_checkpoint, verify_checkpoint
-from rrhf_fast.training.evaluate import ranking_counts
 from rrhf_fast.training.train import epoch_order, forward_backward, plan_steps, train
 
 
@@ -85,9 +86,9 @@ def test_accumulated_gradient_is_the_full_batch_gradient(tmp_path, model_dir):
 
     def grads(groups):
         model.zero_grad(set_to_none=True)
-        losses, _ = forward_backward(model, [pack_tokenized([items[i] for i in g]) for g in groups], cfg,
-                                     torch.autocast("cpu", enabled=False))  # fmt: skip
-        return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+        batches = [pack_tokenized([items[i] for i in g]) for g in groups]
+        metrics = forward_backward(model, build_objective(cfg), batches, torch.autocast("cpu", enabled=False))
+        return metrics.terms.tolist(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     ref_losses, ref = grads([list(range(8))])
     for groups in ([[0, 1, 2, 3, 4], [5, 6, 7]], [[i] for i in range(8)], [[0], [1, 2, 3, 4, 5, 6, 7]]):
@@ -115,7 +116,7 @@ def test_each_epoch_covers_every_query_once():
 
 def _interrupt_at_step(monkeypatch, step, error=KeyboardInterrupt):
     """Raise `error` in the forward of `step` (one micro-batch per step in these runs)."""
-    real = train_module.packed_logprobs
+    real = objective_base.packed_logprobs
     calls = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -124,7 +125,7 @@ def _interrupt_at_step(monkeypatch, step, error=KeyboardInterrupt):
             raise error()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "packed_logprobs", forward)
+    monkeypatch.setattr(objective_base, "packed_logprobs", forward)
 
 
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
@@ -206,7 +207,7 @@ def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, model_dir):
 
 def _poison(monkeypatch, bad_steps, where="loss"):
     """NaN in the log-probs (loss) or only in their gradient, at the given 1-based steps."""
-    real = train_module.packed_logprobs
+    real = objective_base.packed_logprobs
     calls = {"n": 0}
 
     def forward(*args, **kwargs):
@@ -218,7 +219,7 @@ def _poison(monkeypatch, bad_steps, where="loss"):
             logp.register_hook(lambda g: g * float("nan"))
         return logp
 
-    monkeypatch.setattr(train_module, "packed_logprobs", forward)
+    monkeypatch.setattr(objective_base, "packed_logprobs", forward)
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import (
+    PackedBatch,
     TokenizedExample,
     pack_tokenized,
     plan_microbatches,
@@ -35,10 +36,12 @@ from rrhf_fast.data.records import Example, load_examples_with_stats, write_exam
 from rrhf_fast.errors import UserError
 from rrhf_fast.kernels.reference import best_response
 from rrhf_fast.models.logprobs import packed_logprobs
+from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
+from rrhf_fast.objectives.metrics import Metrics
 
 
 class DPOOutput(NamedTuple):
-    """The fields train.py reads from a loss: the DPO term is reported as the ranking loss."""
+    """The DPO term is also reported as the ranking loss (the metrics keep RRHF's three terms)."""
 
     loss: torch.Tensor
     rank_loss: torch.Tensor
@@ -73,6 +76,45 @@ def dpo_loss(
     per_query = torch.where(has_pair, per_query, torch.zeros_like(per_query))
     loss = per_query.sum() / (normalizer if normalizer is not None else max(num_queries, 1))
     return DPOOutput(loss, loss, torch.zeros_like(loss), implicit.detach())
+
+
+class DPO(Objective):
+    """`--loss dpo`: dpo_loss on the packed token log-probs, with each response's stored ref_logps."""
+
+    name = "dpo"
+    terms = ("loss", "rank_loss", "sft_loss")  # as RRHF's, so that runs of either plot alike
+
+    def __call__(
+        self,
+        model: Any,
+        batch: PackedBatch,
+        *,
+        normalizer: float,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> ObjectiveOutput:
+        if torch.isnan(batch.ref_logps).any():  # on the CPU side: no device sync
+            raise UserError(
+                '--loss dpo: a micro-batch has responses without "ref_logps"; add them to the data with '
+                "`rrhf-fast ref-logps`"
+            )
+        logp = token_logprobs(model, batch, self.config, autocast)
+        device = logp.device
+        out = dpo_loss(
+            logp,
+            batch.token_response.to(device),
+            batch.response_query.to(device),
+            batch.scores.to(device),
+            batch.ref_logps.to(device),
+            num_queries=batch.num_queries,
+            beta=self.config.dpo_beta,
+            normalizer=normalizer,
+        )
+        terms = [out.loss, out.rank_loss, out.sft_loss]
+        metrics = Metrics.of_batch(self.terms, terms, out.response_scores, batch)
+        return ObjectiveOutput(out.loss, metrics)
+
+    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:
+        require_ref_logps(items, path)
 
 
 # -------------------------------------------------------------------------------------------------

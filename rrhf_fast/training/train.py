@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import (
+    PackedBatch,
     TokenizedExample,
     pack_tokenized,
     plan_microbatches,
@@ -39,8 +40,8 @@ from rrhf_fast.data.packing import (
 from rrhf_fast.data.records import load_examples_with_stats
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_model, load_tokenizer
-from rrhf_fast.models.logprobs import check_logit_parity, packed_logprobs, prepare_model
-from rrhf_fast.objectives.dpo import require_ref_logps
+from rrhf_fast.models.logprobs import check_logit_parity, prepare_model
+from rrhf_fast.objectives import Metrics, Objective, build_objective
 from rrhf_fast.training import distributed
 from rrhf_fast.training.checkpoint import (
     CONFIG_FILE,
@@ -50,7 +51,7 @@ from rrhf_fast.training.checkpoint import (
     remove_partial_saves,
     save_checkpoint,
 )
-from rrhf_fast.training.evaluate import RankingCounts, evaluate, loss_of, ranking_counts
+from rrhf_fast.training.evaluate import evaluate
 from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at, set_lr
 from rrhf_fast.training.plot import METRICS_FILE, plot_run
 from rrhf_fast.training.provenance import RUN_FILE, resolved_settings, write_run_info
@@ -101,12 +102,13 @@ def train(config: TrainConfig) -> TrainResult:
     on_cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
     _seed_everything(config.seed)  # the same on every rank: LoRA adapters start equal on each
+    objective = build_objective(config)
 
     # ---------------------------------------------------------------------------------------------
     # data: tokenised once; each epoch a seeded permutation, cut into steps of micro-batches
     tokenizer = load_tokenizer(config.model)
-    items, where = _tokenize(config.data, tokenizer, config)
-    evals = _tokenize(config.eval_data, tokenizer, config) if config.eval_data else None
+    items, where = _tokenize(config.data, tokenizer, config, objective)
+    evals = _tokenize(config.eval_data, tokenizer, config, objective) if config.eval_data else None
     eval_items = evals[0] if evals else None
     lengths = [it.packed_len for it in items]
     data_id = data_fingerprint(items)
@@ -195,7 +197,8 @@ def train(config: TrainConfig) -> TrainResult:
     row: dict[str, Any] = {}
     try:
         if eval_items is not None and step == 0:
-            _log(metrics_file, {"step": 0, **evaluate(runner, eval_items, config, autocast=autocast)})
+            scores = evaluate(runner, eval_items, config, objective=objective, autocast=autocast)
+            _log(metrics_file, {"step": 0, **scores})
         while step < total_steps:
             if position >= len(plan):  # next epoch
                 epoch, done, position = epoch + 1, 0, 0
@@ -210,13 +213,13 @@ def train(config: TrainConfig) -> TrainResult:
             if on_cuda:  # mem_mib is this step's peak
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            losses, counts = forward_backward(runner, batches, config, autocast, queries=queries, real=real,
-                                              world=here.world)  # fmt: skip
+            metrics = forward_backward(runner, objective, batches, autocast, queries=queries, own=real,
+                                       world=here.world)  # fmt: skip
             norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
             grad_norm = float(distributed.local_value(norm))
             tokens = sum(b.num_tokens for b in batches[:real])
-            losses, counts, tokens = _sum_over_ranks(losses, counts, tokens, device, here.world)
-            finite = math.isfinite(losses[0]) and math.isfinite(grad_norm)
+            metrics, tokens = _sum_over_ranks(metrics, tokens, device, here.world)
+            finite = math.isfinite(metrics.loss) and math.isfinite(grad_norm)
             if finite:  # a non-finite step leaves weights and optimizer state as they were
                 optimizer.step()
                 bad_in_row = 0
@@ -229,16 +232,15 @@ def train(config: TrainConfig) -> TrainResult:
             step += 1
             tokens_seen += tokens
 
-            row = {"step": step, "epoch": epoch, "loss": losses[0], "rank_loss": losses[1],
-                   "sft_loss": losses[2], **counts.summary(), "lr": lr, "grad_norm": grad_norm,
-                   "queries": counts.queries, "tokens": tokens, "tokens_per_s": tokens / dt,
+            row = {"step": step, "epoch": epoch, **metrics.summary(), "lr": lr, "grad_norm": grad_norm,
+                   "queries": metrics.counts.queries, "tokens": tokens, "tokens_per_s": tokens / dt,
                    "mem_mib": _peak_memory_mib(device), "skipped": not finite,
                    "skipped_steps": skipped}  # fmt: skip
             if bad_in_row >= config.max_bad_steps:
                 _log(metrics_file, row)
                 raise NonFiniteTraining(_diverged_message(step, bad_in_row, latest_checkpoint(out_dir)))
             if eval_items is not None and (step == total_steps or _every(step, config.eval_every)):
-                row.update(evaluate(runner, eval_items, config, autocast=autocast))
+                row.update(evaluate(runner, eval_items, config, objective=objective, autocast=autocast))
             _log(metrics_file, row)
             if here.main:
                 _show(bar, row, config)
@@ -271,52 +273,39 @@ def train(config: TrainConfig) -> TrainResult:
 
 def forward_backward(
     model: Any,
-    batches: list,
-    config: TrainConfig,
+    objective: Objective,
+    batches: list[PackedBatch],
     autocast: contextlib.AbstractContextManager,
     *,
     queries: int | None = None,
-    real: int | None = None,
+    own: int | None = None,
     world: int = 1,
-) -> tuple[list[float], RankingCounts]:
-    """Backward of the step's mean loss over all its queries; returns (loss, rank, sft) and counts.
+) -> Metrics:
+    """Backward of the step's mean loss over all its queries; returns the summed metrics of the batches.
 
     Under torchrun, `queries` is the step's query count over every rank, the batches after the
-    first `real` only keep this rank in step with the others (they train with weight 0), and the
+    first `own` only keep this rank in step with the others (they train with weight 0), and the
     loss is multiplied by `world`, since DDP and FSDP2 average the ranks' gradients.
     """
     queries = float(sum(b.num_queries for b in batches) if queries is None else queries)
-    real = len(batches) if real is None else real
-    totals = None
-    counts = RankingCounts()
+    own = len(batches) if own is None else own
+    metrics = None
     for i, batch in enumerate(batches):
-        weight = world if i < real else 0
+        weight = world if i < own else 0
         with distributed.gradient_sync(model, enabled=i == len(batches) - 1):
-            with autocast:
-                logp = packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
-            out = loss_of(logp, batch, config, normalizer=queries)
+            out = objective(model, batch, normalizer=queries, autocast=autocast)
             (out.loss if weight == 1 else out.loss * weight).backward()
-        if i < real:
-            parts = torch.stack([out.loss, out.rank_loss, out.sft_loss]).detach().double()
-            totals = parts if totals is None else totals + parts
-            counts += ranking_counts(
-                out.response_scores, batch.scores, batch.response_query, batch.num_queries
-            )
-    return (totals.tolist() if totals is not None else [0.0, 0.0, 0.0]), counts
+        if i < own:
+            metrics = out.metrics if metrics is None else metrics.__iadd__(out.metrics)
+    return metrics if metrics is not None else objective.zero_metrics()
 
 
-def _sum_over_ranks(
-    losses: list[float], counts: RankingCounts, tokens: int, device: torch.device, world: int
-) -> tuple[list[float], RankingCounts, int]:
-    """A step's losses, ranking counts and tokens summed over every rank (unchanged in one process)."""
+def _sum_over_ranks(metrics: Metrics, tokens: int, device: torch.device, world: int) -> tuple[Metrics, int]:
+    """A step's metrics and tokens summed over every rank (unchanged in one process)."""
     if world == 1:
-        return losses, counts, tokens
-    c = counts
-    total = distributed.sum_over_ranks(
-        [*losses, c.correct_pairs, c.pairs, c.top1, c.best_reward, c.queries, tokens], device
-    )
-    summed = RankingCounts(*(int(v) for v in total[3:6]), total[6], int(total[7]))
-    return total[:3], summed, int(total[8])
+        return metrics, tokens
+    total = distributed.sum_over_ranks([*metrics.to_list(), tokens], device)
+    return Metrics.from_list(metrics.names, total[:-1]), int(total[-1])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -356,7 +345,9 @@ def plan_steps(lengths: list[int], order: list[int], config: TrainConfig) -> lis
     return [micro[s : s + config.grad_accum] for s in range(0, len(micro), config.grad_accum)]
 
 
-def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> tuple[list[TokenizedExample], list[str]]:
+def _tokenize(
+    path: str, tokenizer: Any, config: TrainConfig, objective: Objective
+) -> tuple[list[TokenizedExample], list[str]]:
     """The tokenised examples of `path` and where each one is ("FILE:LINE"), every one checked to fit
     a micro-batch: an error names the record, not its index in a shuffled step."""
     stats = load_examples_with_stats(path)
@@ -378,8 +369,7 @@ def _tokenize(path: str, tokenizer: Any, config: TrainConfig) -> tuple[list[Toke
                 f"{budget}; raise --micro-batch-tokens, or truncate with --max-prompt-len / "
                 "--max-response-len"
             )
-    if config.loss == "dpo":
-        require_ref_logps(items, path)
+    objective.check_data(items, path)
     return items, where
 
 

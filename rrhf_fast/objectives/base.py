@@ -1,0 +1,69 @@
+"""The interface of a training objective, what `--loss` chooses (the registry is objectives/__init__).
+
+An objective owns its forward: given the model (or the module DDP / FSDP2 wrap, `packed_module`)
+and a PackedBatch, it runs the model the way its loss needs (RRHF and DPO: token log-probs of the
+packed responses through the fused kernel; a reward model would read last-token hidden states
+through a score head) and returns the differentiable loss and the batch's summed metrics. The
+training loop and held-out evaluation only call it: they never look inside a loss.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.models.logprobs import PackedLogprobs, packed_logprobs
+from rrhf_fast.objectives.metrics import Metrics
+
+
+class ObjectiveOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable: the batch's summed loss / normalizer
+    metrics: Metrics  # the same loss's terms, detached, and the batch's ranking counts
+
+
+class Objective(abc.ABC):
+    """A loss over packed batches, built from the run's TrainConfig."""
+
+    name: ClassVar[str]  # the --loss value
+    terms: ClassVar[tuple[str, ...]]  # the loss terms its metrics report, "loss" first
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        model: Any,
+        batch: PackedBatch,
+        *,
+        normalizer: float,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> ObjectiveOutput:
+        """Forward `batch` through `model` (under `autocast`, the loss itself outside it) and return
+        its loss: sums over the batch's queries divided by `normalizer` queries, so the micro-batches
+        of a step (and the ranks of a torchrun job) add up to the gradient of the step's mean."""
+
+    def packed_module(self, model: Any) -> torch.nn.Module:
+        """The module whose forward is this objective's whole forward: what DDP / FSDP2 wrap, since
+        both act only on a forward that runs through the wrapped module (training/distributed.py)."""
+        return PackedLogprobs(model)
+
+    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:  # noqa: B027 (optional)
+        """Raise UserError, naming `path`, if the tokenised data lacks a field this objective needs."""
+
+    def zero_metrics(self) -> Metrics:
+        return Metrics.zeros(self.terms)
+
+
+def token_logprobs(
+    model: Any, batch: PackedBatch, config: TrainConfig, autocast: contextlib.AbstractContextManager | None
+) -> torch.Tensor:
+    """The packed forward of the log-prob objectives: log pi of every response token of `batch`, [M] fp32."""
+    with autocast or contextlib.nullcontext():
+        return packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
