@@ -16,7 +16,6 @@ from training_runs import config, metrics, write_data
 
 import rrhf_fast.objectives.base as objective_base
 import rrhf_fast.training.distributed as distributed
-import rrhf_fast.training.train as train_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample, tokenize_example
 from rrhf_fast.data.records import load_examples, write_examples
@@ -34,6 +33,7 @@ from rrhf_fast.training.checkpoint import (
 )
 from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at
 from rrhf_fast.training.resume import data_fingerprint
+from rrhf_fast.training.steps import epoch_order
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
@@ -151,7 +151,7 @@ def test_resume_with_another_step_size_trains_the_rest_of_the_epoch(tmp_path, mo
     shutil.rmtree(tmp_path / "run" / "checkpoint-4")  # as if killed before the last save
     after = _record_steps(monkeypatch)
     assert train(resumed(cfg, queries_per_step=4)).step == 4  # the checkpoint's 4-step schedule
-    order = [train_module.epoch_order(8, cfg.seed, e) for e in (0, 1)]
+    order = [epoch_order(8, cfg.seed, e) for e in (0, 1)]
     assert before[:2] == [sorted(order[0][:2]), sorted(order[0][2:4])]
     assert after == [sorted(order[0][4:]), sorted(order[1][:4])]
 
@@ -380,7 +380,7 @@ def _first_forward_of_rank(tmp_path, model_dir, monkeypatch, rank):
 
     with monkeypatch.context() as patch:
         patch.setattr(distributed, "init", lambda device, fsdp=False: (distributed.Dist(rank, 2), cpu))
-        patch.setattr(distributed, "wrap", lambda model, here, fsdp: model)
+        patch.setattr(distributed, "wrap", lambda model, dist, fsdp, unit: model)
         patch.setattr(objective_base, "packed_logprobs", first_forward)
         with pytest.raises(_FirstForward):
             train(config(tmp_path, model_dir, data, f"rank{rank}", max_steps=1, seed=7, lora_r=2))
@@ -397,10 +397,3 @@ def test_each_rank_seeds_torch_with_seed_plus_rank_after_loading(tmp_path, model
     assert torch.equal(rng1, torch.Generator().manual_seed(8).get_state())
     assert lora0 and lora0.keys() == lora1.keys()
     assert all(torch.equal(lora0[n], lora1[n]) for n in lora0)
-
-
-def test_a_checkpoint_that_counted_steps_resumes_after_their_queries():
-    """Checkpoints written before `queries_done` kept the position in steps of the same plan."""
-    plan = [[[3, 1], [0]], [[2]], [[5, 4]]]  # steps -> micro-batches -> queries
-    assert train_module._queries_done({"epoch": 0, "position": 2}, lambda epoch: plan) == 4
-    assert train_module._queries_done({"epoch": 0, "position": 2, "queries_done": 3}, lambda epoch: plan) == 3

@@ -47,7 +47,10 @@ class Objective(abc.ABC):
     ) -> ObjectiveOutput:
         """Forward `batch` through `model` (under `autocast`, the loss itself outside it) and return
         its loss: sums over the batch's queries divided by `normalizer` queries, so the micro-batches
-        of a step (and the ranks of a torchrun job) add up to the gradient of the step's mean."""
+        of a step (and the ranks of a torchrun job) add up to the gradient of the step's mean.
+
+        `model` is the causal LM (or a peft model around one) in a single process, and under torchrun
+        what DDP / FSDP2 made of `packed_module(model)`: the forward must go through it then."""
 
     def packed_module(self, model: Any) -> torch.nn.Module:
         """The module whose forward is this objective's whole forward: what DDP / FSDP2 wrap, since

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +56,15 @@ def init(device_flag: str, fsdp: bool = False) -> tuple[Dist, torch.device]:
             raise UserError("--fsdp shards over the processes of torchrun: launch with "
                             "`torchrun --nproc_per_node N -m rrhf_fast.cli train ...`")  # fmt: skip
         return Dist(), resolve_device(device_flag)
-    here = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    device = resolve_device(device_flag, local_rank=here.local_rank)
-    if not here.active:
+    dist = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    device = resolve_device(device_flag, local_rank=dist.local_rank)
+    if not dist.active:
         if device.type == "cuda":
             torch.cuda.set_device(device)
             tdist.init_process_group("nccl", device_id=device)
         else:
             tdist.init_process_group("gloo")
-    return here, device
+    return dist, device
 
 
 def shutdown() -> None:
@@ -72,18 +72,19 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
-def wrap(model: Any, here: Dist, fsdp: bool) -> Any:
-    """What the loop runs the packed forward through: FSDP2 or DDP around PackedLogprobs(model), or
-    `model` itself in a single process. `model` keeps its own (now sharded, under FSDP2) parameters."""
+def wrap(model: Any, dist: Dist, fsdp: bool, unit: Callable[[Any], torch.nn.Module] = PackedLogprobs) -> Any:
+    """What the loop runs the forward through: FSDP2 or DDP around `unit(model)` (the module whose
+    forward is the objective's whole forward, Objective.packed_module), or `model` itself in a
+    single process. `model` keeps its own (now sharded, under FSDP2) parameters."""
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        runner = PackedLogprobs(model)
+        module = unit(model)
         for layer in decoder_layers(model):
             fully_shard(layer)
-        fully_shard(runner)
-        return runner
-    if here.world > 1:
+        fully_shard(module)
+        return module
+    if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         # device_ids=None: packed_logprobs moves the batch itself (a dataclass DDP would copy).
@@ -91,7 +92,7 @@ def wrap(model: Any, here: Dist, fsdp: bool) -> Any:
         # and evaluation (no backward) must not wait on the other ranks.
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
-        return DistributedDataParallel(PackedLogprobs(model), device_ids=None, **no_sync)
+        return DistributedDataParallel(unit(model), device_ids=None, **no_sync)
     return model
 
 
@@ -103,34 +104,34 @@ def decoder_layers(model: Any) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def my_microbatches(step: list[list[int]], here: Dist) -> tuple[list[list[int]], int]:
-    """This rank's micro-batches of a step and how many of them are real.
+def my_microbatches(step: list[list[int]], dist: Dist) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches of a step and how many of them are its own (the rest are fillers).
 
     Every rank runs the same number of forward/backward passes (FSDP2 all-gathers in each, and
     DDP's last backward all-reduces): a rank short of one repeats the step's smallest micro-batch,
     which then trains with weight zero.
     """
-    mine = step[here.rank :: here.world]
-    count = -(-len(step) // here.world)
+    mine = step[dist.rank :: dist.world]
+    count = -(-len(step) // dist.world)
     filler = min(step, key=len)
     return mine + [filler] * (count - len(mine)), len(mine)
 
 
 @contextlib.contextmanager
-def gradient_sync(runner: Any, enabled: bool) -> Iterator[None]:
+def gradient_sync(module: Any, enabled: bool) -> Iterator[None]:
     """Around a micro-batch's forward and backward: all-reduce (or reduce-scatter) gradients only
     on the step's last one, as DDP's no_sync() / FSDP2's set_requires_gradient_sync intend."""
-    if enabled or not (hasattr(runner, "no_sync") or hasattr(runner, "set_requires_gradient_sync")):
+    if enabled or not (hasattr(module, "no_sync") or hasattr(module, "set_requires_gradient_sync")):
         yield
-    elif hasattr(runner, "no_sync"):
-        with runner.no_sync():
+    elif hasattr(module, "no_sync"):
+        with module.no_sync():
             yield
     else:
-        runner.set_requires_gradient_sync(False)
+        module.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            runner.set_requires_gradient_sync(True)
+            module.set_requires_gradient_sync(True)
 
 
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -168,7 +169,7 @@ def broadcast(obj: Any) -> Any:
 # FSDP2 checkpoints: whole weights for save_pretrained, sharded optimizer states
 
 
-def gather_weights(model: Any, here: Dist) -> dict[str, torch.Tensor]:
+def gather_weights(model: Any, dist: Dist) -> dict[str, torch.Tensor]:
     """The weights save_pretrained writes, whole, on rank 0's CPU (empty elsewhere); every rank must
     call it. A LoRA model gathers only its trainable (adapter) weights: the base is never saved."""
     from torch.distributed.tensor import DTensor
@@ -180,7 +181,7 @@ def gather_weights(model: Any, here: Dist) -> dict[str, torch.Tensor]:
         if adapter and name not in trainable:
             continue
         whole = value.full_tensor() if isinstance(value, DTensor) else value
-        if here.main:
+        if dist.main:
             out[name] = whole.detach().cpu()
     return out
 

@@ -3,7 +3,7 @@
 A checkpoint continues its run exactly (checkpoint.py); these are the ways a new command line can
 ask for something else, and what each gets:
 - other training data: refused. The data order is a pure function of the tokenised data (its
-  size and packed lengths, train.plan_steps), so the same position in other data would replay
+  size and packed lengths, steps.plan_steps), so the same position in other data would replay
   another order without a word. The trainer state keeps a fingerprint of the data to tell.
 - another length (--max-steps, --epochs) or another --lr / --min-lr / --warmup-steps: the
   learning-rate schedule follows the new flags, and one line names the old and new lengths and the

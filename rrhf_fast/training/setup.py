@@ -1,0 +1,259 @@
+"""`rrhf-fast train`'s set-up, one named call per part, in the order train() makes them: the run
+directory and a checkpoint to resume, the data (tokenised once, every query checked to fit a
+micro-batch), the learning-rate schedule (a resumed run's settled against its checkpoint before any
+weights load), the model (refused if packing cannot mirror its forward), the optimizer, and the
+state a checkpoint restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import TokenizedExample, tokenize_example
+from rrhf_fast.data.records import load_examples_with_stats
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import load_model
+from rrhf_fast.models.logprobs import check_logit_parity, prepare_model
+from rrhf_fast.objectives import Objective
+from rrhf_fast.training import distributed
+from rrhf_fast.training.checkpoint import (
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_training_state,
+    read_trainer_state,
+    remove_partial_saves,
+)
+from rrhf_fast.training.optim import build_optimizer, default_warmup
+from rrhf_fast.training.plot import METRICS_FILE
+from rrhf_fast.training.provenance import RUN_FILE, resolved_settings, write_run_info
+from rrhf_fast.training.resume import (
+    changed_flags,
+    check_same_data,
+    choose_schedule,
+    data_fingerprint,
+    truncate_metrics,
+)
+from rrhf_fast.training.run_state import RunState
+from rrhf_fast.training.steps import StepPlanner
+
+# -------------------------------------------------------------------------------------------------
+# the run directory, the device, the seeds
+
+
+def prepare_output_dir(config: TrainConfig, dist: distributed.Dist) -> Path:
+    """Checks on every rank (each raises the same error), changes by rank 0 alone."""
+    out_dir = Path(config.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output-dir {out_dir} is a file; give a directory")
+    if dist.main and out_dir.is_dir():
+        remove_partial_saves(out_dir)  # first: it puts back a checkpoint a crashed re-save had parked
+    distributed.barrier()
+    found = latest_checkpoint(out_dir)
+    if found is not None and not config.resume:
+        raise UserError(
+            f"--output-dir {out_dir} already holds {found.name}; pass --resume to continue that run "
+            "or choose a new --output-dir"
+        )
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if found is None and (out_dir / METRICS_FILE).exists():
+            (out_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
+    distributed.barrier()
+    return out_dir
+
+
+def checkpoint_to_resume(config: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> Path | None:
+    checkpoint = latest_checkpoint(out_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        log(f"no checkpoint in {out_dir}, starting from step 0")
+    return checkpoint
+
+
+def check_device_flags(config: TrainConfig, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if config.attn in ("varlen", "flex"):
+        raise UserError(f"--attn {config.attn} needs a CUDA GPU; on {device.type} use --attn dense (or auto)")
+    if config.loss_impl == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise UserError(
+            f"--loss-impl triton needs a CUDA GPU; on {device.type} use --loss-impl torch (or auto)"
+        )
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -------------------------------------------------------------------------------------------------
+# data: tokenised once, checked, fingerprinted; the learning-rate schedule
+
+
+@dataclass
+class TrainData:
+    items: list[TokenizedExample]
+    where: list[str]  # "FILE:LINE" of each item
+    eval_items: list[TokenizedExample] | None
+    eval_where: list[str]
+    fingerprint: dict[str, Any]
+
+
+def load_data(config: TrainConfig, tokenizer: Any, objective: Objective) -> TrainData:
+    """The training (and held-out) examples, tokenised once, each checked to fit a micro-batch."""
+    items, where = _tokenize(config.data, tokenizer, config, objective)
+    eval_items, eval_where = None, []
+    if config.eval_data:
+        eval_items, eval_where = _tokenize(config.eval_data, tokenizer, config, objective)
+    return TrainData(items, where, eval_items, eval_where, data_fingerprint(items))
+
+
+def _tokenize(
+    path: str, tokenizer: Any, config: TrainConfig, objective: Objective
+) -> tuple[list[TokenizedExample], list[str]]:
+    """The tokenised examples of `path` and where each one is ("FILE:LINE"), every one checked to fit
+    a micro-batch: an error names the record, not its index in a shuffled step."""
+    stats = load_examples_with_stats(path)
+    if not stats.examples:
+        raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
+    where = stats.locations()
+    items = [
+        tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
+                         max_response_len=config.max_response_len, chat_template=config.chat_template,
+                         where=loc)
+        for ex, loc in zip(stats.examples, where, strict=True)
+    ]  # fmt: skip
+    budget = config.micro_batch_tokens
+    for item, loc in zip(items, where, strict=True):
+        if item.packed_len > budget:
+            raise UserError(
+                f"{loc}: the query packs to {item.packed_len} tokens (its prompt once plus its "
+                f"{len(item.response_ids)} responses), over the micro-batch budget --micro-batch-tokens "
+                f"{budget}; raise --micro-batch-tokens, or truncate with --max-prompt-len / "
+                "--max-response-len"
+            )
+    objective.check_data(items, path)
+    return items, where
+
+
+def plan_schedule(
+    config: TrainConfig,
+    planner: StepPlanner,
+    fingerprint: dict[str, Any],
+    checkpoint: Path | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], TrainConfig | None]:
+    """The learning-rate schedule (lr_at's arguments) and a resumed run's saved flags: a checkpoint
+    of other data is refused, and its schedule settled, before any weights are loaded."""
+    total_steps = planner.total_steps()
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
+    schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
+    if checkpoint is None:
+        return schedule, None
+    saved_state, saved_config = read_trainer_state(checkpoint), TrainConfig.load(checkpoint / CONFIG_FILE)
+    check_same_data(saved_state, fingerprint, config.data, checkpoint)
+    schedule, note = choose_schedule(schedule, saved_state, saved_config, config)
+    if note:
+        log(note)
+    return schedule, saved_config
+
+
+# -------------------------------------------------------------------------------------------------
+# model, optimizer, and what a resumed run restores
+
+
+def build_model(
+    config: TrainConfig, device: torch.device, data: TrainData, autocast: contextlib.AbstractContextManager
+) -> Any:
+    """The model to train, switched to packed attention; refused if the data or the packing do not fit it."""
+    model = prepare_model(load_model(config, device))
+    _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
+    with autocast:  # packed log-probs must equal the model's own: refuse what packing cannot mirror
+        check_logit_parity(model, attn=config.attn, impl=config.loss_impl)
+    return model
+
+
+def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], list[str]]]) -> None:
+    """Every token id must index the embedding and the lm_head: a tokenizer with more tokens than
+    the weights otherwise fails deep inside the forward (an IndexError, a CUDA device-side assert)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings().weight.shape[0]
+    head = base.get_output_embeddings().weight.shape[0]
+    for items, where in datasets:
+        for item, loc in zip(items, where, strict=True):
+            top = max(max(item.prompt_ids), *(max(r) for r in item.response_ids))
+            if top >= min(embedding, head):
+                raise UserError(
+                    f"{loc}: token id {top} is outside the model's vocabulary ({embedding} embedding rows, "
+                    f"{head} lm_head rows): the tokenizer has more tokens than the weights; use the "
+                    "model's own tokenizer, or resize its embeddings (resize_token_embeddings) and save it"
+                )
+
+
+def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters (under FSDP2: once they are sharded)."""
+    return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
+                           weight_decay=config.weight_decay, sharded=config.fsdp)  # fmt: skip
+
+
+@dataclass
+class Job:
+    """What the loop runs, fixed once set up (what changes from step to step is RunState's)."""
+
+    config: TrainConfig
+    dist: distributed.Dist
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    objective: Objective
+    tokenizer: Any
+    model: Any  # the model itself: what is saved
+    module: Any  # what the forward goes through: `model`, or DDP / FSDP2 around the objective's forward
+    optimizer: torch.optim.Optimizer
+    out_dir: Path
+    schedule: dict[str, Any]  # lr_at's arguments
+    fingerprint: dict[str, Any]  # of the training data (resume.data_fingerprint)
+
+    @functools.cached_property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The trainable parameters in the model's order (the clipped norm sums in this order)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def resume(
+    job: Job, checkpoint: Path, planner: StepPlanner, saved_config: TrainConfig, log: Callable[[str], None]
+) -> RunState:
+    """Restore a checkpoint's optimizer state, RNGs, data position and counters (its weights are in)."""
+    saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, here=job.dist,
+                                sharded=job.config.fsdp)  # fmt: skip
+    state = RunState.from_trainer_state(saved, planner.steps_of_epoch, where=str(checkpoint))
+    if job.dist.main:
+        truncate_metrics(job.out_dir / METRICS_FILE, state.step)
+    changed = changed_flags(saved_config, job.config, saved, job.dist.world)
+    log(f"resumed from {checkpoint} (step {state.step}){changed}")
+    return state
+
+
+def write_run_files(job: Job) -> dict[str, Any]:
+    """config.json and run.json (the flags and what they resolved to); the latter also goes in each
+    checkpoint, returned for save()."""
+    config, dist = job.config, job.dist
+    resolved = resolved_settings(config, job.model, job.device, dist.world, job.schedule, job.fingerprint)
+    if dist.main:
+        config.save(job.out_dir / "config.json")
+        write_run_info(job.out_dir / RUN_FILE, resolved)
+    return resolved
