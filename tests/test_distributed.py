@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
 from rrhf_fast.training.distributed import Dist, my_microbatches, sum_over_ranks
 from rrhf_fast.training.train import train
 

@@ -16,10 +16,11 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import load_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig
-from rrhf_fast.pipelines.demo import gold_of, save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.pipelines.demo_task import gold_of
 from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
-SCORER = "python:rrhf_fast.pipelines.demo:query_reward"
+SCORER = "python:rrhf_fast.pipelines.demo_task:query_reward"
 STEPS = 3  # per round
 
 

@@ -22,8 +22,7 @@ from rrhf_fast.data.records import load_examples, write_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.attention import resolve_backend
 from rrhf_fast.models.loading import load_model, load_tokenizer
-from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 from rrhf_fast.training.checkpoint import (
     latest_checkpoint,
     read_trainer_state,

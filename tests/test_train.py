@@ -13,9 +13,8 @@ import rrhf_fast.training.setup as train_setup
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.errors import UserError
-from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.models.tiny import build_tokenizer, save_tiny_model
 from rrhf_fast.objectives import build_objective, ranking_counts
-from rrhf_fast.pipelines.demo import save_tiny_model
 from rrhf_fast.training.checkpoint import latest_checkpoint, verify_checkpoint
 from rrhf_fast.training.steps import epoch_order, plan_steps
 from rrhf_fast.training.train import forward_backward, train

@@ -36,7 +36,6 @@ from rrhf_fast import config as config_module
 from rrhf_fast.config import config_from_args, opt
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.generation.beam_search import ensure_pad_token
 from rrhf_fast.generation.labelers import (
     DirectScorer,
     JudgeScorer,
@@ -46,7 +45,8 @@ from rrhf_fast.generation.labelers import (
     require_chat_template,
     unflatten,
 )
-from rrhf_fast.generation.sample import DTYPES, load_pretrained
+from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
+from rrhf_fast.models.tokenizer import ensure_pad_token
 from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class ScoreConfig:
     batch_size: int = opt(8, "sequences per forward pass")
     max_length: int | None = opt(None, "reward-model: keep the last N tokens of query + response")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = opt("auto", "model dtype (auto: bfloat16 on CUDA, else float32)", choices=DTYPES)
+    dtype: str = opt("auto", "model dtype (auto: bfloat16 on CUDA, else float32)", choices=INFERENCE_DTYPES)
 
 
 class ScoreError(UserError):

@@ -3,7 +3,8 @@
 `load_model` is the one place that decides how the weights come in: dtype, device, quantisation
 (`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
 `finish_model` is its second half, shared with benchmarks/memory_fit.py, which builds its models in
-memory instead of loading them.
+memory instead of loading them. `load_pretrained` loads a model only to run it (sample, score,
+ref-logps, iterate's policy), in eval mode.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 
 import torch
 
-from rrhf_fast.errors import UserError
+from rrhf_fast.errors import UserError, first_line
+from rrhf_fast.models.wrapping import unwrap
+
+# --dtype of the commands that only run a model (sample, score, ref-logps, iterate's policy): auto is
+# bfloat16 on a CUDA GPU that has it. Training's --dtype (config.WEIGHT_DTYPES) differs: auto keeps
+# fp32 master weights there.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -43,6 +50,45 @@ def weight_dtype(name: str) -> torch.dtype:
     return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """An INFERENCE_DTYPES name as a torch dtype; auto: bfloat16 on a CUDA device that supports it, else
+    float32."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    return names[dtype]
+
+
+def load_pretrained(path: str, auto_class: Any, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) from what `from_pretrained` takes.
+
+    Weights the checkpoint lacks are an error, not a warning: a causal LM loaded as a reward model
+    would otherwise score with a randomly initialised head.
+    """
+    from transformers import AutoTokenizer
+
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = auto_class.from_pretrained(
+            path, dtype=resolve_dtype(dtype, dev), output_loading_info=True
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load {path!r} ({first_line(err)}); give a save_pretrained directory or hub id"
+        ) from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(
+            f"{path!r} lacks weights a {model.__class__.__name__} needs ({', '.join(missing[:3])}); "
+            "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
+        )
+    return model.to(dev).eval(), tokenizer
+
+
 def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -50,7 +96,7 @@ def load_tokenizer(model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as err:
-        raise UserError(f"--model {model}: cannot load its tokenizer ({_first_line(err)})") from None
+        raise UserError(f"--model {model}: cannot load its tokenizer ({first_line(err)})") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"--model {model}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer
@@ -72,7 +118,7 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
             model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(
-            f"--model {config.model}: cannot load a causal LM ({_first_line(err)}); give a directory "
+            f"--model {config.model}: cannot load a causal LM ({first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
     if quantization is None:
@@ -156,7 +202,7 @@ def add_lora(model: Any, config: Any) -> Any:
         with peft_quietly():
             return peft.get_peft_model(model, lora)
     except ValueError as err:  # e.g. a target name that matches no module
-        raise UserError(f"--lora-target-modules {names}: {_first_line(err)}") from None
+        raise UserError(f"--lora-target-modules {names}: {first_line(err)}") from None
 
 
 def is_quantized(model: Any) -> bool:
@@ -165,8 +211,7 @@ def is_quantized(model: Any) -> bool:
 
 def _check_head(model: Any, config: Any) -> None:
     """The fused kernel reads the lm_head weight as a plain matrix: no adapter on it, no quantisation."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     if head is None:
         raise UserError(f"--model {config.model}: no lm_head; give a causal LM")
     kind = type(head).__module__
@@ -233,11 +278,6 @@ def _check_model_path(model: str) -> None:
     )
     if looks_local and not Path(model).expanduser().is_dir():
         raise UserError(f"--model {model}: no such directory; give a save_pretrained directory or a hub id")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 @contextlib.contextmanager

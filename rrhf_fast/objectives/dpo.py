@@ -201,8 +201,7 @@ def main(args: argparse.Namespace) -> int:
 
 def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     """Read `config.data`, add ref_logps computed with `config.model`, write `out_path` atomically."""
-    from rrhf_fast.generation.sample import load_pretrained
-    from rrhf_fast.models.loading import load_tokenizer, resolve_device, weight_dtype
+    from rrhf_fast.models.loading import load_pretrained, load_tokenizer, resolve_device, weight_dtype
 
     config.validate()
     examples = load_examples_with_stats(config.data, require_scores=False).examples

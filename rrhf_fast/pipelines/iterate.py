@@ -269,8 +269,7 @@ def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> N
 def _load_policy(s: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from rrhf_fast.generation.sample import load_pretrained
-    from rrhf_fast.models.loading import quiet_progress_bars
+    from rrhf_fast.models.loading import load_pretrained, quiet_progress_bars
 
     with quiet_progress_bars():
         return load_pretrained(path, AutoModelForCausalLM, s.train.device, dtype)

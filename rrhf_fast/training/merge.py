@@ -15,11 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from rrhf_fast.errors import UserError
+from rrhf_fast.errors import UserError, first_line
 from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
 
-DTYPES = ("auto", "float32", "bfloat16")
+# auto keeps the dtype the base was saved in (neither inference's nor training's auto).
+MERGE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, metavar="DIR", help="where the merged model goes (a new or empty directory)")
     add("--base", metavar="PATH", help="the base model (default: the run's --model)")
     add(
-        "--dtype", choices=DTYPES, default="auto", help="merged weights' dtype (auto: the base's saved dtype)"
+        "--dtype",
+        choices=MERGE_DTYPES,
+        default="auto",
+        help="merged weights' dtype (auto: the base's saved dtype)",
     )
 
 
@@ -62,7 +66,7 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
             adapted = peft.PeftModel.from_pretrained(model, checkpoint)
     except (ValueError, RuntimeError, KeyError) as err:
         raise UserError(
-            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({_first_line(err)}); "
+            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
             "give the base model the run was trained from"
         ) from None
     merged = adapted.merge_and_unload()
@@ -96,9 +100,4 @@ def _load_base(base: str, dtype: str):
         with quiet_progress_bars():
             return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     except (OSError, ValueError) as err:
-        raise UserError(f"--base {base}: cannot load a causal LM ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+        raise UserError(f"--base {base}: cannot load a causal LM ({first_line(err)})") from None

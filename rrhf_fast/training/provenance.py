@@ -23,6 +23,7 @@ import torch
 from rrhf_fast import __version__
 from rrhf_fast.kernels.utils import resolve_impl
 from rrhf_fast.models import attention
+from rrhf_fast.models.wrapping import unwrap
 
 RUN_FILE = "run.json"
 _PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "torchao", "flash-attn")
@@ -32,7 +33,7 @@ def resolved_settings(
     config: Any, model: Any, device: torch.device, world: int, schedule: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any]:
     """The values a run uses for the flags that leave a choice (JSON-able)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     text = base.config.get_text_config()
     softcapped = getattr(text, "attn_logit_softcapping", None) is not None
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})
