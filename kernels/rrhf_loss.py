@@ -17,11 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import MODES, SFT_REDUCTIONS
 from .reference import RRHFOutput, rrhf_loss_torch
 from .utils import next_power_of_2, resolve_impl
-
-MODES = ("paper", "official")
-SFT_REDUCTIONS = ("mean", "sum")
 
 
 @triton.jit

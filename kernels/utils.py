@@ -6,7 +6,7 @@ import os
 
 import torch
 
-IMPLS = ("auto", "triton", "torch")
+from .constants import IMPLS
 
 
 def interpreting() -> bool:

@@ -182,7 +182,7 @@ def require_ref_logps(items: Sequence[TokenizedExample], path: str) -> None:
 
 # The TrainConfig flags that decide the tokens and the numerics of the log-probs.
 _FLAGS = ("model", "max_prompt_len", "max_response_len", "chat_template", "micro_batch_tokens", "attn",
-          "loss_impl", "dtype", "device")  # fmt: skip
+          "kernels", "dtype", "device")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

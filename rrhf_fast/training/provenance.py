@@ -39,7 +39,7 @@ def resolved_settings(
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})
     return {
         "attn": attention.resolve_backend(config.attn, device, softcapped),
-        "loss_impl": resolve_impl(config.loss_impl, device),
+        "kernels": resolve_impl(config.kernels, device),
         "weight_dtype": _name(base.get_input_embeddings().weight.dtype),
         "lm_head_dtype": _name(base.get_output_embeddings().weight.dtype),
         "trainable_dtypes": trainable,
