@@ -1,4 +1,4 @@
-"""rrhf_loss: RRHF rank + SFT loss over all queries of a packed batch (DESIGN.md sections 1 and 6).
+"""rrhf_loss: RRHF rank + SFT loss over all queries of a packed batch (docs/DESIGN.md §4, §6).
 
 One program per query computes the per-response sums S_i and lengths n_i, the scores
 p_i = S_i / denom_i ** length_penalty, the pairwise hinge over ordered pairs with r_i < r_j, the SFT

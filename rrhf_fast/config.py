@@ -77,7 +77,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     optim: str = opt("adamw8bit", "optimizer", choices=OPTIMIZERS)
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row (each one is skipped)")
-    # ---- the loss (DESIGN.md section 1)
+    # ---- the loss (docs/DESIGN.md §4)
     loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
                     choices=LOSSES)  # fmt: skip
     dpo_beta: float = opt(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")

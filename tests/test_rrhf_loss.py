@@ -25,7 +25,7 @@ def make_batch(ks, *, max_len=9, seed=0, score_levels=3):
 
 
 def brute_force(logp, token_response, response_query, scores, prompt_len, lp, wr, ws, mode, red, norm):
-    """The definitions of DESIGN.md section 1, one query and one pair at a time."""
+    """The definitions of docs/DESIGN.md §4, one query and one pair at a time."""
     total_rank = total_sft = 0.0
     for q in sorted(set(response_query.tolist())):
         resp = [i for i in range(len(scores)) if response_query[i] == q]

@@ -1,6 +1,6 @@
 """Shared-prompt attention for Hugging Face models, registered as "rrhf_shared_prompt".
 
-Rule (DESIGN.md section 4): token q attends token kv iff kv <= q, both belong to the same query,
+Rule (docs/DESIGN.md §3): token q attends token kv iff kv <= q, both belong to the same query,
 and kv is a prompt token or in q's own response; with a sliding window, also
 `pos[q] - pos[kv] < window` on the logical positions (transformers' `sliding_window_overlay`).
 

@@ -1,7 +1,7 @@
 """The model path: a Hugging Face causal LM on a PackedBatch -> per-token log-probs [M] fp32.
 
 The decoder runs without its lm_head; the final hidden states [T, D] and the lm_head weight go to
-`rrhf_fast.kernels.token_logprobs`, which never materialises the [M, V] logits (DESIGN.md section 2).
+`rrhf_fast.kernels.token_logprobs`, which never materialises the [M, V] logits (docs/DESIGN.md §1, §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What a run's flags resolved to, saved beside them (DESIGN.md section 9: every run saves its
+"""What a run's flags resolved to, saved beside them (docs/DESIGN.md §10: every run saves its
 resolved config).
 
 config.json keeps the flags as given, `auto` included, so that `--resume` and `iterate` can pass
