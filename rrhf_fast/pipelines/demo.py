@@ -1,10 +1,10 @@
 """`rrhf-fast demo`: RRHF end to end on a CPU in a few minutes, nothing downloaded.
 
 The task (demo_task.py): sort a short string of digits ("sort 4193:" -> "1349"), rewarded with
-partial credit. A tiny random-initialised causal LM
-(rrhf_fast.models.tiny) with the local byte-level tokenizer is trained offline on ranked candidates from
-three sources: the gold answer (for only a share of the queries), corrupted copies of it, and the
-model's own samples, all scored by the reward function. Training runs through `rrhf-fast train`'s
+partial credit. A tiny random-initialised causal LM (rrhf_fast.models.tiny) with the local
+byte-level tokenizer is trained offline on ranked candidates from three sources: the gold answer
+(for only a share of the queries), corrupted copies of it, and the model's own samples, all scored
+by the reward function. Training runs through `rrhf-fast train`'s
 own loop; held-out prompts are answered greedily and scored before and after, once for RRHF and
 once for an SFT-only baseline (`--rank-weight 0`) trained for the same steps on the same data.
 """
