@@ -69,4 +69,4 @@ def token_logprobs(
 ) -> torch.Tensor:
     """The packed forward of the log-prob objectives: log pi of every response token of `batch`, [M] fp32."""
     with autocast or contextlib.nullcontext():
-        return packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
+        return packed_logprobs(model, batch, attn=config.attn, impl=config.kernels)
