@@ -101,42 +101,33 @@ def _offsets(counts: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _RRHFLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, token_response, response_query, scores, prompt_len, num_queries, options):
-        length_penalty, rank_weight, sft_weight, official, sft_sum, norm = options
-        R, G = response_query.numel(), num_queries
-        tok_counts = torch.bincount(token_response, minlength=R)
-        resp_counts = torch.bincount(response_query, minlength=G)
-        _check_layout(token_response, response_query, tok_counts, resp_counts, R, G)
-        f32 = dict(dtype=torch.float32, device=logp.device)
-        p, coef_rank, coef_sft = (torch.empty(R, **f32) for _ in range(3))
-        rank_q, sft_q = torch.empty(G, **f32), torch.empty(G, **f32)
-        block_k = max(2, next_power_of_2(int(resp_counts.max())))
-        _rrhf_fwd_kernel[(G,)](
-            logp, token_response, _offsets(resp_counts), _offsets(tok_counts), scores,
-            prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, float(length_penalty),
-            OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1, BLOCK_K=block_k, BLOCK_T=64,
-        )  # fmt: skip
-        rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
-        loss = rank_weight * rank_loss + sft_weight * sft_loss
-        ctx.save_for_backward(token_response, coef_rank, coef_sft)
-        ctx.weights, ctx.norm = (rank_weight, sft_weight), norm
-        ctx.mark_non_differentiable(p)
-        return loss, rank_loss, sft_loss, p
+def _forward(logp, token_response, response_query, scores, prompt_len, num_queries, options):
+    length_penalty, rank_weight, sft_weight, official, sft_sum, norm = options
+    R, G = response_query.numel(), num_queries
+    tok_counts = torch.bincount(token_response, minlength=R)
+    resp_counts = torch.bincount(response_query, minlength=G)
+    _check_layout(token_response, response_query, tok_counts, resp_counts, R, G)
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    p, coef_rank, coef_sft = (torch.empty(R, **f32) for _ in range(3))
+    rank_q, sft_q = torch.empty(G, **f32), torch.empty(G, **f32)
+    block_k = max(2, next_power_of_2(int(resp_counts.max())))
+    _rrhf_fwd_kernel[(G,)](
+        logp, token_response, _offsets(resp_counts), _offsets(tok_counts), scores,
+        prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, float(length_penalty),
+        OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1, BLOCK_K=block_k, BLOCK_T=64,
+    )  # fmt: skip
+    rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
+    loss = rank_weight * rank_loss + sft_weight * sft_loss
+    return loss, rank_loss, sft_loss, p, coef_rank, coef_sft
 
-    @staticmethod
-    def backward(ctx, g_loss, g_rank, g_sft, _g_p):
-        token_response, coef_rank, coef_sft = ctx.saved_tensors
-        rank_weight, sft_weight = ctx.weights
-        # d/dS_i of every differentiable output, weighted by its upstream gradient.
-        coef = (g_loss * rank_weight + g_rank) * coef_rank + (g_loss * sft_weight + g_sft) * coef_sft
-        coef = (coef / ctx.norm).float().contiguous()
-        M = token_response.numel()
-        grad = torch.empty(M, dtype=torch.float32, device=coef.device)
-        if M:
-            _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, BLOCK=1024)
-        return grad, None, None, None, None, None, None
+
+def _backward(token_response, coef):
+    """dlogp[m] = coef[token_response[m]] (fp32)."""
+    M = token_response.numel()
+    grad = torch.empty(M, dtype=torch.float32, device=coef.device)
+    if M:
+        _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, BLOCK=1024)
+    return grad
 
 
 def _check_layout(token_response, response_query, tok_counts, resp_counts, R, G) -> None:
@@ -193,14 +184,27 @@ def rrhf_loss(
         )  # fmt: skip
     num_queries = prompt_len.numel() if prompt_len is not None else int(response_query.max()) + 1
     norm = num_queries if normalizer is None else normalizer
-    options = (length_penalty, rank_weight, sft_weight, mode == "official", sft_reduction == "sum", norm)
-    loss, rank_loss, sft_loss, p = _RRHFLoss.apply(
+    # A tensor normalizer (a count summed over ranks) divides outside the op, whose arguments are
+    # plain numbers: the losses are linear in 1 / normalizer.
+    divide = isinstance(norm, torch.Tensor)
+    loss, rank_loss, sft_loss, p, _, _ = _ops.rrhf_loss_op(
         logp.float().contiguous(),
         token_response.contiguous(),
         response_query.contiguous(),
         scores.float().contiguous(),
         None if prompt_len is None else prompt_len.contiguous(),
-        num_queries,
-        options,
+        int(num_queries),
+        float(length_penalty),
+        float(rank_weight),
+        float(sft_weight),
+        mode == "official",
+        sft_reduction == "sum",
+        1.0 if divide else float(norm),
     )
+    if divide:
+        loss, rank_loss, sft_loss = loss / norm, rank_loss / norm, sft_loss / norm
     return RRHFOutput(loss, rank_loss, sft_loss, p)
+
+
+# The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import ops as _ops  # noqa: E402

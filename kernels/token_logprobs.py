@@ -326,24 +326,6 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     return dh, dw
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, softcap):
-        logp, lse = _forward(hidden, weight, rows, targets, softcap)
-        ctx.save_for_backward(hidden, weight, rows, targets, lse)
-        ctx.softcap = softcap
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, rows, targets, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _backward(
-            hidden, weight, rows, targets, lse, grad.float().contiguous(), ctx.softcap, need_dh, need_dw
-        )
-        return dh, dw, None, None, None
-
-
 # ---------------------------------------------------------------------------------------------
 # Public function
 
@@ -382,13 +364,14 @@ def token_logprobs(
     torch._assert_async(((targets >= 0) & (targets < weight.shape[0])).all(), "targets out of range [0, V)")
     torch._assert_async(((rows >= 0) & (rows < hidden.shape[0])).all(), "rows out of range [0, N)")
     with torch.autocast(device_type, enabled=False):
-        return _TokenLogprobs.apply(
+        logp, _lse = _ops.token_logprobs_op(
             hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
             weight.contiguous(),
             rows.contiguous(),
             targets.contiguous(),
             None if softcap is None else float(softcap),
         )
+        return logp
 
 
 def _check_inputs(hidden, weight, rows, targets) -> None:
@@ -406,3 +389,7 @@ def _check_inputs(hidden, weight, rows, targets) -> None:
             raise ValueError(f"token_logprobs: {name} must be int32 or int64, got {t.dtype}")
     if len({hidden.device, weight.device, rows.device, targets.device}) != 1:
         raise ValueError("token_logprobs: hidden, weight, rows and targets must be on one device")
+
+
+# The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import ops as _ops  # noqa: E402

@@ -1,0 +1,209 @@
+"""The fused kernels as torch custom ops (`torch.ops.rrhf_fast.*`).
+
+Registered with `torch.library.custom_op`, each kernel is one opaque op to autograd (forward and
+backward are each one op), runs under `FakeTensorMode` and the meta device (no memory, no compute:
+`rrhf-fast plan` simulates a training step on fake tensors with them), and stays inside one
+`torch.compile` graph instead of breaking it.
+
+The fake kernels allocate exactly what the launchers in token_logprobs.py and rrhf_loss.py
+allocate, in the same order, forward and backward (outputs, the per-row LSE and its split partials,
+the vocabulary-chunk dlogits buffer, the fp32 accumulators, the gathered hidden rows): a memory plan
+of fake tensors then sees the kernels' real workspace. tests/test_ops.py checks the two against each
+other; change them together.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import rrhf_loss as _rl
+from . import token_logprobs as _tl
+
+F32 = torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# token_logprobs: forward -> (logp [M] fp32, lse [M] fp32); backward -> (dhidden, dweight)
+
+
+@torch.library.custom_op("rrhf_fast::token_logprobs", mutates_args=())
+def token_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse) of the fused forward; lse is what the backward needs (not differentiable)."""
+    return _tl._forward(hidden, weight, rows, targets, softcap)
+
+
+@token_logprobs_op.register_fake
+def token_logprobs_fake(hidden, weight, rows, targets, softcap):
+    M = rows.shape[0]
+    logp = hidden.new_empty(M, dtype=F32)
+    lse = hidden.new_empty(M, dtype=F32)
+    if M == 0:
+        return logp, lse
+    splits = 2 if not hidden.is_cuda else _cuda_splits(hidden, M)
+    lse_part = hidden.new_empty((splits, M), dtype=F32)
+    tgt_logit = hidden.new_empty(M, dtype=F32)
+    torch.logsumexp(lse_part, dim=0, out=lse)
+    torch.sub(tgt_logit, lse, out=logp)
+    return logp, lse
+
+
+def _cuda_splits(hidden: torch.Tensor, M: int) -> int:
+    blocks = triton.cdiv(M, _tl._FWD_SPLIT_ROWS)
+    return max(1, min(64, triton.cdiv(2 * _tl._num_sms(hidden.device.index or 0), blocks)))
+
+
+@torch.library.custom_op("rrhf_fast::token_logprobs_backward", mutates_args=())
+def token_logprobs_backward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    softcap: float | None,
+    need_dh: bool,
+    need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dhidden, dweight); an empty tensor stands for a gradient that is not needed."""
+    dh, dw = _tl._backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw)
+    return _or_empty(dh, hidden), _or_empty(dw, weight)
+
+
+@token_logprobs_backward_op.register_fake
+def token_logprobs_backward_fake(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
+    M = rows.shape[0]
+    V, D = weight.shape
+    dh = hidden.new_zeros(hidden.shape, dtype=F32) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    if M == 0:
+        return _or_empty(dh.to(hidden.dtype) if need_dh else None, hidden), _or_empty(dw, weight)
+    h_rows = hidden.index_select(0, rows)  # noqa: F841
+    dh_rows = hidden.new_zeros((M, D), dtype=F32) if need_dh else None
+    chunk = _tl._vocab_chunk(M, V, hidden.element_size())
+    buffer = hidden.new_empty(M * chunk)  # noqa: F841 (alive until the launcher returns, as here)
+    if need_dh:
+        dh.index_add_(0, rows, dh_rows)
+        dh = dh.to(hidden.dtype)
+    return _or_empty(dh, hidden), _or_empty(dw, weight)
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # A custom op returns tensors; None (gradient not needed) travels as an empty one.
+    return like.new_empty(0) if t is None else t
+
+
+def _tlp_setup_context(ctx, inputs, output):
+    hidden, weight, rows, targets, softcap = inputs
+    _logp, lse = output
+    ctx.save_for_backward(hidden, weight, rows, targets, lse)
+    ctx.softcap = softcap
+    ctx.mark_non_differentiable(lse)
+
+
+def _tlp_backward(ctx, grad, _grad_lse):
+    hidden, weight, rows, targets, lse = ctx.saved_tensors
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dh, dw = torch.ops.rrhf_fast.token_logprobs_backward(
+        hidden, weight, rows, targets, lse, grad.float().contiguous(), ctx.softcap, need_dh, need_dw
+    )
+    return (dh if need_dh else None), (dw if need_dw else None), None, None, None
+
+
+token_logprobs_op.register_autograd(_tlp_backward, setup_context=_tlp_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# rrhf_loss: forward -> (loss, rank_loss, sft_loss, p, coef_rank, coef_sft); backward -> dlogp [M]
+
+
+@torch.library.custom_op("rrhf_fast::rrhf_loss", mutates_args=())
+def rrhf_loss_op(
+    logp: torch.Tensor,
+    token_response: torch.Tensor,
+    response_query: torch.Tensor,
+    scores: torch.Tensor,
+    prompt_len: torch.Tensor | None,
+    num_queries: int,
+    length_penalty: float,
+    rank_weight: float,
+    sft_weight: float,
+    official: bool,
+    sft_sum: bool,
+    norm: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, rank_loss, sft_loss, p [R], coef_rank [R], coef_sft [R]); the coefficients are
+    dL/dS per response, what the backward gathers onto the tokens."""
+    options = (length_penalty, rank_weight, sft_weight, official, sft_sum, norm)
+    return _rl._forward(logp, token_response, response_query, scores, prompt_len, num_queries, options)
+
+
+@rrhf_loss_op.register_fake
+def rrhf_loss_fake(logp, token_response, response_query, scores, prompt_len, num_queries, *options):
+    _lp, rank_weight, sft_weight, _official, _sft_sum, norm = options
+    R, G = response_query.shape[0], num_queries
+    new = logp.new_empty
+    # The launcher's bincounts have data-dependent lengths, max(minlength, max + 1); the packed layout
+    # it checks makes them exactly R and G.
+    tok_counts, resp_counts = new(R, dtype=torch.int64), new(G, dtype=torch.int64)
+    _rl._check_layout(token_response, response_query, tok_counts, resp_counts, R, G)
+    p, coef_rank, coef_sft = (new(R, dtype=F32) for _ in range(3))
+    rank_q, sft_q = new(G, dtype=F32), new(G, dtype=F32)
+    resp_counts.max()  # the block size, read on the host by the launcher
+    _rl._offsets(resp_counts), _rl._offsets(tok_counts)
+    rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
+    loss = rank_weight * rank_loss + sft_weight * sft_loss
+    return loss, rank_loss, sft_loss, p, coef_rank, coef_sft
+
+
+@torch.library.custom_op("rrhf_fast::rrhf_loss_backward", mutates_args=())
+def rrhf_loss_backward_op(token_response: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """dlogp [M] fp32: each token gets its response's coefficient."""
+    return _rl._backward(token_response, coef)
+
+
+@rrhf_loss_backward_op.register_fake
+def rrhf_loss_backward_fake(token_response, coef):
+    return coef.new_empty(token_response.shape[0], dtype=F32)
+
+
+def _rrhf_setup_context(ctx, inputs, output):
+    token_response, rank_weight, sft_weight, norm = inputs[1], inputs[7], inputs[8], inputs[11]
+    _loss, _rank, _sft, p, coef_rank, coef_sft = output
+    ctx.save_for_backward(token_response, coef_rank, coef_sft)
+    ctx.weights, ctx.norm = (rank_weight, sft_weight), norm
+    ctx.mark_non_differentiable(p, coef_rank, coef_sft)
+
+
+def _rrhf_backward(ctx, g_loss, g_rank, g_sft, *_unused):
+    token_response, coef_rank, coef_sft = ctx.saved_tensors
+    rank_weight, sft_weight = ctx.weights
+    # d/dS_i of every differentiable output, weighted by its upstream gradient.
+    coef = (g_loss * rank_weight + g_rank) * coef_rank + (g_loss * sft_weight + g_sft) * coef_sft
+    grad = torch.ops.rrhf_fast.rrhf_loss_backward(token_response, (coef / ctx.norm).float().contiguous())
+    return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+rrhf_loss_op.register_autograd(_rrhf_backward, setup_context=_rrhf_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each op's body and fake body as plain functions, for a tracker that must see their buffers
+# (rrhf_fast.training.memtrack runs them with itself on top; a dispatch mode sees no further into
+# a custom op than its outputs).
+
+BODIES = {
+    torch.ops.rrhf_fast.token_logprobs.default: (token_logprobs_op._init_fn, token_logprobs_fake),
+    torch.ops.rrhf_fast.token_logprobs_backward.default: (
+        token_logprobs_backward_op._init_fn,
+        token_logprobs_backward_fake,
+    ),
+    torch.ops.rrhf_fast.rrhf_loss.default: (rrhf_loss_op._init_fn, rrhf_loss_fake),
+    torch.ops.rrhf_fast.rrhf_loss_backward.default: (rrhf_loss_backward_op._init_fn, rrhf_loss_backward_fake),
+}
