@@ -26,6 +26,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "add a reference model's log-prob sum per response (for --loss dpo)",
     ),
     "merge": ("rrhf_fast.training.merge", "merge a trained LoRA adapter into its base model"),
+    "plan": (
+        "rrhf_fast.training.plan",
+        "will it fit? peak GPU memory of a training step, simulated on fake tensors",
+    ),
     "plot": ("rrhf_fast.training.plot", "draw the training curves of a run directory"),
     "demo": ("rrhf_fast.pipelines.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
 }

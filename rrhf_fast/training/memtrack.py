@@ -33,6 +33,7 @@ PHASE_CATEGORY = {
     "setup": "weights",
     "forward": "activations",
     "backward": "temporaries",
+    "clip": "temporaries",
     "optimizer": "optimizer",
 }
 
@@ -74,15 +75,16 @@ class MemoryTracker(TorchDispatchMode):
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
-        """Count `tensor`'s storage (if new) under `category` (default: the phase's)."""
+    def track(self, tensor: torch.Tensor, category: str | None = None, nbytes: int | None = None) -> None:
+        """Count `tensor`'s storage (if new) under `category` (default: the phase's); `nbytes` stands
+        for the storage's size where the real one differs (a quantised weight simulated unquantised)."""
         if not _strided(tensor):
             return
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self.live:
             return
-        nbytes = storage.nbytes()
+        nbytes = storage.nbytes() if nbytes is None else nbytes
         cat = category or PHASE_CATEGORY[self.phase]
         self.live[key] = (nbytes, cat)
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
