@@ -23,7 +23,7 @@ def flags(**kw):
 
 
 VALIDATION = [
-    pytest.param("llama", {}, id="llama-full"),
+    pytest.param("llama-tied", {}, id="llama-tied-full"),
     pytest.param("qwen2", dict(lora_r=4), id="qwen2-lora", marks=pytest.mark.slow),
     pytest.param("gemma2", dict(gradient_checkpointing=True), id="gemma2-full-ckpt", marks=pytest.mark.slow),
     pytest.param("llama", dict(lora_r=8, gradient_checkpointing=True), id="llama-lora-ckpt",
@@ -35,7 +35,7 @@ VALIDATION = [
 def test_planned_peak_is_the_real_steps(launches_unseen, arch, kw):  # noqa: F811
     """Plan (fake tensors, 2 and 4 layers extrapolated to 6) vs the live tensor bytes of a real CPU
     step of the same configuration (6 layers, the Triton kernels under the interpreter)."""
-    hf = tiny_config(arch, num_layers=6)
+    hf = tiny_config(arch.removesuffix("-tied"), num_layers=6, tie_word_embeddings=arch.endswith("-tied"))
     config, shape = flags(**kw), batch_shape(192)
     real = simulate(hf, config, shape, fake=False, cuda=False)
     planned = plan_step(hf, config, shape, cuda=False)
@@ -47,7 +47,10 @@ def test_planned_peak_is_the_real_steps(launches_unseen, arch, kw):  # noqa: F81
 
 @pytest.mark.parametrize(
     "kw",
-    [pytest.param({}, id="full"), pytest.param(dict(lora_r=4, gradient_checkpointing=True), id="lora-ckpt")],
+    [
+        pytest.param({}, id="full"),
+        pytest.param(dict(lora_r=4, gradient_checkpointing=True), id="lora-ckpt", marks=pytest.mark.slow),
+    ],
 )
 def test_extrapolation_matches_the_whole_simulation(kw):
     hf = tiny_config("qwen2", num_layers=10, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=1000)
@@ -105,6 +108,11 @@ def test_search_bisects_to_the_largest_fitting_budget():
 
     assert plan.search_tokens(fits) == 4864
     assert len(calls) < 12
+    calls.clear()
+    assert plan.search_tokens(fits, guess=4700) == 4864
+    assert len(calls) < 6  # a good guess (plan's affine one) saves most steps
+    assert plan.search_tokens(fits, guess=100_000, limit=8192) == 4864
+    assert plan.search_tokens(lambda t: True, limit=8192) == 8192
     assert plan.search_tokens(lambda t: False) is None
 
 

@@ -126,24 +126,59 @@ def run_plan(
         shape = batch_shape(tokens, prompt_len, response_len, k)
         return plan_step(hf_config, dataclasses.replace(config, micro_batch_tokens=tokens), shape), shape
 
-    report, shape = at(config.micro_batch_tokens)
-    result = PlanResult(report, shape, num_layers(hf_config), config.micro_batch_tokens, gpu)
+    tokens = config.micro_batch_tokens
+    report, shape = at(tokens)
+    result = PlanResult(report, shape, num_layers(hf_config), tokens, gpu)
     if search and gpu is not None:
         result.searched = True
-        result.max_micro_batch_tokens = search_tokens(lambda t: at(t)[0].peak_bytes <= usable(gpu))
+        peaks = {tokens: report.peak_bytes}
+
+        def fits(t: int) -> bool:
+            if t not in peaks:
+                peaks[t] = at(t)[0].peak_bytes
+            return peaks[t] <= usable(gpu)
+
+        result.max_micro_batch_tokens = search_tokens(fits, guess=affine_guess(tokens, fits, peaks, gpu))
     return result
 
 
-def search_tokens(fits: Any) -> int | None:
-    """Largest multiple of SEARCH_STEP (up to SEARCH_MAX) for which `fits(tokens)`, by doubling then
-    bisection: peak memory grows with the token budget."""
-    if not fits(SEARCH_STEP):
-        return None
-    lo, hi = SEARCH_STEP, 2 * SEARCH_STEP
-    while hi <= SEARCH_MAX and fits(hi):
-        lo, hi = hi, 2 * hi
-    if hi > SEARCH_MAX:
-        return lo
+def affine_guess(tokens: int, fits: Any, peaks: dict[int, int], gpu: int) -> int:
+    """Where the line through the peaks at `tokens` and at half of it reaches the usable memory:
+    the search starts there (the peak is close to affine in the budget; the bisection settles it)."""
+    half = max(SEARCH_STEP, tokens // 2 // SEARCH_STEP * SEARCH_STEP)
+    if half == tokens:
+        half = 2 * tokens
+    fits(half)
+    slope = (peaks[tokens] - peaks[half]) / (tokens - half)
+    if slope <= 0:
+        return tokens
+    return int(tokens + (usable(gpu) - peaks[tokens]) / slope)
+
+
+def search_tokens(fits: Any, guess: int | None = None, limit: int = SEARCH_MAX) -> int | None:
+    """Largest multiple of SEARCH_STEP (up to limit) for which `fits(tokens)`: peak memory grows
+    with the token budget, so a bracket found by steps doubling away from `guess`, then bisection;
+    `limit` (a multiple of SEARCH_STEP) is returned when it fits."""
+    start = min(limit, max(SEARCH_STEP, (guess or SEARCH_STEP) // SEARCH_STEP * SEARCH_STEP))
+    step = SEARCH_STEP
+    if fits(start):
+        lo, hi = start, start + step
+        while hi <= limit and fits(hi):
+            lo, step = hi, 2 * step
+            hi = lo + step
+        if hi > limit:
+            if fits(limit):
+                return limit
+            hi = limit
+    else:
+        lo, hi = start - step, start
+        while lo >= SEARCH_STEP and not fits(lo):
+            hi, step = lo, 2 * step
+            lo = hi - step
+        if lo < SEARCH_STEP:
+            if not fits(SEARCH_STEP):
+                return None
+            lo = SEARCH_STEP
     while hi - lo > SEARCH_STEP:
         mid = (lo + hi) // 2 // SEARCH_STEP * SEARCH_STEP
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

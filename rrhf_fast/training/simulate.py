@@ -101,7 +101,7 @@ def simulate(
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with _cuda_paths(cuda), mode:
         if fake:
-            model.to_empty(device="cpu")
+            _fake_storage(model)
         stored = {id(m.weight): m.stored_bytes for m in model.modules() if hasattr(m, "stored_bytes")}
         for p in model.parameters():
             tracker.track(p, "weights", stored.get(id(p)))
@@ -151,6 +151,22 @@ def build_model(hf_config: Any, config: TrainConfig) -> torch.nn.Module:
         _as_quantized(model, config)
         config = dataclasses.replace(config, load_in_4bit=False, load_in_8bit=False)
     return prepare_model(finish_model(model, config))
+
+
+def _fake_storage(model: torch.nn.Module) -> None:
+    """Meta parameters and buffers become fake CPU tensors; tied weights stay one tensor (to_empty
+    would untie them: it makes a new Parameter per module)."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in made:
+                fresh = torch.empty_like(p, device="cpu")
+                made[id(p)] = torch.nn.Parameter(fresh, requires_grad=p.requires_grad)
+            setattr(module, name, made[id(p)])
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None:
+                made.setdefault(id(b), torch.empty_like(b, device="cpu"))
+                module._buffers[name] = made[id(b)]
 
 
 def _as_quantized(model: torch.nn.Module, config: TrainConfig) -> None:
