@@ -42,16 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     keep = {"model", *MEMORY_FLAGS} & fields
     config_module.add_arguments(parser, TrainConfig, skip=fields - keep)
-    parser.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory to fit in: 80GiB, 24GB, 81920MiB")
-    parser.add_argument(
-        "--search", action="store_true", help="find the largest --micro-batch-tokens that fits"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plan-prompt-len", type=int, metavar="N", help="prompt tokens of a simulated query")
-    parser.add_argument(
-        "--plan-response-len", type=int, metavar="N", help="tokens of each simulated response"
-    )
-    parser.add_argument("--plan-k", type=int, default=4, metavar="K", help="responses per simulated query")
+    switch = dict(action=argparse.BooleanOptionalAction, default=False)
+    add = parser.add_argument
+    add("--gpu-memory", metavar="SIZE", help="GPU memory to fit in: 80GiB, 24GB (10**9 bytes), 81920MiB")
+    add("--search", **switch, help="find the largest --micro-batch-tokens that fits --gpu-memory")
+    add("--json", **switch, help="print one JSON object")
+    add("--plan-prompt-len", type=int, metavar="N", help="prompt tokens of a simulated query")
+    add("--plan-response-len", type=int, metavar="N", help="tokens of each simulated response")
+    add("--plan-k", type=int, default=4, metavar="K", help="responses per simulated query")
 
 
 def main(args: argparse.Namespace) -> int:

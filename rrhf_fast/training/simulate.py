@@ -31,11 +31,12 @@ from rrhf_fast.kernels import ops
 from rrhf_fast.kernels import utils as kernel_utils
 from rrhf_fast.models import attention
 from rrhf_fast.models.loading import finish_model, weight_dtype
-from rrhf_fast.models.logprobs import packed_logprobs, prepare_model
+from rrhf_fast.models.logprobs import prepare_model
+from rrhf_fast.objectives import Metrics, build_objective
 from rrhf_fast.training import plan_cuda
-from rrhf_fast.training.evaluate import loss_of
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
-from rrhf_fast.training.optim import build_optimizer
+from rrhf_fast.training.setup import make_optimizer
+from rrhf_fast.training.train import forward_backward
 
 
 @dataclass(frozen=True)
@@ -120,17 +121,28 @@ def simulate(
 
 
 def _step(model, batches, config, tracker, params, optimizer) -> None:
-    """What train.py's loop does for one step (forward_backward, clip, optimizer.step), minus the
-    host reads of loss values a fake tensor does not have."""
-    queries = float(sum(b.num_queries for b in batches))
-    for batch in batches:
+    """train.py's step on fake tensors: its forward_backward (the objective's forward and backward
+    for each micro-batch), clipping, the optimizer step; without the host reads of loss values and
+    ranking metrics, which fake tensors do not have."""
+    objective = build_objective(config)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
         tracker.phase = "forward"
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logp = packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
-        out = loss_of(logp, batch, config, normalizer=queries)
+        return objective(*args, **kwargs)
+
+    backward = torch.Tensor.backward
+
+    def tracked_backward(self: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         tracker.phase = "backward"
-        out.loss.backward()
-        del logp, out
+        backward(self, *args, **kwargs)
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    no_metrics = classmethod(lambda cls, names, *_: cls.zeros(names))
+    with (
+        mock.patch.object(Metrics, "of_batch", no_metrics),
+        mock.patch.object(torch.Tensor, "backward", tracked_backward),
+    ):
+        forward_backward(model, forward, batches, autocast)
     tracker.phase = "clip"
     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     tracker.phase = "optimizer"
@@ -190,8 +202,7 @@ def _optimizer(model, config, fake: bool, cuda: bool) -> torch.optim.Optimizer:
     if config.optim in ("adamw8bit", "paged-adamw8bit") and fake:
         params = [p for p in model.parameters() if p.requires_grad]
         return plan_cuda.PlannedAdamW8bit(params, lr=config.lr)
-    optimizer = build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
-                                weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = make_optimizer(model, config)
     if cuda:  # on CUDA tensors torch's AdamW defaults to its foreach path, with its temporaries
         for group in optimizer.param_groups:
             if group.get("foreach") is None and not group.get("fused"):
