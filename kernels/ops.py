@@ -14,11 +14,15 @@ other; change them together.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import triton
 
-from . import rrhf_loss as _rl
-from . import token_logprobs as _tl
+# The package attributes `rrhf_loss` and `token_logprobs` are the functions (kernels/__init__.py):
+# the launcher modules come from the import system.
+_rl = importlib.import_module(f"{__package__}.rrhf_loss")
+_tl = importlib.import_module(f"{__package__}.token_logprobs")
 
 F32 = torch.float32
 

@@ -18,7 +18,7 @@ TORCH_THREADS = 1
 
 
 def flags(**kw):
-    base = dict(model="-", data="-", output_dir="-", optim="adamw", attn="dense", loss_impl="triton")
+    base = dict(model="-", data="-", output_dir="-", optim="adamw", attn="dense", kernels="triton")
     return TrainConfig(**{**base, **kw})
 
 
@@ -54,7 +54,7 @@ def test_planned_peak_is_the_real_steps(launches_unseen, arch, kw):  # noqa: F81
 )
 def test_extrapolation_matches_the_whole_simulation(kw):
     hf = tiny_config("qwen2", num_layers=10, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=1000)
-    config, shape = flags(attn="auto", loss_impl="auto", **kw), batch_shape(512)
+    config, shape = flags(attn="auto", kernels="auto", **kw), batch_shape(512)
     whole = simulate(hf, config, shape)
     planned = plan_step(hf, config, shape)
     assert planned.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.01)

@@ -91,8 +91,8 @@ def simulate(
     """Memory of one training step of `config` on a model of `hf_config` (with its first `layers`
     decoder layers when given). `fake=False` runs it for real (tests); `cuda` as module doc."""
     hf_config = with_layers(hf_config, layers)
-    if cuda and config.loss_impl == "auto":  # what auto picks on CUDA
-        config = dataclasses.replace(config, loss_impl="triton")
+    if cuda and config.kernels == "auto":  # what auto picks on CUDA
+        config = dataclasses.replace(config, kernels="triton")
     batch = packed_batch(shape, hf_config.get_text_config().vocab_size)
     tracker = MemoryTracker(inline=ops.BODIES)
     # Built on the meta device, then given fake CPU storage: peft's adapter moves cannot swap
