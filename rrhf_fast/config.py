@@ -29,7 +29,8 @@ OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
 ATTN_BACKENDS = ("auto", "varlen", "flex", "dense")
 # Training's --dtype: auto keeps fp32 master weights (models.loading.INFERENCE_DTYPES is another set).
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
-LOSSES = ("rrhf", "dpo")
+LOSSES = ("rrhf", "dpo", "rm")
+RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
 # Old JSON key -> field, for config.json / train_config.json written before the rename.
 RENAMED_FIELDS = {"loss_impl": "kernels", "mode": "length_norm"}
 
@@ -78,8 +79,8 @@ class TrainConfig:
     optim: str = opt("adamw8bit", "optimizer", choices=OPTIMIZERS)
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # ---- the loss (docs/DESIGN.md §4)
-    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
-                    choices=LOSSES)  # fmt: skip
+    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps); "
+                    "rm: train a reward model (what `rrhf-fast train-rm` runs)", choices=LOSSES)  # fmt: skip
     dpo_beta: float = opt(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
     length_norm: str = opt(
         "paper",
@@ -94,6 +95,14 @@ class TrainConfig:
     sft_reduction: str = opt(
         "mean", "SFT loss of the best response: token mean, or the paper's sum", choices=SFT_REDUCTIONS
     )
+    # ---- the reward model's loss (train-rm; objectives/reward.py)
+    rm_loss: str = opt(
+        "bt", "Bradley-Terry over every pair of different scores, or listwise Plackett-Luce (ties grouped)",
+        choices=RM_LOSSES,
+    )  # fmt: skip
+    rm_margin: float = opt(0.0, "the margin the better response's reward must clear (--rm-loss bt)")
+    rm_margin_scale: bool = opt(False, "multiply --rm-margin by each pair's score gap")
+    rm_center: float = opt(0.0, "weight of the penalty on each query's mean reward squared (0: none)")
     # ---- model and kernels
     attn: str = opt("auto", "attention backend for the shared-prompt packing", choices=ATTN_BACKENDS)
     kernels: str = opt(
@@ -146,10 +155,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{_flag(name)} must be 0 or more, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight"):
+        non_negative = ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight")
+        for name in (*non_negative, "rm_center"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype"):
+        for name in ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype", "rm_loss"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
@@ -157,6 +167,8 @@ class TrainConfig:
                 )
         if not self.dpo_beta > 0:
             raise UserError(f"--dpo-beta must be a positive number, got {self.dpo_beta}")
+        if self.loss == "rm" and self.rm_loss == "listwise" and (self.rm_margin or self.rm_margin_scale):
+            raise UserError("--rm-margin and --rm-margin-scale apply to --rm-loss bt only; drop them")
         if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
             raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
         if self.min_lr > self.lr:

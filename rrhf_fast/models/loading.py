@@ -102,8 +102,11 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
-def load_model(config: Any, device: torch.device) -> torch.nn.Module:
-    """The causal LM of `config.model` on `device`, in training mode, ready for packed_logprobs."""
+def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """The causal LM of `config.model` on `device`, in training mode, ready for packed_logprobs;
+    with task_type SEQ_CLS, the reward model built on it (AutoModelForSequenceClassification with
+    one label: a causal-LM checkpoint's backbone loads, its lm_head is dropped, the score head starts
+    from the config's initializer), ready for models.reward.packed_rewards."""
     _check_model_path(config.model)
     quantization = quantization_config(config)
     kwargs: dict[str, Any] = {"dtype": weight_dtype(config.dtype)}
@@ -111,20 +114,24 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
         import_bitsandbytes("--load-in-4bit" if config.load_in_4bit else "--load-in-8bit")
         # bf16 for what stays unquantised until prepare_model_for_kbit_training upcasts it.
         kwargs.update(quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device})
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto, what = AutoModelForCausalLM, "a causal LM"
+    if task_type == "SEQ_CLS":
+        auto, what = AutoModelForSequenceClassification, "a one-label sequence-classification model"
+        kwargs["num_labels"] = 1
     try:
         with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
-    except (OSError, ValueError) as err:
+            model = auto.from_pretrained(config.model, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a score head of other shape
         raise UserError(
-            f"--model {config.model}: cannot load a causal LM ({first_line(err)}); give a directory "
+            f"--model {config.model}: cannot load {what} ({first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
     if quantization is None:
         model.to(device)
         _warn_pure_bf16(config)
-    return finish_model(model, config)
+    return finish_model(model, config, task_type)
 
 
 def _warn_pure_bf16(config: Any) -> None:
@@ -161,16 +168,20 @@ def quantization_config(config: Any) -> Any:
     return None
 
 
-def finish_model(model: Any, config: Any) -> Any:
+def finish_model(model: Any, config: Any, task_type: str = "CAUSAL_LM") -> Any:
     """Quantised-training preparation, gradient checkpointing and LoRA adapters, in that order.
 
     A quantised base goes through peft's `prepare_model_for_kbit_training` (base frozen; norms,
     embeddings and lm_head upcast to fp32, the QLoRA recipe). Returns the model in training mode: a
-    peft model when `config.lora_r`, else the transformers model itself.
+    peft model when `config.lora_r`, else the transformers model itself. `task_type` is peft's:
+    CAUSAL_LM (its lm_head must stay a plain weight), or SEQ_CLS for a reward model (peft then
+    trains the `score` head whole beside the adapters).
     """
+    causal = task_type == "CAUSAL_LM"
     model.config.use_cache = False
     if is_quantized(model):
-        _check_head(model, config)
+        if causal:
+            _check_head(model, config)
         # Our own non-reentrant checkpointing below: peft's would be reentrant.
         model = import_peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
@@ -181,12 +192,13 @@ def finish_model(model: Any, config: Any) -> Any:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.lora_r:
-        model = add_lora(model, config)
-    _check_head(model, config)
+        model = add_lora(model, config, task_type)
+    if causal:
+        _check_head(model, config)
     return model.train()
 
 
-def add_lora(model: Any, config: Any) -> Any:
+def add_lora(model: Any, config: Any, task_type: str = "CAUSAL_LM") -> Any:
     """peft LoRA adapters on `--lora-target-modules`; the base model's weights are frozen."""
     peft = import_peft()
     names = config.lora_target_modules
@@ -196,7 +208,7 @@ def add_lora(model: Any, config: Any) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         with peft_quietly():
