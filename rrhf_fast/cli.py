@@ -15,6 +15,10 @@ from rrhf_fast.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rrhf_fast.training.train", "train a causal LM with RRHF on a scored JSONL file"),
+    "train-rm": (
+        "rrhf_fast.training.train_rm",
+        "train a reward model (Bradley-Terry or listwise) on scored responses, packed like train",
+    ),
     "sample": ("rrhf_fast.generation.sample", "sample k candidate responses per prompt from a model"),
     "score": (
         "rrhf_fast.generation.score",
