@@ -116,22 +116,49 @@ def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") 
         kwargs.update(quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device})
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto, what = AutoModelForCausalLM, "a causal LM"
+    auto, what, quiet = AutoModelForCausalLM, "a causal LM", contextlib.nullcontext()
     if task_type == "SEQ_CLS":
         auto, what = AutoModelForSequenceClassification, "a one-label sequence-classification model"
-        kwargs["num_labels"] = 1
+        kwargs.update(num_labels=1, output_loading_info=True)
+        quiet = _quiet_transformers()  # its load report lists the new head as MISSING: expected here
     try:
-        with quiet_progress_bars():
+        with quiet_progress_bars(), quiet:
             model = auto.from_pretrained(config.model, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a score head of other shape
         raise UserError(
             f"--model {config.model}: cannot load {what} ({first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
+    if task_type == "SEQ_CLS":
+        model, info = model
+        _report_new_weights(config.model, info)
     if quantization is None:
         model.to(device)
         _warn_pure_bf16(config)
     return finish_model(model, config, task_type)
+
+
+def _report_new_weights(model_path: str, info: dict[str, Any]) -> None:
+    """A reward model built on a causal LM starts its score head from scratch and drops the lm_head;
+    any other weight missing from the checkpoint means a backbone that does not match it."""
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("score.")]
+    if missing:
+        logging.getLogger(__name__).warning(
+            f"warning: --model {model_path} lacks {len(missing)} backbone weight(s) of the reward model "
+            f"(e.g. {missing[0]}), initialised at random: is it the checkpoint you meant?"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _warn_pure_bf16(config: Any) -> None:

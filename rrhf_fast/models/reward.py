@@ -23,21 +23,27 @@ from rrhf_fast.errors import ModelError
 from rrhf_fast.models import attention
 from rrhf_fast.models.loading import load_model
 from rrhf_fast.models.logprobs import prepare_model
+from rrhf_fast.models.wrapping import unwrap
 
 
-def load_reward_model(config: Any, device: torch.device, tokenizer: Any) -> Any:
+def load_reward_model(
+    config: Any,
+    device: torch.device,
+    tokenizer: Any,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> Any:
     """The reward model `rrhf-fast train-rm` trains: `config.model` (a causal-LM checkpoint, or a
     reward model to train further) as a one-label sequence-classification model on `device`, with the
     run's dtype, quantisation, LoRA (peft task SEQ_CLS: the score head trains whole) and gradient
-    checkpointing; prepared for packing and checked against its own forward (check_reward_parity)."""
+    checkpointing; prepared for packing and checked against its own forward (check_reward_parity)
+    under the run's `autocast`."""
     model = load_model(config, device, task_type="SEQ_CLS")
-    base = _unwrap(model)
+    base = unwrap(model)
     if base.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         # Saved with the checkpoint: transformers' forward needs a pad id for batches of several.
         base.config.pad_token_id = tokenizer.pad_token_id
     prepare_model(model)
-    on_cuda = torch.device(device).type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext():
+    with autocast or contextlib.nullcontext():  # the run's numerics: autocast on CUDA
         check_reward_parity(model, attn=config.attn)
     return model
 
@@ -81,7 +87,7 @@ def packed_rewards(model: Any, batch: PackedBatch, *, attn: str = "auto") -> tor
     """
     if isinstance(model, PackedRewards) or isinstance(getattr(model, "module", None), PackedRewards):
         return model(batch, attn=attn)
-    base = _unwrap(model)
+    base = unwrap(model)
     prepare_model(base)
     head = score_head(base)
     device = base.get_input_embeddings().weight.device
@@ -109,7 +115,7 @@ def check_reward_parity(model: Any, *, attn: str = "auto") -> float:
     convolution hybrids), which shared-prompt packing cannot isolate. Bounds: 1e-3 in fp32, 0.25
     in half precision or under autocast, relative to the reward's scale when it is above 1.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     vocab = base.get_input_embeddings().weight.shape[0]
     pad = base.config.get_text_config().pad_token_id
     ids = [t for t in ((7 * i + 3) % vocab for i in range(40)) if t != pad][:24]
@@ -172,7 +178,3 @@ def score_head(base: Any) -> torch.nn.Module:
             f"{labels}); load it with AutoModelForSequenceClassification.from_pretrained(..., num_labels=1)"
         )
     return head
-
-
-def _unwrap(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -18,7 +18,8 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample
-from rrhf_fast.models.logprobs import PackedLogprobs, packed_logprobs
+from rrhf_fast.models.loading import load_model
+from rrhf_fast.models.logprobs import PackedLogprobs, check_logit_parity, packed_logprobs, prepare_model
 from rrhf_fast.objectives.metrics import Metrics
 
 
@@ -56,6 +57,17 @@ class Objective(abc.ABC):
         """The module whose forward is this objective's whole forward: what DDP / FSDP2 wrap, since
         both act only on a forward that runs through the wrapped module (training/distributed.py)."""
         return PackedLogprobs(model)
+
+    def load_model(
+        self, device: torch.device, tokenizer: Any, autocast: contextlib.AbstractContextManager
+    ) -> Any:
+        """The model this objective trains, from --model, switched to packed attention and checked
+        against its own forward under the run's `autocast` (what packing cannot mirror is refused):
+        here the causal LM."""
+        model = prepare_model(load_model(self.config, device))
+        with autocast:
+            check_logit_parity(model, attn=self.config.attn, impl=self.config.kernels)
+        return model
 
     def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:  # noqa: B027 (optional)
         """Raise UserError, naming `path`, if the tokenised data lacks a field this objective needs."""

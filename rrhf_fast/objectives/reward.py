@@ -24,10 +24,18 @@ summed over queries / normalizer like the loss: the mean margin when every query
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.reward import PackedRewards, load_reward_model, packed_rewards
+from rrhf_fast.objectives.base import Objective, ObjectiveOutput
+from rrhf_fast.objectives.metrics import Metrics
 
 RM_LOSSES = ("bt", "listwise")
 
@@ -86,3 +94,53 @@ def _query_mean(values: torch.Tensor, query: torch.Tensor, num_queries: int) -> 
     total = values.new_zeros(num_queries).index_add(0, query, values)
     count = torch.zeros(num_queries, device=values.device).index_add(0, query, torch.ones_like(values))
     return total / count.clamp(min=1)
+
+
+class RewardModel(Objective):
+    """`--loss rm` (`rrhf-fast train-rm`): reward_loss on the packed rewards of a one-label
+    sequence-classification model; its rewards are the scores the ranking metrics rank."""
+
+    name = "rm"
+    terms = ("loss", "rm_loss", "center_loss", "margin")
+
+    def __call__(
+        self,
+        model: Any,
+        batch: PackedBatch,
+        *,
+        normalizer: float,
+        autocast: contextlib.AbstractContextManager | None = None,
+    ) -> ObjectiveOutput:
+        config = self.config
+        with autocast or contextlib.nullcontext():
+            rewards = packed_rewards(model, batch, attn=config.attn)
+        device = rewards.device
+        out = reward_loss(
+            rewards,
+            batch.scores.to(device),
+            batch.response_query.to(device),
+            batch.num_queries,
+            kind=config.rm_loss,
+            margin=config.rm_margin,
+            margin_scale=config.rm_margin_scale,
+            center=config.rm_center,
+            normalizer=normalizer,
+        )
+        terms = [out.loss, out.rm_loss, out.center_loss, out.margin]
+        return ObjectiveOutput(out.loss, Metrics.of_batch(self.terms, terms, rewards, batch))
+
+    def packed_module(self, model: Any) -> torch.nn.Module:
+        return PackedRewards(model)
+
+    def load_model(
+        self, device: torch.device, tokenizer: Any, autocast: contextlib.AbstractContextManager
+    ) -> Any:
+        return load_reward_model(self.config, device, tokenizer, autocast)
+
+    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:
+        """At least one query must hold two responses of different scores: no pair, nothing to learn."""
+        if not any(len(set(it.scores)) > 1 for it in items):
+            raise UserError(
+                f"{path}: no query has two responses with different scores, so a reward model has no pair "
+                "to learn from; give each query at least two responses scored differently"
+            )

@@ -59,7 +59,7 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
-    model = _load_base(base, dtype)
+    model = _load_base(base, dtype, reward=_task_of(checkpoint) == "SEQ_CLS")
     peft = import_peft()
     try:
         with peft_quietly():
@@ -89,15 +89,28 @@ def _base_of(checkpoint: Path) -> str:
     raise UserError(f"--checkpoint {checkpoint} does not name its base model; pass --base PATH")
 
 
-def _load_base(base: str, dtype: str):
+def _task_of(checkpoint: Path) -> str | None:
+    """peft's task type of the adapter: SEQ_CLS for a `train-rm` run (a reward model)."""
+    try:
+        return json.loads((checkpoint / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _load_base(base: str, dtype: str, reward: bool = False):
+    """The base the adapter goes on: the causal LM, or for a reward model's adapter the one-label
+    sequence-classification model built on it (its score head is in the adapter, trained whole)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if Path(base).expanduser().is_absolute() and not Path(base).expanduser().is_dir():
         raise UserError(f"--base {base}: no such directory; give the base model the run was trained from")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    auto, extra = AutoModelForCausalLM, {}
+    if reward:
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
     try:
         with quiet_progress_bars():
-            return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+            return auto.from_pretrained(base, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as err:
         raise UserError(f"--base {base}: cannot load a causal LM ({first_line(err)})") from None

@@ -37,11 +37,12 @@ def resolved_settings(
     text = base.config.get_text_config()
     softcapped = getattr(text, "attn_logit_softcapping", None) is not None
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})
+    head = base.get_output_embeddings() or getattr(base, "score", None)  # a reward model: its score head
     return {
         "attn": attention.resolve_backend(config.attn, device, softcapped),
         "kernels": resolve_impl(config.kernels, device),
         "weight_dtype": _name(base.get_input_embeddings().weight.dtype),
-        "lm_head_dtype": _name(base.get_output_embeddings().weight.dtype),
+        "lm_head_dtype": _name(head.weight.dtype),
         "trainable_dtypes": trainable,
         "quantization": "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None,
         "autocast_dtype": "bfloat16" if device.type == "cuda" else None,

@@ -23,8 +23,6 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample, tokenize_example
 from rrhf_fast.data.records import load_examples_with_stats
 from rrhf_fast.errors import UserError
-from rrhf_fast.models.loading import load_model
-from rrhf_fast.models.logprobs import check_logit_parity, prepare_model
 from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
 from rrhf_fast.training import distributed
@@ -177,13 +175,17 @@ def plan_schedule(
 
 
 def build_model(
-    config: TrainConfig, device: torch.device, data: TrainData, autocast: contextlib.AbstractContextManager
+    config: TrainConfig,
+    device: torch.device,
+    data: TrainData,
+    autocast: contextlib.AbstractContextManager,
+    objective: Objective,
+    tokenizer: Any,
 ) -> Any:
-    """The model to train, switched to packed attention; refused if the data or the packing do not fit it."""
-    model = prepare_model(load_model(config, device))
+    """The objective's model (Objective.load_model: the causal LM, or train-rm's reward model),
+    switched to packed attention; refused if the data or the packing do not fit it."""
+    model = objective.load_model(device, tokenizer, autocast)
     _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
-    with autocast:  # packed log-probs must equal the model's own: refuse what packing cannot mirror
-        check_logit_parity(model, attn=config.attn, impl=config.kernels)
     return model
 
 
@@ -192,7 +194,8 @@ def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], l
     the weights otherwise fails deep inside the forward (an IndexError, a CUDA device-side assert)."""
     base = unwrap(model)
     embedding = base.get_input_embeddings().weight.shape[0]
-    head = base.get_output_embeddings().weight.shape[0]
+    output = base.get_output_embeddings()  # None for a reward model (a score head, no lm_head)
+    head = embedding if output is None else output.weight.shape[0]
     for items, where in datasets:
         for item, loc in zip(items, where, strict=True):
             top = max(max(item.prompt_ids), *(max(r) for r in item.response_ids))

@@ -103,7 +103,7 @@ def train(config: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------------------------------------
     # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model (FSDP2
     # shards the weights it holds), its optimizer state once the optimizer holds the wrapped ones
-    model = build_model(config, device, data, autocast)
+    model = build_model(config, device, data, autocast, objective, tokenizer)
     torch.manual_seed(config.seed + dist.rank)  # dropout masks differ across ranks (not the data order)
     if checkpoint is not None:
         load_weights(model, checkpoint)
