@@ -9,7 +9,10 @@ the score head whole; the command line offers no RRHF-only flag.
 
 import argparse
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -175,3 +178,40 @@ def test_command_line_offers_the_rm_flags_and_not_rrhf_ones(files, tmp_path, cap
         [*common, "--output-dir", str(tmp_path / "d"), "--rm-loss", "listwise", "--rm-margin", "0.5"]
     )
     assert code == 2 and "apply to --rm-loss bt only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_process(files, tmp_path):
+    """torchrun, 2 gloo ranks, 2 steps of 3 micro-batches (rank 1 runs a zero-weight filler): the
+    weights and metrics of the 1-process run with the same micro-batches accumulated."""
+    from test_distributed import max_diff, weights
+
+    kw = dict(max_steps=2, queries_per_step=None, grad_accum=3, micro_batch_tokens=90, save_every=2,
+              min_lr=3e-3, eval_every=1)  # fmt: skip
+    train(rm_config(files, tmp_path / "one", **kw))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rrhf_fast.cli", "train-rm", *argv_rm(rm_config(files, tmp_path / "two", **kw))]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    start = load_file(files[0] / "model.safetensors")
+    two, one = weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)
+    assert max_diff(two, one) <= 1e-5
+    assert max((two[k] - start[k]).abs().max().item() for k in start if k in two) > 1e-4  # it trained
+    a, b = rows(tmp_path / "two"), rows(tmp_path / "one")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "rm_loss", "margin", "accuracy", "grad_norm", "eval_loss", "eval_accuracy"):
+            if key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), key
+
+
+def argv_rm(cfg: TrainConfig) -> list[str]:
+    """`rrhf-fast train-rm` flags that give `cfg` (its fields but those train-rm does not take)."""
+    args = []
+    for key, value in cfg.to_dict().items():
+        flag = "--" + key.replace("_", "-")
+        if key in train_rm.NOT_FOR_RM or value is None:
+            continue
+        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return args
