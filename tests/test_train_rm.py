@@ -181,7 +181,8 @@ def test_command_line_offers_the_rm_flags_and_not_rrhf_ones(files, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_equal_one_process(files, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_equal_one_process(files, tmp_path, fsdp):
     """torchrun, 2 gloo ranks, 2 steps of 3 micro-batches (rank 1 runs a zero-weight filler): the
     weights and metrics of the 1-process run with the same micro-batches accumulated."""
     from test_distributed import max_diff, weights
@@ -189,8 +190,9 @@ def test_ddp_two_ranks_equal_one_process(files, tmp_path):
     kw = dict(max_steps=2, queries_per_step=None, grad_accum=3, micro_batch_tokens=90, save_every=2,
               min_lr=3e-3, eval_every=1)  # fmt: skip
     train(rm_config(files, tmp_path / "one", **kw))
+    flags = argv_rm(rm_config(files, tmp_path / "two", fsdp=fsdp, **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "rrhf_fast.cli", "train-rm", *argv_rm(rm_config(files, tmp_path / "two", **kw))]  # fmt: skip
+           "-m", "rrhf_fast.cli", "train-rm", *flags]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           timeout=600, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -91,8 +91,9 @@ def packed_rewards(model: Any, batch: PackedBatch, *, attn: str = "auto") -> tor
     prepare_model(base)
     head = score_head(base)
     device = base.get_input_embeddings().weight.device
-    batch = batch.to(device, non_blocking=True) if batch.input_ids.device != device else batch
     config = base.config.get_text_config()
+    rows = pooled_rows(batch, config.pad_token_id).to(device)  # on the host side, before the copy
+    batch = batch.to(device, non_blocking=True) if batch.input_ids.device != device else batch
     softcapped = getattr(config, "attn_logit_softcapping", None) is not None
     backend = attention.resolve_backend(attn, device, softcapped)
     meta = attention.SharedPromptMeta.from_batch(batch, backend, fallback="flex" if attn == "auto" else None)
@@ -100,7 +101,6 @@ def packed_rewards(model: Any, batch: PackedBatch, *, attn: str = "auto") -> tor
         out = getattr(base, base.base_model_prefix)(
             input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, sp_meta=meta
         )
-    rows = pooled_rows(batch, config.pad_token_id).to(device)
     # The head on the pooled rows only: a linear map per row, so the same numbers as transformers'
     # head on every row followed by the pooling, without the [T, num_labels] intermediate.
     return head(out.last_hidden_state[0, rows])[:, 0].float()
