@@ -217,3 +217,17 @@ def argv_rm(cfg: TrainConfig) -> list[str]:
             continue
         args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return args
+
+
+def test_qlora_keeps_the_score_head_whole_and_trains_it(files, tmp_path):
+    from test_lora import bnb_cpu
+
+    bnb_cpu(4)
+    result = train(rm_config(files, tmp_path / "q", max_steps=3, lora_r=4, load_in_4bit=True, eval_data=None))
+    base = result.model.get_base_model()
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    assert type(base.score.original_module) is torch.nn.Linear  # not quantised: trained whole
+    head = [p for n, p in result.model.named_parameters() if "score" in n and p.requires_grad]
+    assert len(head) == 1 and head[0].dtype == torch.float32
+    losses = [r["loss"] for r in rows(tmp_path / "q")]
+    assert losses[-1] < losses[0]
