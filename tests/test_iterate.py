@@ -246,3 +246,10 @@ def test_resuming_a_run_saved_with_the_old_train_field_names_changes_no_flag(tmp
     assert "changed flags" not in capsys.readouterr().out
     _prepare(settings(fake, tmp_path / "run", resume=True, kernels="auto", length_norm="official"))
     assert "train.kernels: 'torch' -> 'auto'" in capsys.readouterr().out
+
+
+def test_loss_rm_is_refused_before_any_work(task, tmp_path):
+    """iterate trains the policy it samples from; a reward model is `rrhf-fast train-rm`'s job."""
+    with pytest.raises(UserError, match="train-rm"):
+        iterate(settings(task, tmp_path / "rm", loss="rm"))
+    assert not (tmp_path / "rm").exists()

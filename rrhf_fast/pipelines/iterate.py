@@ -298,6 +298,11 @@ def _prepare(settings: Settings) -> Path:
     if settings.run.rounds < 1 or settings.run.num_candidates < 1:
         raise UserError("--rounds and --num-candidates must be at least 1")
     settings.train.validate()
+    if settings.train.loss == "rm":
+        raise UserError(
+            "--loss rm trains a reward model, not the policy iterate samples from; train it with "
+            "`rrhf-fast train-rm` and pass --scorer reward-model:DIR"
+        )
     settings.sample.validate(settings.run.num_candidates)
     kind, _, target = settings.run.scorer.partition(":")
     if kind == "python" or kind not in KINDS or not target:
