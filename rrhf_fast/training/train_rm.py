@@ -25,8 +25,8 @@ from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig, config_from_args
 
 # The TrainConfig fields of RRHF's and DPO's losses and of the log-prob kernel: no meaning here.
-NOT_FOR_RM = ("loss", "dpo_beta", "mode", "length_penalty", "rank_weight", "sft_weight", "sft_reduction",
-              "loss_impl")  # fmt: skip
+NOT_FOR_RM = ("loss", "dpo_beta", "length_norm", "length_penalty", "rank_weight", "sft_weight",
+              "sft_reduction", "kernels")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
