@@ -188,12 +188,6 @@ class TrainConfig:
 
     def _validate_update(self) -> None:
         """--optim-in-backward and --bf16-update (issue 16)."""
-        if self.optim_in_backward and self.grad_accum > 1:
-            raise UserError(
-                f"--optim-in-backward updates each weight during the backward, so it cannot accumulate "
-                f"--grad-accum {self.grad_accum} micro-batches; give --grad-accum 1 and a larger "
-                "--micro-batch-tokens"
-            )
         if self.optim_in_backward and self.fsdp and not self.max_grad_norm:
             raise UserError(
                 "--fsdp --optim-in-backward needs --max-grad-norm X: without the norm pass each rank "

@@ -1,6 +1,7 @@
 """--optim-in-backward (training.in_backward, training.paramwise): the same weights as the ordinary step,
 with and without clipping, exact resume, the non-finite guard, the refusals."""
 
+import dataclasses
 import logging
 import math
 
@@ -203,9 +204,10 @@ def test_an_ordinary_optimizers_state_loads_paramwise():
 # refusals: one sentence each
 
 
-def test_gradient_accumulation_is_refused():
-    with pytest.raises(UserError, match=r"cannot accumulate --grad-accum 4 micro-batches") as err:
-        TrainConfig(model="m", data="d", output_dir="o", optim_in_backward=True, grad_accum=4).validate()
+def test_gradient_accumulation_is_refused(tmp_path, model_dir):
+    data = write_data(tmp_path / "d.jsonl", 8)
+    with pytest.raises(UserError, match=r"cannot accumulate --grad-accum 4 micro-batches on 1 proc") as err:
+        train(config(tmp_path, model_dir, data, optim_in_backward=True, grad_accum=4))
     assert str(err.value).count(". ") == 0
 
 
@@ -218,12 +220,15 @@ def test_a_queries_per_step_plan_with_several_micro_batches_is_refused(tmp_path,
 
 def test_one_micro_batch_per_process_passes_and_ddp_is_refused():
     steps = [[[2]], [[0], [1]]]
-    check_one_microbatch(lambda e: steps, 2, world=2, fsdp=True)
-    check_one_microbatch(lambda e: steps, 1, world=1, fsdp=False)  # the step of 2 never runs
+    qps = TrainConfig(model="m", data="d", output_dir="o", queries_per_step=2, fsdp=True)
+    check_one_microbatch(qps, lambda e: steps, 2, world=2)
+    check_one_microbatch(qps, lambda e: steps, 1, world=1)  # the step of 2 never runs
     with pytest.raises(UserError, match="step 2 of epoch 1 packs into 2 micro-batches for 1 process"):
-        check_one_microbatch(lambda e: steps, 2, world=1, fsdp=False)
+        check_one_microbatch(qps, lambda e: steps, 2, world=1)
     with pytest.raises(UserError, match="needs --fsdp"):
-        check_one_microbatch(lambda e: steps, 2, world=2, fsdp=False)
+        check_one_microbatch(dataclasses.replace(qps, fsdp=False), lambda e: steps, 2, world=2)
+    accum = dataclasses.replace(qps, queries_per_step=None, grad_accum=2)
+    check_one_microbatch(accum, lambda e: [[[0], [1]]], 1, world=2)  # one micro-batch per rank
 
 
 @pytest.mark.parametrize(

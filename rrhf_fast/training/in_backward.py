@@ -120,14 +120,20 @@ def backward_step(
 
 
 def check_one_microbatch(
-    steps_of_epoch: Callable[[int], list[list[list[int]]]], total_steps: int, world: int, fsdp: bool
+    config: Any, steps_of_epoch: Callable[[int], list[list[list[int]]]], total_steps: int, world: int
 ) -> None:
-    """--optim-in-backward: every planned step must be one micro-batch per process, and several
-    processes need FSDP2 (DDP all-reduces gradients after the hooks have already used them)."""
-    if world > 1 and not fsdp:
+    """--optim-in-backward: every planned step must be at most one micro-batch per process, and
+    several processes need FSDP2 (DDP all-reduces gradients after the hooks have already used them)."""
+    if world > 1 and not config.fsdp:
         raise UserError(
             "--optim-in-backward under torchrun needs --fsdp: DDP averages the gradients only after "
             "the hooks that update the weights have run"
+        )
+    if not config.queries_per_step and config.grad_accum > world:
+        raise UserError(
+            f"--optim-in-backward updates each weight during the backward, so it cannot accumulate "
+            f"--grad-accum {config.grad_accum} micro-batches on {world} process(es); give --grad-accum "
+            f"{world} and a larger --micro-batch-tokens"
         )
     planned, epoch = 0, 0
     while planned < total_steps:
