@@ -232,7 +232,7 @@ def test_sums_over_ranks_in_one_process_are_the_values():
 def test_fsdp2_optim_in_backward_equals_the_ordinary_step_and_resumes(tmp_path, files):
     """Two ranks, one micro-batch each per step (--grad-accum 2), clipped: the hooks fire on each
     rank's shards after the reduce-scatter; a resume through the sharded optimizer checkpoint."""
-    kw = dict(grad_accum=2, fsdp=True, max_grad_norm=0.05, micro_batch_tokens=4096)
+    kw = dict(grad_accum=2, fsdp=True, max_grad_norm=0.05)
     torchrun(flags(files, tmp_path / "plain", max_steps=4, **kw))
     torchrun(flags(files, tmp_path / "whole", max_steps=4, optim_in_backward=True, **kw))
     torchrun(flags(files, tmp_path / "part", max_steps=2, optim_in_backward=True, **kw))

@@ -256,3 +256,19 @@ def test_paramwise_without_bf16_weights_is_the_ordinary_optimizer():
         model(torch.randn(4, 64, generator=torch.Generator().manual_seed(0))).sum().backward()
         opt.step()
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05], ids=["one-pass", "two-pass"])
+def test_assume_finite_reads_no_value_and_updates_the_same(clip, monkeypatch):
+    """What a memory simulation on fake tensors needs: no float() of a tensor anywhere in the step."""
+    a, b = _mlp(), _mlp()
+    opt_a = build_optimizer(a.named_parameters(), "adamw", lr=1e-2, in_backward=True)
+    opt_b = build_optimizer(b.named_parameters(), "adamw", lr=1e-2, in_backward=True)
+    opt_b.assume_finite = True
+    x = torch.randn(8, 64)
+    backward_step(opt_a, _run(a, x), [], clip)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("read a value"))
+        norm = backward_step(opt_b, _run(b, x), [], clip)[2]
+    assert math.isnan(norm)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))

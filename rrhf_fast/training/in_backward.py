@@ -38,7 +38,13 @@ RunBackward = Callable[[], tuple[list[float], Any]]  # forward + backward of a s
 
 class InBackwardOptimizer(ParamwiseOptimizer):
     """A ParamwiseOptimizer whose parameters step inside the backward of `backward_step`. Outside it
-    the hooks stand idle and gradients accumulate in `.grad` as usual (so `step()` still works)."""
+    the hooks stand idle and gradients accumulate in `.grad` as usual (so `step()` still works).
+
+    `assume_finite = True` drops every check that reads a value (the per-gradient guard, the test
+    between the passes; the norm returned is NaN): for a memory simulation on fake tensors, which
+    have shapes but no values; the allocations are those of a finite step."""
+
+    assume_finite = False
 
     def __init__(self, groups: list[dict[str, Any]], make: Any, *, order: list[torch.Tensor], **kw: Any):
         super().__init__(groups, make, **kw)
@@ -57,7 +63,7 @@ class InBackwardOptimizer(ParamwiseOptimizer):
         grad = slot.param.grad
         if self._pass == "norm" or self._coef is None:
             self._norms[where] = torch._foreach_norm([grad], 2.0)[0]  # what clip_grad_norm_ computes
-        if self._coef is None:  # one pass: the guard, gradient by gradient
+        if self._coef is None and not self.assume_finite:  # one pass: the guard, gradient by gradient
             norm = float(distributed.local_value(self._norms[where]))
             self._stopped = self._stopped or not math.isfinite(norm)
         if self._pass == "update" and not self._stopped:
@@ -84,7 +90,7 @@ class InBackwardOptimizer(ParamwiseOptimizer):
         """One step's backward(s) and updates; returns (losses, counts, gradient norm before clipping)."""
         if not max_grad_norm:
             losses, counts = self._run("update", run_backward, None)
-            norm = float(distributed.local_value(self._total_norm()))
+            norm = math.nan if self.assume_finite else float(distributed.local_value(self._total_norm()))
             if self._stopped and self.updated:
                 logging.getLogger(__name__).warning(
                     f"warning: a non-finite gradient stopped this step's updates in backward after "
@@ -95,14 +101,15 @@ class InBackwardOptimizer(ParamwiseOptimizer):
         rng = _rng_state()
         losses, counts = self._run("norm", run_backward, None)
         total = distributed.local_value(self._total_norm())
-        device = self.slots[0].param.device
-        loss = distributed.sum_over_ranks([losses[0]], device)[0]
-        if not (math.isfinite(loss) and math.isfinite(float(total))):
-            return losses, counts, float(total)  # nothing was updated: the loop skips the step
+        norm = math.nan if self.assume_finite else float(total)
+        if not self.assume_finite:
+            loss = distributed.sum_over_ranks([losses[0]], self.slots[0].param.device)[0]
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                return losses, counts, norm  # nothing was updated: the loop skips the step
         coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_
         _set_rng_state(rng)  # the same dropout masks: the second pass recomputes the same gradients
         losses, counts = self._run("update", run_backward, coef)
-        return losses, counts, float(total)
+        return losses, counts, norm
 
 
 def backward_step(

@@ -44,9 +44,13 @@ class Slot:
         return self.param if self.stand_in is None else self.stand_in
 
 
-class ParamwiseOptimizer:
+class ParamwiseOptimizer(torch.optim.Optimizer):
     """`make(params, weight_decay)` builds each parameter's optimizer; `bf16_update` says how fp32
-    updates land in bf16 weights ("nearest": the optimizer steps the bf16 weight itself)."""
+    updates land in bf16 weights ("nearest": the optimizer steps the bf16 weight itself).
+
+    A torch.optim.Optimizer to isinstance checks (torch.distributed.checkpoint takes anything else
+    for a list of optimizers), but its base __init__ never runs: `param_groups` and `state` are views
+    of the per-parameter optimizers, not containers of its own."""
 
     def __init__(
         self,
@@ -56,7 +60,7 @@ class ParamwiseOptimizer:
         bf16_update: str = "nearest",
         seed: int = 0,
     ) -> None:
-        self.bf16_update, self.seed = bf16_update, seed
+        self.bf16_update, self.seed, self.defaults = bf16_update, seed, {}
         self.slots: list[Slot] = []
         for group in groups:
             for p in group["params"]:
@@ -76,7 +80,7 @@ class ParamwiseOptimizer:
     def state(self) -> dict[torch.nn.Parameter, dict[str, Any]]:
         return {s.param: s.optimizer.state[s.key] for s in self.slots if s.optimizer.state.get(s.key)}
 
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
         """Step every parameter that holds a gradient (after an update in backward, none does)."""
         for slot in self.slots:
             if slot.param.grad is not None:
