@@ -4,12 +4,13 @@ with and without clipping, exact resume, the non-finite guard, the refusals."""
 import dataclasses
 import logging
 import math
+import types
 
 import pytest
 import torch
 from training_runs import config, metrics, write_data
 
-import rrhf_fast.training.train as train_module
+import rrhf_fast.objectives.base as objective_base
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.pipelines.demo import save_tiny_model
@@ -66,7 +67,7 @@ def test_in_backward_gives_the_weights_of_the_ordinary_step(tmp_path, model_dir,
 
 
 def _interrupt_at_forward(monkeypatch, n):
-    real, calls = train_module.packed_logprobs, {"n": 0}
+    real, calls = objective_base.packed_logprobs, {"n": 0}
 
     def forward(*args, **kwargs):
         calls["n"] += 1
@@ -74,7 +75,7 @@ def _interrupt_at_forward(monkeypatch, n):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "packed_logprobs", forward)
+    monkeypatch.setattr(objective_base, "packed_logprobs", forward)
 
 
 @pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
@@ -129,7 +130,7 @@ def _run(model, x, poison=None):
         loss.backward()
         for hook in hooks:
             hook.remove()
-        return [loss.item()], None
+        return types.SimpleNamespace(loss=loss.item())  # what the trainer's forward_backward returns
 
     return run
 
@@ -143,10 +144,10 @@ def test_optimizer_in_backward_equals_one_optimizer_step(name, clip):
     assert isinstance(opt_b, InBackwardOptimizer)
     for seed in range(4):
         x = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed))
-        norm_a = backward_step(opt_a, _run(a, x), list(a.parameters()), clip)[2]
+        norm_a = backward_step(opt_a, _run(a, x), list(a.parameters()), clip)[1]
         opt_a.step()
         opt_a.zero_grad()
-        norm_b = backward_step(opt_b, _run(b, x), list(b.parameters()), clip)[2]
+        norm_b = backward_step(opt_b, _run(b, x), list(b.parameters()), clip)[1]
         assert all(p.grad is None for p in b.parameters())  # freed in the backward
         assert norm_a == pytest.approx(norm_b, rel=1e-6) and norm_a > clip
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
@@ -158,7 +159,7 @@ def test_two_pass_guard_leaves_everything_untouched():
     x = torch.randn(8, 64)
     backward_step(opt, _run(model, x), list(model.parameters()), 1.0)  # states exist
     before, state = weights(model), str(opt.state_dict())
-    norm = backward_step(opt, _run(model, x, poison=float("nan")), list(model.parameters()), 1.0)[2]
+    norm = backward_step(opt, _run(model, x, poison=float("nan")), list(model.parameters()), 1.0)[1]
     assert math.isnan(norm)
     assert (
         all(torch.equal(v, weights(model)[k]) for k, v in before.items()) and str(opt.state_dict()) == state
@@ -170,7 +171,7 @@ def test_one_pass_guard_stops_at_the_first_non_finite_gradient(caplog):
     opt = build_optimizer(model.named_parameters(), "adamw", lr=1e-2, in_backward=True)
     before = weights(model)
     with caplog.at_level(logging.WARNING, logger="rrhf_fast.training.in_backward"):
-        norm = backward_step(opt, _run(model, torch.randn(8, 64), poison=float("nan")), [], 0.0)[2]
+        norm = backward_step(opt, _run(model, torch.randn(8, 64), poison=float("nan")), [], 0.0)[1]
     assert math.isnan(norm)
     after = weights(model)
     # The backward reaches the last layer first: it was stepped, the poisoned first layer was not.
@@ -278,6 +279,6 @@ def test_assume_finite_reads_no_value_and_updates_the_same(clip, monkeypatch):
     backward_step(opt_a, _run(a, x), [], clip)
     with monkeypatch.context() as patch:
         patch.setattr(torch.Tensor, "__float__", lambda self: pytest.fail("read a value"))
-        norm = backward_step(opt_b, _run(b, x), [], clip)[2]
+        norm = backward_step(opt_b, _run(b, x), [], clip)[1]
     assert math.isnan(norm)
     assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))

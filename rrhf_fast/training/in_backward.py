@@ -33,7 +33,7 @@ from rrhf_fast.errors import UserError
 from rrhf_fast.training import distributed
 from rrhf_fast.training.paramwise import ParamwiseOptimizer, Slot
 
-RunBackward = Callable[[], tuple[list[float], Any]]  # forward + backward of a step -> (losses, counts)
+RunBackward = Callable[[], Any]  # forward + backward of a step -> its metrics (with a float `.loss`)
 
 
 class InBackwardOptimizer(ParamwiseOptimizer):
@@ -73,7 +73,7 @@ class InBackwardOptimizer(ParamwiseOptimizer):
             self.updated += 1
         slot.param.grad = None
 
-    def _run(self, kind: str, run_backward: RunBackward, coef: torch.Tensor | None) -> tuple[list, Any]:
+    def _run(self, kind: str, run_backward: RunBackward, coef: torch.Tensor | None) -> Any:
         self._pass, self._coef, self._norms, self._stopped, self.updated = kind, coef, {}, False, 0
         try:
             return run_backward()
@@ -86,10 +86,10 @@ class InBackwardOptimizer(ParamwiseOptimizer):
             return torch.zeros(())
         return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
-    def run_step(self, run_backward: RunBackward, max_grad_norm: float) -> tuple[list[float], Any, float]:
-        """One step's backward(s) and updates; returns (losses, counts, gradient norm before clipping)."""
+    def run_step(self, run_backward: RunBackward, max_grad_norm: float) -> tuple[Any, float]:
+        """One step's backward(s) and updates; returns (its metrics, the gradient norm before clipping)."""
         if not max_grad_norm:
-            losses, counts = self._run("update", run_backward, None)
+            metrics = self._run("update", run_backward, None)
             norm = math.nan if self.assume_finite else float(distributed.local_value(self._total_norm()))
             if self._stopped and self.updated:
                 logging.getLogger(__name__).warning(
@@ -97,33 +97,34 @@ class InBackwardOptimizer(ParamwiseOptimizer):
                     f"{self.updated} of {len(self.slots)} parameters had been stepped; --max-grad-norm X "
                     "checks the norm before any update (two passes)"
                 )
-            return losses, counts, norm
+            return metrics, norm
         rng = _rng_state()
-        losses, counts = self._run("norm", run_backward, None)
+        metrics = self._run("norm", run_backward, None)
         total = distributed.local_value(self._total_norm())
         norm = math.nan if self.assume_finite else float(total)
         if not self.assume_finite:
-            loss = distributed.sum_over_ranks([losses[0]], self.slots[0].param.device)[0]
+            loss = distributed.sum_over_ranks([metrics.loss], self.slots[0].param.device)[0]
             if not (math.isfinite(loss) and math.isfinite(norm)):
-                return losses, counts, norm  # nothing was updated: the loop skips the step
+                return metrics, norm  # nothing was updated: the loop skips the step
         coef = torch.clamp(max_grad_norm / (total + 1e-6), max=1.0)  # as clip_grad_norm_
         _set_rng_state(rng)  # the same dropout masks: the second pass recomputes the same gradients
-        losses, counts = self._run("update", run_backward, coef)
-        return losses, counts, norm
+        metrics = self._run("update", run_backward, coef)
+        return metrics, norm
 
 
 def backward_step(
     optimizer: Any, run_backward: RunBackward, params: list[torch.Tensor], max_grad_norm: float
-) -> tuple[list[float], Any, float]:
-    """A training step's backward and gradient norm (clipped to `max_grad_norm`, 0: no clipping).
+) -> tuple[Any, float]:
+    """A training step's backward: (what `run_backward` returns, the gradient norm), the gradient
+    clipped to `max_grad_norm` (0: no clipping).
 
     An ordinary optimizer: one backward, then clip_grad_norm_; the loop calls `optimizer.step()`
     next. An InBackwardOptimizer: the update happens here (its `step()` then finds no gradient)."""
     if isinstance(optimizer, InBackwardOptimizer):
         return optimizer.run_step(run_backward, max_grad_norm)
-    losses, counts = run_backward()
+    metrics = run_backward()
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
-    return losses, counts, float(distributed.local_value(norm))
+    return metrics, float(distributed.local_value(norm))
 
 
 def check_one_microbatch(
