@@ -161,7 +161,8 @@ class TrainConfig:
         for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype", "bf16_update"):
+        choice_fields = ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype")
+        for name in (*choice_fields, "bf16_update"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
