@@ -29,6 +29,7 @@ OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
 ATTN_BACKENDS = ("auto", "varlen", "flex", "dense")
 # Training's --dtype: auto keeps fp32 master weights (models.loading.INFERENCE_DTYPES is another set).
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
+BF16_UPDATES = ("nearest", "stochastic", "kahan")  # training/bf16_update.py
 LOSSES = ("rrhf", "dpo", "rm")
 RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
 # Old JSON key -> field, for config.json / train_config.json written before the rename.
@@ -78,6 +79,17 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     optim: str = opt("adamw8bit", "optimizer", choices=OPTIMIZERS)
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row (each one is skipped)")
+    optim_in_backward: bool = opt(
+        False,
+        "update each weight in the backward and free its gradient (no whole-model gradient "
+        "buffer; with --max-grad-norm, two forward+backward passes a step)",
+    )
+    bf16_update: str = opt(
+        "nearest",
+        "--dtype bfloat16 full fine-tuning: how fp32 updates round into the bf16 weights "
+        "(stochastic: unbiased, no extra memory; kahan: +2 bytes a weight)",
+        choices=BF16_UPDATES,
+    )
     # ---- the loss (docs/DESIGN.md §4)
     loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps); "
                     "rm: train a reward model (what `rrhf-fast train-rm` runs)", choices=LOSSES)  # fmt: skip
@@ -159,7 +171,8 @@ class TrainConfig:
         for name in (*non_negative, "rm_center"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype", "rm_loss"):
+        choice_fields = ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype")
+        for name in (*choice_fields, "rm_loss", "bf16_update"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
@@ -183,7 +196,23 @@ class TrainConfig:
         if self.load_in_4bit and not self.lora_r:
             raise UserError("--load-in-4bit trains adapters on a frozen 4-bit model: also give --lora-r N")
         self._validate_scaling()
+        self._validate_update()
         return self
+
+    def _validate_update(self) -> None:
+        """--optim-in-backward and --bf16-update (issue 16)."""
+        if self.optim_in_backward and self.fsdp and not self.max_grad_norm:
+            raise UserError(
+                "--fsdp --optim-in-backward needs --max-grad-norm X: without the norm pass each rank "
+                "would stop at a non-finite gradient of its own shard and the ranks' weights would differ"
+            )
+        if self.bf16_update != "nearest" and (self.dtype != "bfloat16" or self.lora_r):
+            raise UserError(
+                f"--bf16-update {self.bf16_update} rounds updates into bf16 weights trained in full: "
+                "give --dtype bfloat16 without --lora-r (fp32 weights and LoRA adapters need no rounding)"
+            )
+        if self.bf16_update != "nearest" and self.fsdp:
+            raise UserError(f"--bf16-update {self.bf16_update} is not supported with --fsdp yet; drop --fsdp")
 
     def _validate_scaling(self) -> None:
         """LoRA, quantisation and FSDP flags."""

@@ -347,8 +347,13 @@ def test_resume_without_a_checkpoint_starts_again_at_step_0(tmp_path, model_dir,
 
 @pytest.mark.parametrize(
     "flags, warns",
-    [(dict(dtype="bfloat16"), True), (dict(dtype="bfloat16", lora_r=4), False), (dict(dtype="auto"), False)],
-    ids=["bf16-full", "bf16-lora", "auto"],
+    [
+        (dict(dtype="bfloat16"), True),
+        (dict(dtype="bfloat16", lora_r=4), False),
+        (dict(dtype="auto"), False),
+        (dict(dtype="bfloat16", bf16_update="stochastic"), False),
+    ],
+    ids=["bf16-full", "bf16-lora", "auto", "bf16-stochastic"],
 )
 def test_pure_bf16_full_fine_tuning_warns(model_dir, caplog, flags, warns):
     cfg = TrainConfig(model=str(model_dir), data="d", output_dir="o", **flags)
@@ -356,6 +361,7 @@ def test_pure_bf16_full_fine_tuning_warns(model_dir, caplog, flags, warns):
         load_model(cfg, torch.device("cpu"))
     said = [r.getMessage() for r in caplog.records if r.name == "rrhf_fast.models.loading"]
     assert any("--dtype bfloat16 without --lora-r trains the bf16 weights" in m for m in said) == warns
+    assert all("--bf16-update stochastic" in m for m in said)  # the warning names the remedy
 
 
 # -------------------------------------------------------------------------------------------------

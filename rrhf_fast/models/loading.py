@@ -164,14 +164,15 @@ def _quiet_transformers():
 def _warn_pure_bf16(config: Any) -> None:
     """bf16 keeps 8 significant bits: without fp32 master weights, an update below half a weight's
     spacing (2**-8 of it, relative) rounds to zero, so small learning rates silently stop training.
+    --bf16-update stochastic or kahan is the remedy chosen with its cost; "nearest" gets this warning.
     With LoRA only the adapters train, and peft keeps them in fp32 (autocast_adapter_dtype)."""
-    if config.dtype == "bfloat16" and not config.lora_r:
+    if config.dtype == "bfloat16" and not config.lora_r and config.bf16_update == "nearest":
         logging.getLogger(__name__).warning(
-            "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves: an update "
-            "smaller than about 1/256 of a weight rounds to nothing, so small learning rates barely train; "
-            "prefer fp32 master weights (--dtype auto, the default, with bf16 autocast on CUDA), LoRA "
-            "adapters (--lora-r N), or an optimizer that rounds stochastically (torchao's "
-            "AdamW8bit(bf16_stochastic_round=True); --fsdp --optim adamw8bit does not set it yet)"
+            "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves, and with "
+            "--bf16-update nearest an update smaller than about 1/256 of a weight rounds to nothing, so "
+            "small learning rates barely train; pass --bf16-update stochastic (unbiased rounding, no "
+            "extra memory) or kahan (a bf16 compensation buffer, 2 bytes a weight), or keep fp32 master "
+            "weights (--dtype auto, the default; 4 bytes a weight) or train LoRA adapters (--lora-r N)"
         )
 
 

@@ -210,7 +210,9 @@ def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], l
 def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (under FSDP2: once they are sharded)."""
     return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
-                           weight_decay=config.weight_decay, sharded=config.fsdp)  # fmt: skip
+                           weight_decay=config.weight_decay, sharded=config.fsdp,
+                           in_backward=config.optim_in_backward, bf16_update=config.bf16_update,
+                           seed=config.seed)  # fmt: skip
 
 
 @dataclass
