@@ -184,6 +184,11 @@ class TrainConfig:
             raise UserError("--rm-margin and --rm-margin-scale apply to --rm-loss bt only; drop them")
         if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
             raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
+        if self.lr == 0:  # every update would be zero: a run that changes nothing, saved as trained
+            raise UserError("--lr 0 leaves the weights as they are; give a positive --lr")
+        if self.length_penalty < 0:  # the RRHF score would be sum * length ** |p|: not a normalisation
+            got = self.length_penalty
+            raise UserError(f"--length-penalty must be 0 or more (0: sums, 1: means), got {got}")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; give a smaller --min-lr")
         if self.queries_per_step is not None and self.grad_accum != 1:

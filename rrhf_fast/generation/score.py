@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -218,6 +219,15 @@ def load_function(target: str) -> Callable[[str, str], Any]:
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise UserError(f"python scorer: module {module_name!r} has no function {func_name!r}")
+    try:
+        inspect.signature(fn).bind("query", "response")
+    except TypeError:
+        raise UserError(
+            f"python scorer {target!r}: {func_name}{inspect.signature(fn)} cannot be called as "
+            f"{func_name}(query, response); define it with those two arguments"
+        ) from None
+    except ValueError:  # a builtin without a signature: its call will tell
+        pass
     return fn
 
 

@@ -31,7 +31,6 @@ from rrhf_fast.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
     read_trainer_state,
-    remove_partial_saves,
 )
 from rrhf_fast.training.optim import build_optimizer, default_warmup
 from rrhf_fast.training.plot import METRICS_FILE
@@ -48,28 +47,6 @@ from rrhf_fast.training.steps import StepPlanner
 
 # -------------------------------------------------------------------------------------------------
 # the run directory, the device, the seeds
-
-
-def prepare_output_dir(config: TrainConfig, dist: distributed.Dist) -> Path:
-    """Checks on every rank (each raises the same error), changes by rank 0 alone."""
-    out_dir = Path(config.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--output-dir {out_dir} is a file; give a directory")
-    if dist.main and out_dir.is_dir():
-        remove_partial_saves(out_dir)  # first: it puts back a checkpoint a crashed re-save had parked
-    distributed.barrier()
-    found = latest_checkpoint(out_dir)
-    if found is not None and not config.resume:
-        raise UserError(
-            f"--output-dir {out_dir} already holds {found.name}; pass --resume to continue that run "
-            "or choose a new --output-dir"
-        )
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if found is None and (out_dir / METRICS_FILE).exists():
-            (out_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
-    distributed.barrier()
-    return out_dir
 
 
 def checkpoint_to_resume(config: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> Path | None:
@@ -160,6 +137,9 @@ def plan_schedule(
     total_steps = planner.total_steps()
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
     schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
+    if warmup > total_steps:  # a note, not an error: a short trial run of a long setup is legitimate
+        log(f"note: --warmup-steps {warmup} is beyond the run's {total_steps} steps: the learning rate "
+            f"never reaches --lr {config.lr}")  # fmt: skip
     if checkpoint is None:
         return schedule, None
     saved_state, saved_config = read_trainer_state(checkpoint), TrainConfig.load(checkpoint / CONFIG_FILE)
