@@ -208,11 +208,13 @@ def load_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directo
     reader = SafeReader(directory)  # never DCP's default reader and planner: both unpickle
     try:
         dcp.load(target, storage_reader=reader, planner=SafePlanner())
-    except Exception as err:  # DCP raises CheckpointException wrapping each rank's failure
-        ours = [e for e in getattr(err, "failures", {}).values() if isinstance(e, UserError)]
+    except (Exception, dcp.api.CheckpointException) as err:  # a BaseException wrapping each rank's error
+        causes = [pair[0] for pair in getattr(err, "failures", {}).values()] or [err]
+        ours = [e for e in causes if isinstance(e, UserError)]
         if ours:
             raise ours[0] from None
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        text = str(causes[0]).strip()
+        first = text.splitlines()[0][:200] if text else type(causes[0]).__name__
         raise UserError(
             f"{directory}: the sharded optimizer state does not fit this model and --optim ({first}); "
             "resume with the flags of the run that wrote it"
