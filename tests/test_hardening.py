@@ -144,8 +144,10 @@ def test_the_final_line_reports_skipped_steps(tmp_path, model_dir, capsys, monke
 
     def first_step_nan(*args, **kwargs):  # step 1's loss is not finite: skipped, weights kept
         calls["n"] += 1
-        losses, counts = real(*args, **kwargs)
-        return ([float("nan"), *losses[1:]] if calls["n"] == 1 else losses), counts
+        metrics = real(*args, **kwargs)
+        if calls["n"] == 1:
+            metrics.terms[0] = float("nan")  # the loss
+        return metrics
 
     monkeypatch.setattr(train_module, "forward_backward", first_step_nan)
     data = write_data(tmp_path / "d.jsonl", 4)
