@@ -196,8 +196,8 @@ def test_fsdp2_resume_never_unpickles_a_crafted_metadata(tmp_path, files):
     (path / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
     (path / "optimizer" / "metadata.json").unlink()  # as a checkpoint from elsewhere would be
     marker = json.loads((path / "COMPLETE.json").read_text())
-    files = [p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE.json"]
-    marker["files"] = {p.relative_to(path).as_posix(): p.stat().st_size for p in files}
+    held = [p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE.json"]
+    marker["files"] = {p.relative_to(path).as_posix(): p.stat().st_size for p in held}
     marker["required"].remove("optimizer/metadata.json")
     (path / "COMPLETE.json").write_text(json.dumps(marker))
 
