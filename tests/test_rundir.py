@@ -41,7 +41,7 @@ def one_sentence(capsys, code):
 def test_a_second_run_is_refused_naming_the_holder_and_deletes_nothing(tmp_path, model_dir, capsys):
     data = write_data(tmp_path / "d.jsonl", 4)
     out = tmp_path / "run"
-    holder = claim_output_dir(out, resume=False, here=Dist())  # another open file: flock refuses it too
+    holder = claim_output_dir(out, resume=False, dist=Dist())  # another open file: flock refuses it too
     in_progress = out / ".tmp-checkpoint-3-abcd"  # the holder's save being written
     in_progress.mkdir()
     try:
@@ -124,4 +124,4 @@ def test_the_lock_is_released_when_train_returns(tmp_path, model_dir):
     data = write_data(tmp_path / "d.jsonl", 4)
     cfg = config(tmp_path, model_dir, data, max_steps=1)
     train_module.train(cfg)
-    claim_output_dir(cfg.output_dir, resume=True, here=Dist()).release()
+    claim_output_dir(cfg.output_dir, resume=True, dist=Dist()).release()

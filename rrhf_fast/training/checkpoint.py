@@ -81,7 +81,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: Any,
     keep: int | None = None,
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> Path:
@@ -92,27 +92,27 @@ def save_checkpoint(
     state; every other rank its RNG state. Rank 0 renames the directory once all have written.
     `run_info` (JSON-able: the run's resolved settings) is written as run.json.
     """
-    here = here or Dist()
+    dist = dist or Dist()
     output_dir = Path(output_dir)
     final = checkpoint_path(output_dir, step)
-    made = _make_tmp_dir(output_dir, step) if here.main else None
+    made = _make_tmp_dir(output_dir, step) if dist.main else None
     tmp = Path(distributed.broadcast(made))
     try:
-        _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here, sharded)
-        if here.main and run_info is not None:
+        _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist, sharded)
+        if dist.main and run_info is not None:
             write_run_info(tmp / RUN_FILE, run_info)
         distributed.barrier()  # every rank's files are written
-        if here.main:
-            _write_marker(tmp, step, _required_files(tmp, here.world, sharded, run_info is not None))
+        if dist.main:
+            _write_marker(tmp, step, _required_files(tmp, dist.world, sharded, run_info is not None))
             _fsync_tree(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(output_dir)
     except BaseException:
-        if here.main:  # the directory is shared; a failed save is removed once (or at the next start)
+        if dist.main:  # the directory is shared; a failed save is removed once (or at the next start)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     distributed.barrier()  # no rank reads or rotates checkpoints before this one is in place
-    if keep is not None and here.main:
+    if keep is not None and dist.main:
         for old in complete_checkpoints(output_dir)[:-keep]:
             _remove_dir(old)
     return final
@@ -178,20 +178,20 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param  # FSDP2: this rank's shard
 
 
-def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here: Dist, sharded: bool):
-    weights = distributed.gather_weights(model, here) if sharded else None  # collective
-    if here.main:
+def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist: Dist, sharded: bool):
+    weights = distributed.gather_weights(model, dist) if sharded else None  # collective
+    if dist.main:
         with quiet_progress_bars():
             model.save_pretrained(tmp, **({"state_dict": weights} if sharded else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not sharded:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": here.world,
+        torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": dist.world,
                     "sharded": sharded}, tmp / STATE_FILE)  # fmt: skip
         config.save(tmp / CONFIG_FILE)
     else:
-        torch.save(rng_state(), tmp / _rng_file(here.rank))
+        torch.save(rng_state(), tmp / _rng_file(dist.rank))
     if sharded:
         distributed.save_sharded_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)  # collective
 
@@ -258,7 +258,7 @@ def load_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | Callable[[], torch.optim.Optimizer],
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
 ) -> dict[str, Any]:
     """Verify `path`, copy its weights into `model`, then restore the optimizer and this rank's RNGs;
@@ -273,7 +273,7 @@ def load_checkpoint(
     load_weights(model, path)
     if callable(optimizer):
         optimizer = optimizer()
-    return load_training_state(path, model=model, optimizer=optimizer, here=here, sharded=sharded)
+    return load_training_state(path, model=model, optimizer=optimizer, dist=dist, sharded=sharded)
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -296,12 +296,12 @@ def load_training_state(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
 ) -> dict[str, Any]:
     """Everything but the weights: optimizer (FSDP2 `sharded`: resharded to this world size), this
     rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state."""
-    here = here or Dist()
+    dist = dist or Dist()
     state = _read_state(path)
     if state.get("sharded", False) != sharded:
         was, now = ("with", "without") if state.get("sharded") else ("without", "with")
@@ -311,8 +311,8 @@ def load_training_state(
         distributed.load_sharded_optimizer(model, optimizer, path / OPTIMIZER_DIR)
     else:
         _load_optimizer(path, optimizer)
-    own = path / _rng_file(here.rank)
-    set_rng_state(_torch_load(own) if here.rank > 0 and own.is_file() else state["rng"])
+    own = path / _rng_file(dist.rank)
+    set_rng_state(_torch_load(own) if dist.rank > 0 and own.is_file() else state["rng"])
     return state
 
 

@@ -49,12 +49,12 @@ class RunDir:
             self.fd = None
 
 
-def claim_output_dir(output_dir: str | os.PathLike, resume: bool, here: Dist) -> RunDir:
+def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) -> RunDir:
     """Create and lock `output_dir` (rank 0), clean what interrupted saves left, and refuse a
     directory holding a checkpoint unless `resume`. Every rank gets the same error, if any."""
     run = RunDir(Path(output_dir))
     error = None
-    if here.main:
+    if dist.main:
         try:
             run.created = _make_dir(run.path)
             run.fd = _lock(run.path)  # before anything in the directory is deleted or written
@@ -72,7 +72,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, here: Dist) ->
             f"--output-dir {run.path} already holds {found.name}; pass --resume to continue that run "
             "or choose a new --output-dir"
         )
-    if here.main and found is None and (run.path / METRICS_FILE).exists():
+    if dist.main and found is None and (run.path / METRICS_FILE).exists():
         (run.path / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
     distributed.barrier()
     return run

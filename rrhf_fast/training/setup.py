@@ -222,7 +222,7 @@ def resume(
     job: Job, checkpoint: Path, planner: StepPlanner, saved_config: TrainConfig, log: Callable[[str], None]
 ) -> RunState:
     """Restore a checkpoint's optimizer state, RNGs, data position and counters (its weights are in)."""
-    saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, here=job.dist,
+    saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, dist=job.dist,
                                 sharded=job.config.fsdp)  # fmt: skip
     state = RunState.from_trainer_state(saved, planner.steps_of_epoch, where=str(checkpoint))
     if job.dist.main:

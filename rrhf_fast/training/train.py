@@ -279,7 +279,7 @@ def save(job: Job, state: RunState, run_info: dict[str, Any]) -> Path:
     trainer_state = state.to_trainer_state(data_seed=config.seed, schedule=job.schedule, data=job.fingerprint)
     return save_checkpoint(job.out_dir, state.step, model=job.model, tokenizer=job.tokenizer,
                            optimizer=job.optimizer, trainer_state=trainer_state, config=config,
-                           keep=config.keep_checkpoints, here=job.dist, sharded=config.fsdp,
+                           keep=config.keep_checkpoints, dist=job.dist, sharded=config.fsdp,
                            run_info=run_info)  # fmt: skip
 
 
