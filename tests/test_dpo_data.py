@@ -17,10 +17,9 @@ from rrhf_fast.data.packing import pack, pack_tokenized
 from rrhf_fast.data.records import Example, load_examples, write_examples
 from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.models.logprobs import prepare_model
-from rrhf_fast.models.tiny import build_bpe_tokenizer, build_tiny_model
+from rrhf_fast.models.tiny import build_bpe_tokenizer, build_tiny_model, save_tiny_model
 from rrhf_fast.objectives import build_objective
 from rrhf_fast.objectives.dpo import reference_logps
-from rrhf_fast.pipelines.demo import save_tiny_model
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -110,7 +109,7 @@ def test_dpo_loss_equals_trls_on_the_tokens_trl_builds(tmp_path, rows):
                                                 impl="torch"), strict=True):  # fmt: skip
         item.ref_logps = ref
     config = TrainConfig(model="-", data="-", output_dir="-", loss="dpo", dpo_beta=0.5, attn="dense",
-                         loss_impl="torch")  # fmt: skip
+                         kernels="torch")  # fmt: skip
     batch = pack_tokenized(items)
     objective = build_objective(config)
     loss = objective(policy, batch, normalizer=objective.normalizer(items)).loss.item()
@@ -124,7 +123,7 @@ def test_tied_queries_leave_the_mean_and_are_counted(monkeypatch):
     examples = [Example(f"q{i} ", ["yes", "no"], [1.0, 0.0], {"ref_logps": [-3.0, -1.0]}) for i in range(5)]
     examples.append(Example("tie ", ["a", "b"], [0.5, 0.5], {"ref_logps": [-1.0, -2.0]}))
     items = tokenize_examples(examples, tok)
-    config = TrainConfig(model="-", data="-", output_dir="-", loss="dpo", dpo_beta=1.0, loss_impl="torch")
+    config = TrainConfig(model="-", data="-", output_dir="-", loss="dpo", dpo_beta=1.0, kernels="torch")
     batch = pack_tokenized(items)
     logp = torch.zeros(batch.targets.numel(), dtype=torch.float64)  # S = 0: each pair's margin is 3 - 1
     objective = build_objective(config)
@@ -148,7 +147,7 @@ def test_scores_that_tie_in_float32_keep_their_order(monkeypatch):
     # The model prefers each query's worse response: every pair is wrong, so the rank loss is > 0.
     logp = torch.where(batch.token_response % 2 == 0, torch.tensor(-5.0), torch.tensor(-1.0))
     config = TrainConfig(
-        model="-", data="-", output_dir="-", rank_weight=1.0, sft_weight=0.0, loss_impl="torch"
+        model="-", data="-", output_dir="-", rank_weight=1.0, sft_weight=0.0, kernels="torch"
     )
     monkeypatch.setattr("rrhf_fast.objectives.rrhf.token_logprobs", lambda *args: logp)
     out = build_objective(config)(None, batch, normalizer=2.0)

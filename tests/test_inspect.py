@@ -9,8 +9,7 @@ from rrhf_fast.cli import main
 from rrhf_fast.data.packing import packing_summary
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.data.tokenize import TokenizedExample, tokenize_example
-from rrhf_fast.models.tiny import build_tokenizer
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import build_tokenizer, save_tiny_model
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 

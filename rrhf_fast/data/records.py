@@ -2,10 +2,11 @@
 
 `load_examples(path)` reads every format formats.py knows (JSONL, JSON, parquet, CSV, arrow, a folder
 of shards, a saved Dataset / DatasetDict) holding any record shape schemas.py knows (rrhf-fast's
-`{"query", "responses", "scores"}`, docs/DESIGN.md §2, TRL's standard / implicit-prompt / conversational preference
-pairs, ranked lists) and returns `Example`s. Any other field is kept in `Example.meta` and written
-back unchanged. Every malformed record raises `DataError` naming the file, the line (or row) and the
-field; nothing is silently dropped. Blank JSONL lines are skipped, counted and logged once per file.
+`{"query", "responses", "scores"}` of docs/DESIGN.md §2, TRL's standard / implicit-prompt /
+conversational preference pairs, ranked lists) and returns `Example`s. Any other field is kept in
+`Example.meta` and written back unchanged. Every malformed record raises `DataError` naming the
+file, the line (or row) and the field; nothing is silently dropped. Blank JSONL lines are skipped,
+counted and logged once per file.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ while training.
 Beside them, `ref_logps_from` records what produced them: the tokenising flags and each response's
 token count. `train --loss dpo` refuses a record whose provenance differs from the run's (other
 flags or tokenizer: the numbers belong to other tokens; step 1 of a policy that is its own
-reference read 7.06 instead of ln 2, issue 14). Records with bare `ref_logps` (written before the
+reference read 7.06 instead of ln 2). Records with bare `ref_logps` (written before the
 provenance existed) are used unchecked, with one warning: their numbers may be right, and a
 re-run of `ref-logps` makes them checkable.
 """
@@ -135,7 +135,7 @@ class DPO(Objective):
 
     def normalizer(self, items: Sequence[TokenizedExample]) -> float:
         """The queries that form a pair: a query whose rewards all tie adds nothing to the sum, so it
-        must not dilute the mean (1.5363 -> 1.2803 with one tied query among six, issue 14)."""
+        must not dilute the mean (1.5363 -> 1.2803 with one tied query among six)."""
         return float(max(paired_queries(items), 1))
 
 
