@@ -158,9 +158,11 @@ def test_dpo_rounds_store_the_reference_log_probs(task, tmp_path):
     metrics = [
         json.loads(x) for x in (out / "round-001" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
-    # The round's starting model is the reference: at step 1 (all 6 queries) every pair has margin 0.
+    # The round's starting model is the reference: at step 1 (all 6 queries) every pair has margin 0,
+    # and the mean is over the queries that form a pair (the tied ones are counted, not averaged in).
     pairs = sum(len(set(ex.scores)) > 1 for ex in data)
-    assert pairs >= 3 and metrics[0]["loss"] == pytest.approx(math.log(2) * pairs / 6, abs=1e-4)
+    assert pairs >= 3 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics[0]["tied_queries"] == 6 - pairs
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
