@@ -12,7 +12,7 @@ import functools
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import TokenizedExample, tokenize_example
+from rrhf_fast.data.packing import TokenizedExample, check_positions, describe_packing, packing_summary
 from rrhf_fast.data.records import load_examples_with_stats
+from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
@@ -86,32 +87,34 @@ class TrainData:
     eval_items: list[TokenizedExample] | None
     eval_where: list[str]
     fingerprint: dict[str, Any]
+    packing: dict[str, Any]  # packing.packing_summary of the training data (run.json "packing")
 
 
-def load_data(config: TrainConfig, tokenizer: Any, objective: Objective) -> TrainData:
-    """The training (and held-out) examples, tokenised once, each checked to fit a micro-batch."""
+def load_data(
+    config: TrainConfig, tokenizer: Any, objective: Objective, log: Callable[[str], None] | None = None
+) -> TrainData:
+    """The training (and held-out) examples, tokenised once, each checked to fit a micro-batch; `log`
+    gets the packing summary."""
     items, where = _tokenize(config.data, tokenizer, config, objective)
     eval_items, eval_where = None, []
     if config.eval_data:
-        eval_items, eval_where = _tokenize(config.eval_data, tokenizer, config, objective)
-    return TrainData(items, where, eval_items, eval_where, data_fingerprint(items))
+        eval_items, eval_where = _tokenize(config.eval_data, tokenizer, config, objective, config.eval_split)
+    packing = packing_summary(items)
+    if log is not None:
+        log(describe_packing(packing))
+    return TrainData(items, where, eval_items, eval_where, data_fingerprint(items), packing)
 
 
 def _tokenize(
-    path: str, tokenizer: Any, config: TrainConfig, objective: Objective
+    path: str, tokenizer: Any, config: TrainConfig, objective: Objective, split: str | None = None
 ) -> tuple[list[TokenizedExample], list[str]]:
     """The tokenised examples of `path` and where each one is ("FILE:LINE"), every one checked to fit
     a micro-batch: an error names the record, not its index in a shuffled step."""
-    stats = load_examples_with_stats(path)
+    stats = load_examples_with_stats(path, **config.data_options(split))
     if not stats.examples:
-        raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
+        raise UserError(f"{path}: no examples; give a file with one query per record")
     where = stats.locations()
-    items = [
-        tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
-                         max_response_len=config.max_response_len, chat_template=config.chat_template,
-                         where=loc)
-        for ex, loc in zip(stats.examples, where, strict=True)
-    ]  # fmt: skip
+    items = tokenize_examples(stats.examples, tokenizer, locations=where, **config.tokenizing())
     budget = config.micro_batch_tokens
     for item, loc in zip(items, where, strict=True):
         if item.packed_len > budget:
@@ -121,7 +124,7 @@ def _tokenize(
                 f"{budget}; raise --micro-batch-tokens, or truncate with --max-prompt-len / "
                 "--max-response-len"
             )
-    objective.check_data(items, path)
+    objective.check_data(items, path, where)
     return items, where
 
 
@@ -166,6 +169,9 @@ def build_model(
     switched to packed attention; refused if the data or the packing do not fit it."""
     model = objective.load_model(device, tokenizer, autocast)
     _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for items, where in [(data.items, data.where), (data.eval_items or [], data.eval_where)]:
+        check_positions(items, where, positions)
     return model
 
 
@@ -211,6 +217,7 @@ class Job:
     out_dir: Path
     schedule: dict[str, Any]  # lr_at's arguments
     fingerprint: dict[str, Any]  # of the training data (resume.data_fingerprint)
+    packing: dict[str, Any] = field(default_factory=dict)  # TrainData.packing, for run.json
 
     @functools.cached_property
     def params(self) -> list[torch.nn.Parameter]:
@@ -237,6 +244,7 @@ def write_run_files(job: Job) -> dict[str, Any]:
     checkpoint, returned for save()."""
     config, dist = job.config, job.dist
     resolved = resolved_settings(config, job.model, job.device, dist.world, job.schedule, job.fingerprint)
+    resolved["packing"] = dict(job.packing)
     if dist.main:
         config.save(job.out_dir / "config.json")
         write_run_info(job.out_dir / RUN_FILE, resolved)

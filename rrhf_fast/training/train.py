@@ -110,7 +110,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     # ---------------------------------------------------------------------------------------------
     # data: tokenised once; each epoch a seeded permutation, cut into steps of micro-batches
     tokenizer = load_tokenizer(config.model)
-    data = load_data(config, tokenizer, objective)
+    data = load_data(config, tokenizer, objective, log)
     planner = StepPlanner([it.packed_len for it in data.items], config)
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
     if config.optim_in_backward:  # each step must be one micro-batch per rank
@@ -127,7 +127,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     optimizer = make_optimizer(model, config)
     job = Job(config=config, dist=dist, device=device, autocast=autocast, objective=objective,
               tokenizer=tokenizer, model=model, module=module, optimizer=optimizer, out_dir=out_dir,
-              schedule=schedule, fingerprint=data.fingerprint)  # fmt: skip
+              schedule=schedule, fingerprint=data.fingerprint, packing=data.packing)  # fmt: skip
     state = RunState() if checkpoint is None else resume(job, checkpoint, planner, saved_config, log)
     run_info = write_run_files(job)
 
@@ -146,7 +146,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
             if not remaining:  # the epoch is over
                 state.start_epoch()
                 remaining = planner.steps_of_epoch(state.epoch)
-            work = rank_share(remaining.pop(0), data.items, dist)
+            work = rank_share(remaining.pop(0), data.items, dist, objective)
             lr = lr_at(state.step, **schedule)
             set_lr(job.optimizer, lr)
             result = train_step(job, work)
@@ -201,7 +201,7 @@ def train_step(job: Job, work: RankStep) -> StepResult:
         torch.cuda.reset_peak_memory_stats(job.device)
     t0 = time.perf_counter()
     run = functools.partial(forward_backward, job.module, job.objective, work.batches, job.autocast,
-                            queries=work.queries, own=work.own, world=job.dist.world)  # fmt: skip
+                            queries=work.normalizer, own=work.own, world=job.dist.world)  # fmt: skip
     # --optim-in-backward: the update happens in backward_step (then step() finds no gradient)
     metrics, grad_norm = backward_step(job.optimizer, run, job.params, job.config.max_grad_norm)
     metrics, tokens = _sum_over_ranks(metrics, work.tokens, job.device, job.dist.world)
