@@ -3,11 +3,14 @@
 import json
 import random
 import re
+from itertools import combinations
 
 import pytest
 
 from rrhf_fast.cli import main
-from rrhf_fast.pipelines.demo_online import _settings, _task
+from rrhf_fast.data.records import load_examples
+from rrhf_fast.generation.score import build_scorer
+from rrhf_fast.pipelines.demo_online import _reward_model_run, _settings, _task
 from rrhf_fast.pipelines.demo_task import DemoConfig, corrupt, gold_of, query_reward, reward
 from rrhf_fast.pipelines.iterate import iterate
 
@@ -116,3 +119,44 @@ def test_online_demo_beats_one_offline_round_with_the_same_steps(tmp_path, capsy
     ]
     rewards = [row["eval_reward"] for row in rows]
     assert all(b > a for a, b in zip(rewards, rewards[1:], strict=False))
+
+
+# -------------------------------------------------------------------------------------------------
+# --online --reward-model: train-rm on the reward function's labels, then online RRHF scored by it
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_reward_model_option_learns_the_labels_and_reports_the_true_reward(tmp_path):
+    """A tiny run of the option: label, train-rm, one online round scored by `reward-model:DIR`.
+    The reported held-out accuracy is recomputed here from the saved reward model's scores of the
+    held-out labels. Measured (seed 0, 1 thread): 0.706 at step 0 (the warmed-up backbone with a
+    random head already orders corrupted against sampled answers), 0.716 after 16 steps."""
+    config = DemoConfig(output_dir=str(tmp_path), train_queries=48, eval_queries=24, steps=2, rounds=1,
+                        queries_per_step=8, sft_warmup=10, rm_steps=16, seed=0)  # fmt: skip
+    policy, files = _task(config, tmp_path)
+    rm = _reward_model_run(config, policy, files, tmp_path)
+    assert rm["eval_pairs"] > 200 and rm["accuracy"] >= 0.6  # chance: 0.5
+    labels = load_examples(tmp_path / "rm-eval.jsonl")
+    rewards = build_scorer(f"reward-model:{rm['checkpoint']}").score(
+        [ex.query for ex in labels], [ex.responses for ex in labels]
+    )
+    pairs = [
+        (s1 > s2) == (r1 > r2)
+        for ex, rs in zip(labels, rewards, strict=True)
+        for (s1, r1), (s2, r2) in combinations(zip(ex.scores, rs, strict=True), 2)
+        if s1 != s2
+    ]
+    assert len(pairs) == rm["eval_pairs"] and sum(pairs) / len(pairs) == pytest.approx(rm["accuracy"])
+    assert all(
+        s == query_reward(ex.query, r) for ex in labels for r, s in zip(ex.responses, ex.scores, strict=True)
+    )
+    scored = json.loads((tmp_path / "online-rm" / "iterate.json").read_text())["run"]["scorer"]
+    assert scored == f"reward-model:{rm['checkpoint']}"
+    answers = [
+        json.loads(line)
+        for line in (tmp_path / "online-rm" / "round-001" / "eval.jsonl").read_text().splitlines()
+    ]
+    true = sum(query_reward(a["query"], a["answer"]) for a in answers) / len(answers)
+    assert rm["run"]["rewards"][-1] == pytest.approx(true)  # the function's reward, not the model's
+    assert rm["run"]["rm_rewards"][-1] == pytest.approx(sum(a["reward"] for a in answers) / len(answers))
+    assert rm["run"]["rm_rewards"][-1] != pytest.approx(true)
