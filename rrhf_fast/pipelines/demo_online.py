@@ -158,16 +158,18 @@ def _print_summary(config: DemoConfig, results: dict[str, Any], out: Path) -> No
         line += ", SFT-only {:+.3f}; RRHF minus SFT-only: offline {:+.3f}, online {:+.3f}".format(*gains)
     print(line + f"; total time {results['seconds']:.0f} s")
     if "reward_model" in results:
-        _print_reward_model(results["reward_model"], final, out)
+        _print_reward_model(results, final, out)
 
 
-def _print_reward_model(rm: dict[str, Any], final: dict[str, float], out: Path) -> None:
+def _print_reward_model(results: dict[str, Any], final: dict[str, float], out: Path) -> None:
+    rm, own = results["reward_model"], results["online-rm"]["rm_rewards"]
     print(
         f"  reward model ({out / 'reward-model'}, train-rm, {rm['steps']} steps on the function's labels of "
         f"{rm['train_prompts']} prompts' candidates, {rm['seconds']:.0f} s): held-out pairwise accuracy "
         f"{rm['accuracy_start']:.3f} -> {rm['accuracy']:.3f} ({rm['eval_pairs']} pairs)"
     )
     print(
-        f"  held-out reward (by the function) of online RRHF scored by the reward model "
-        f"{final['online-rm']:.3f}, scored by the function {final['online']:.3f}"
+        f"  final held-out reward (by the function) of online RRHF scored by the reward model "
+        f"{final['online-rm']:.3f}, scored by the function {final['online']:.3f}; the reward model's own "
+        f"score of the RM run's answers by round: {'  '.join(f'{r:.3f}' for r in own)}"
     )
