@@ -104,8 +104,7 @@ def _reward_model_run(config: DemoConfig, policy: Path, files: dict[str, Path], 
     """train-rm on the function's labels, then the online run scored by the reward model; the run's
     held-out rewards are its greedy answers scored again by the function."""
     t0 = time.perf_counter()
-    sample = _settings(config, policy, files, out / "online-rm", 1, 1.0).sample
-    rm = train_reward_model(config, policy, files, out, sample)
+    rm = train_reward_model(config, policy, files, out, _sample_config(config))
     rm["seconds"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_dir = out / "online-rm"
@@ -137,9 +136,13 @@ def _settings(
     run = IterateConfig(output_dir=str(run_dir), prompts=str(files["prompts"]), scorer=scorer,
                         eval_prompts=str(files["eval_prompts"]), rounds=rounds, num_candidates=config.samples,
                         dedup=True)  # fmt: skip
-    sample = SampleConfig(strategy=config.strategy, temperature=config.temperature, batch_size=64,
-                          seed=config.seed, max_new_tokens=config.max_digits + 2)  # fmt: skip
-    return Settings(run, train, sample)
+    return Settings(run, train, _sample_config(config))
+
+
+def _sample_config(config: DemoConfig) -> SampleConfig:
+    """How every run, and the reward model's labelled data, draws candidates from the policy."""
+    return SampleConfig(strategy=config.strategy, temperature=config.temperature, batch_size=64,
+                        seed=config.seed, max_new_tokens=config.max_digits + 2)  # fmt: skip
 
 
 def _print_summary(config: DemoConfig, results: dict[str, Any], out: Path) -> None:
