@@ -106,9 +106,10 @@ def test_online_demo_beats_one_offline_round_with_the_same_steps(tmp_path, capsy
     0.667; 0.634 0.688 0.715, 1 thread: 0.623; 0.627 0.704 0.735, 3 threads: 0.642; 0.635 0.681 0.719.
     Over seeds 0-7 (2 threads) online minus offline was +0.009 to +0.098, mean +0.061.
     With --reward-model (run after the other two, which it leaves unchanged), 1 thread, commit
-    8e0c651 (the same before and after a rebase): reward model held-out accuracy 0.508 -> 0.777 (2344 pairs); the RM-scored online run
-    0.495 -> 0.534 0.491 0.466 by the function while the reward model's own score of its answers
-    rose -0.05 -> 0.20 0.51 0.68 (over-optimisation of an imperfect reward model)."""
+    8e0c651 and its pre-rebase parent alike: reward model held-out accuracy 0.508 -> 0.777 (2344
+    pairs); the RM-scored online run 0.495 -> 0.534 0.491 0.466 by the function while the reward
+    model's own score of its answers rose -0.05 -> 0.20 0.51 0.68 (over-optimisation of an
+    imperfect reward model)."""
     code = main(
         ["demo", "--online", "--reward-model", "--no-sft-baseline", "--output-dir", str(tmp_path / "demo")]
     )
