@@ -173,6 +173,9 @@ def test_cli_text_and_errors(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "peak:" in text and "fits in 22.4 GiB: yes" in text and "activations" in text
     assert cli.main(["plan", "--model", str(tmp_path), "--search"]) == 2
+    argv = ["plan", "--model", str(tmp_path), "--optim-in-backward", "--grad-accum", "2"]
+    assert cli.main(argv) == 2
+    assert "--optim-in-backward" in capsys.readouterr().err
 
 
 IN_BACKWARD = [
