@@ -62,6 +62,7 @@ def test_extrapolation_matches_the_whole_simulation(kw):
         assert planned.by_category[category] == pytest.approx(value, rel=0.01, abs=4096), category
 
 
+@pytest.mark.slow  # 15-35 s: a 12-layer simulation
 def test_extrapolation_follows_each_phase():
     """With 2 and 4 layers this step peaks in backward (the embedding and lm_head weigh most); with
     12, in forward (autocast's bf16 copies of every layer's fp32 weights): plan_step extrapolates
