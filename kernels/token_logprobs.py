@@ -8,7 +8,8 @@ Backward, for any per-token upstream gradient g: dlogits = g * (onehot(target) -
 soft-cap derivative. The vocabulary is processed in chunks of at most VOCAB_CHUNK columns; for each
 chunk one kernel recomputes the logits tile by tile and writes only dlogits [M, chunk] (input dtype,
 like autograd's bf16 backward), then dweight[chunk] = dlogits^T @ hidden[rows] (one GEMM, fp32
-accumulation) and dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 in a Triton GEMM.
+accumulation) and dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 (`accumulate_dh`:
+cuBLAS with an fp32 output where torch has it, a Triton GEMM elsewhere).
 Peak extra memory is M x VOCAB_CHUNK + M x D, never M x V. Exact: no gradient filtering.
 """
 
@@ -21,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .reference import token_logprobs_torch
-from .utils import interpreting, resolve_impl
+from .utils import has_out_dtype_mm, interpreting, resolve_impl
 
 # Columns of dlogits materialised at once in backward. 8192 keeps the buffer (M x 8192) comparable to
 # the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
@@ -301,6 +302,22 @@ def mm_accumulate(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         _mm_acc_tuned[grid](*args, PRECISION=_precision(a.dtype))
 
 
+def accumulate_dh(dh_rows: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor) -> None:
+    """dh_rows (fp32) += dz @ w_chunk: cuBLAS with fp32 output where torch has it, else Triton.
+
+    fp32 operands: a plain addmm (IEEE fp32, like the "ieee" kernels). Half operands on CUDA with
+    torch >= 2.8: addmm with out_dtype=fp32 writes the fp32 accumulator in cuBLAS's epilogue (no
+    fp32 copy of dz or the weight). Elsewhere (older torch; the CPU interpreter): the Triton
+    split-K `mm_accumulate`, which reads and writes dh_rows once per vocabulary chunk.
+    """
+    if dz.dtype == torch.float32:
+        dh_rows.addmm_(dz, w_chunk)
+    elif has_out_dtype_mm(dz.device):
+        torch.addmm(dh_rows, dz, w_chunk, out_dtype=torch.float32, out=dh_rows)
+    else:
+        mm_accumulate(dh_rows, dz, w_chunk)
+
+
 def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
     M = rows.numel()
     V, D = weight.shape
@@ -319,7 +336,7 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
         if need_dw:
             torch.mm(dz.t(), h_rows, out=dw[v0 : v0 + vc])
         if need_dh:
-            mm_accumulate(dh_rows, dz, weight[v0 : v0 + vc])
+            accumulate_dh(dh_rows, dz, weight[v0 : v0 + vc])
     if need_dh:
         dh.index_add_(0, rows, dh_rows)
         dh = dh.to(hidden.dtype)

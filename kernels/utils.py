@@ -30,3 +30,18 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-int(n) // multiple) * multiple
+
+
+# torch >= 2.8 has `addmm(..., out_dtype=torch.float32)` and `mm(..., out_dtype=...)` for half inputs
+# (cuBLAS with fp32 output, no fp32 copy of the operands); they are CUDA-only (the CPU backend has
+# no kernel for the overload), hence the device check in `has_out_dtype_mm`.
+_OUT_DTYPE_MM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
+
+
+def has_out_dtype_mm(device: torch.device) -> bool:
+    """True where torch.addmm / torch.mm take `out_dtype` (fp32 output of half operands)."""
+    return _OUT_DTYPE_MM and device.type == "cuda"
