@@ -6,10 +6,11 @@ blocks to fill the GPU, and their partial LSEs are merged afterwards.
 
 Backward, for any per-token upstream gradient g: dlogits = g * (onehot(target) - softmax), times the
 soft-cap derivative. The vocabulary is processed in chunks of at most VOCAB_CHUNK columns; for each
-chunk one kernel recomputes the logits tile by tile and writes only dlogits [M, chunk] (input dtype,
-like autograd's bf16 backward), then dweight[chunk] = dlogits^T @ hidden[rows] (one GEMM, fp32
-accumulation) and dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 (`accumulate_dh`:
-cuBLAS with an fp32 output where torch has it, a Triton GEMM elsewhere).
+chunk one kernel recomputes the logits tile by tile and writes onehot - softmax [M, chunk] (input
+dtype, like autograd's bf16 backward; without g, whose product with p underflows in fp16), then
+dweight[chunk] = dlogits^T @ (g * hidden[rows]) (one GEMM, fp32 accumulation) and
+dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 (`accumulate_dh`: cuBLAS with an fp32
+output where torch has it, a Triton GEMM elsewhere), scaled by g once at the end.
 Peak extra memory is M x VOCAB_CHUNK + M x D, never M x V. Exact: no gradient filtering.
 """
 
@@ -99,14 +100,17 @@ def _fwd_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    H, W, TGT, LSE, GRAD, DZ, M, VC, v_offset, stride_h, stride_w, stride_dz, softcap,
+    H, W, TGT, LSE, DZ, M, VC, v_offset, stride_h, stride_w, stride_dz, softcap,
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """DZ[:, :VC] = dlogp/dlogits for vocabulary columns v_offset .. v_offset + VC.
+    """DZ[:, :VC] = (onehot(target) - softmax) * dsoftcap for vocabulary columns v_offset .. + VC.
 
-    W points at the chunk's first row already: v_offset * stride_w can pass 2**31 (V = 256k,
-    D = 8192), and scalar kernel arguments are 32-bit, so the launcher offsets the pointer.
+    Without the upstream gradient g: its product with small probabilities underflows in fp16
+    (g ~ 1e-6 times p ~ 1e-4 is below fp16's smallest subnormal, 6e-8); the launcher folds g into
+    the fp32 dhidden rows and the dweight operand instead. W points at the chunk's first row
+    already: v_offset * stride_w can pass 2**31 (V = 256k, D = 8192), and scalar kernel arguments
+    are 32-bit, so the launcher offsets the pointer.
     """
     pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(VC, BLOCK_V), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,9 +124,8 @@ def _dlogits_kernel(
     if SOFTCAP:
         z = softcap * _tanh(z / softcap)
     lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
-    g = tl.load(GRAD + offs_m, mask=m_mask, other=0.0)
     tgt = tl.load(TGT + offs_m, mask=m_mask, other=-1).to(tl.int32) - v_offset
-    dz = tl.where(offs_v[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * tl.exp(z - lse[:, None])
+    dz = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
     if SOFTCAP:
         c = z / softcap
         dz = dz * (1.0 - c * c)
@@ -260,7 +263,7 @@ def _vocab_chunk(M: int, V: int, elem_bytes: int) -> int:
     return min(V, VOCAB_CHUNK, by_bytes)
 
 
-def _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap):
+def _dlogits(h_rows, weight, targets, lse, dz, v0, softcap):
     M, D = h_rows.shape
     VC = dz.shape[1]
     args = (
@@ -268,7 +271,6 @@ def _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap):
         weight,
         targets,
         lse,
-        grad,
         dz,
         M,
         VC,
@@ -327,20 +329,36 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
         return (dh.to(hidden.dtype) if need_dh else None), (dw.zero_() if need_dw else None)
     h_rows = hidden.index_select(0, rows)
     dh_rows = torch.zeros(M, D, dtype=torch.float32, device=hidden.device) if need_dh else None
+    gh, dw_scale = _grad_rows(h_rows, grad) if need_dw else (None, None)
     chunk = _vocab_chunk(M, V, hidden.element_size())
     buffer = torch.empty(M * chunk, dtype=hidden.dtype, device=hidden.device)
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
         dz = buffer[: M * vc].view(M, vc)
-        _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, grad, dz, v0, softcap)
+        _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, dz, v0, softcap)
         if need_dw:
-            torch.mm(dz.t(), h_rows, out=dw[v0 : v0 + vc])
+            torch.mm(dz.t(), gh, out=dw[v0 : v0 + vc])
         if need_dh:
             accumulate_dh(dh_rows, dz, weight[v0 : v0 + vc])
+    if dw_scale is not None:
+        dw.mul_(dw_scale)
     if need_dh:
-        dh.index_add_(0, rows, dh_rows)
+        dh.index_add_(0, rows, dh_rows.mul_(grad[:, None]))
         dh = dh.to(hidden.dtype)
     return dh, dw
+
+
+def _grad_rows(h_rows: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """g[m] * hidden[rows[m]], the dweight GEMM's operand, and the factor dweight still needs.
+
+    fp16: g ~ 1e-6 (RRHF's 1 / (tokens x queries)) makes g * h subnormal (fp16's smallest normal is
+    6.1e-5, so only a few bits survive); g is divided by max|g| (a device scalar: no host sync)
+    and dweight multiplied by it afterwards. bf16 and fp32 have fp32's exponent range: no scale.
+    """
+    if h_rows.dtype != torch.float16:
+        return h_rows * grad.to(h_rows.dtype)[:, None], None
+    scale = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return h_rows * (grad / scale).to(torch.float16)[:, None], scale
 
 
 class _TokenLogprobs(torch.autograd.Function):

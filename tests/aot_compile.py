@@ -28,7 +28,7 @@ def _fwd(dt):
 
 
 def _dlogits(dt):
-    sig = dict(H=f"*{dt}", W=f"*{dt}", TGT="*i64", LSE="*fp32", GRAD="*fp32", DZ=f"*{dt}", M="i32")
+    sig = dict(H=f"*{dt}", W=f"*{dt}", TGT="*i64", LSE="*fp32", DZ=f"*{dt}", M="i32")
     sig.update(VC="i32", v_offset="i32", stride_h="i32", stride_w="i32", stride_dz="i32", softcap="fp32")
     return tlp._dlogits_kernel, sig, dict(D=4096, SOFTCAP=True), tlp.DLOGITS_CONFIGS
 
