@@ -11,7 +11,8 @@ dtype, like autograd's bf16 backward; without g, whose product with p underflows
 dweight[chunk] = dlogits^T @ (g * hidden[rows]) (one GEMM, fp32 accumulation) and
 dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 (`accumulate_dh`: cuBLAS with an fp32
 output where torch has it, a Triton GEMM elsewhere), scaled by g once at the end.
-Peak extra memory is M x VOCAB_CHUNK + M x D, never M x V. Exact: no gradient filtering.
+Peak extra memory is M x VOCAB_CHUNK (rows padded to 64 elements) + M x D, never M x V. Exact: no
+gradient filtering.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .reference import token_logprobs_torch
-from .utils import has_out_dtype_mm, interpreting, resolve_impl
+from .utils import has_out_dtype_mm, interpreting, resolve_impl, round_up
 
 # Columns of dlogits materialised at once in backward. 8192 keeps the buffer (M x 8192) comparable to
 # the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
@@ -57,7 +58,8 @@ def _logits_tile(
         d_mask = offs_d < D
         h = tl.load(h_ptrs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        # An fp32 weight under autocast is rounded here, tile by tile (a no-op for equal dtypes).
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc, input_precision=PRECISION)
     return acc
 
 
@@ -129,8 +131,11 @@ def _dlogits_kernel(
     if SOFTCAP:
         c = z / softcap
         dz = dz * (1.0 - c * c)
+    # Columns VC .. stride_dz are the row padding: zeros there make the store mask a multiple of
+    # 16 columns (stride_dz is), so the stores stay 16-byte vectors in a ragged last chunk.
+    dz = tl.where(v_mask[None, :], dz, 0.0)
     dz_ptrs = DZ + offs_m[:, None].to(tl.int64) * stride_dz + offs_v[None, :]
-    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
+    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & (offs_v < stride_dz)[None, :])
 
 
 @triton.jit
@@ -258,6 +263,17 @@ def _forward(hidden, weight, rows, targets, softcap):
     return logp, lse
 
 
+def dz_row_stride(chunk: int) -> int:
+    """Row stride of the dlogits buffer: the chunk rounded up to 64 elements (128 bytes in bf16).
+
+    A ragged vocabulary (32001, 50257, 250680) left the last chunk's rows at an odd stride, which
+    makes the buffer's rows 2-byte aligned: Triton drops cp.async / vector stores on that operand
+    and cuBLAS gets a leading dimension that is not a multiple of 8 (its fast kernels need 16-byte
+    aligned rows). Every chunk now views the same [M, stride] buffer, so the stride never changes.
+    """
+    return round_up(chunk, 64)
+
+
 def _vocab_chunk(M: int, V: int, elem_bytes: int) -> int:
     by_bytes = max(256, VOCAB_CHUNK_BYTES // max(1, M * elem_bytes) // 256 * 256)
     return min(V, VOCAB_CHUNK, by_bytes)
@@ -320,6 +336,16 @@ def accumulate_dh(dh_rows: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor
         mm_accumulate(dh_rows, dz, w_chunk)
 
 
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b; out may be fp32 with half a and b (dweight of an fp32 weight under autocast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif has_out_dtype_mm(a.device):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
 def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
     M = rows.numel()
     V, D = weight.shape
@@ -331,15 +357,20 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     dh_rows = torch.zeros(M, D, dtype=torch.float32, device=hidden.device) if need_dh else None
     gh, dw_scale = _grad_rows(h_rows, grad) if need_dw else (None, None)
     chunk = _vocab_chunk(M, V, hidden.element_size())
-    buffer = torch.empty(M * chunk, dtype=hidden.dtype, device=hidden.device)
+    buffer = torch.empty(M, dz_row_stride(chunk), dtype=hidden.dtype, device=hidden.device)
+    # An fp32 weight under autocast: cuBLAS needs one dtype, so each chunk is rounded into this
+    # [chunk, D] buffer for the dhidden GEMM (never a [V, D] copy).
+    mixed = weight.dtype != hidden.dtype and need_dh
+    w_half = torch.empty(chunk, D, dtype=hidden.dtype, device=hidden.device) if mixed else None
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
-        dz = buffer[: M * vc].view(M, vc)
+        dz = buffer[:, :vc]
         _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, dz, v0, softcap)
         if need_dw:
-            torch.mm(dz.t(), gh, out=dw[v0 : v0 + vc])
+            mm_into(dw[v0 : v0 + vc], dz.t(), gh)
         if need_dh:
-            accumulate_dh(dh_rows, dz, weight[v0 : v0 + vc])
+            w_chunk = w_half[:vc].copy_(weight[v0 : v0 + vc]) if mixed else weight[v0 : v0 + vc]
+            accumulate_dh(dh_rows, dz, w_chunk)
     if dw_scale is not None:
         dw.mul_(dw_scale)
     if need_dh:
@@ -398,18 +429,26 @@ def token_logprobs(
     indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V). `softcap`
     applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
     the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
-    Under torch.autocast, hidden and weight are cast to the autocast dtype, as a Linear would be.
+    Under torch.autocast, hidden is cast to the autocast dtype and the logits are computed as a
+    Linear would (weight rounded to that dtype); an fp32 weight is rounded tile by tile inside the
+    kernels rather than copied, and its gradient is fp32.
     """
     _check_inputs(hidden, weight, rows, targets)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"token_logprobs: softcap must be positive or None, got {softcap}")
     device_type = hidden.device.type
+    impl = resolve_impl(impl, hidden.device)
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(dtype)
+        # weight.to(dtype) would be a fresh [V, D] copy at every call, held from forward to backward
+        # (autocast caches its casts only inside its own ops): 1 GiB at V = 128256, D = 4096. The
+        # fused kernels read the fp32 weight and round each tile as they load it instead.
+        if impl == "torch" or weight.dtype != torch.float32:
+            weight = weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
         raise ValueError(f"token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if resolve_impl(impl, hidden.device) == "torch":
+    if impl == "torch":
         # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
         return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):

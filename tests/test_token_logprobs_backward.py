@@ -2,8 +2,10 @@
 
 import importlib
 
+import pytest
 import torch
-from test_token_logprobs import make_inputs, run
+from test_token_logprobs import assert_tolerance_rule, make_inputs, run
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rrhf_fast.kernels import token_logprobs, token_logprobs_torch
 
@@ -49,3 +51,60 @@ def test_fp16_small_upstream_gradient_loses_only_output_rounding():
         rounding = (r.half().double() - r).abs().max()
         err = (o.double() - r).abs().max()
         assert err <= 1.5 * rounding, f"{name}: error {err:.3g} vs fp16 rounding {rounding:.3g}"
+
+
+CHUNKINGS = [pytest.param(1013, 300, id="ragged-chunks"), pytest.param(515, 8192, id="one-chunk")]
+
+
+@pytest.mark.parametrize("V,chunk", CHUNKINGS)
+def test_dlogits_rows_are_padded_to_64_elements(monkeypatch, V, chunk):
+    """Every chunk, the ragged last one included, hands the GEMMs dlogits rows 64-element aligned
+    (the old buffer had the last chunk's odd width as its row stride), with the same results."""
+    monkeypatch.setattr(tlp, "VOCAB_CHUNK", chunk)
+    strides, real = [], tlp.accumulate_dh
+
+    def recording(c, a, b):
+        strides.append((a.shape[1], a.stride(0)))
+        real(c, a, b)
+
+    monkeypatch.setattr(tlp, "accumulate_dh", recording)
+    assert_tolerance_rule(*make_inputs(13, 21, 48, V, torch.float16, seed=5), None)
+    widths = [min(chunk, V - v0) for v0 in range(0, V, chunk)]
+    assert [w for w, _ in strides] == widths
+    assert all(s % 64 == 0 and s >= w for w, s in strides), strides
+
+
+class Allocations(TorchDispatchMode):
+    """(shape, dtype) of every tensor an aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((tuple(t.shape), t.dtype))
+        return out
+
+
+def test_autocast_rounds_fp32_weight_per_tile_without_a_half_copy(monkeypatch):
+    """Under autocast the fused path reads the fp32 lm_head and rounds each tile: no [V, D] half copy
+    per call (the old weight.to(dtype) made one, held from forward to backward), the same values
+    as the half-precision computation, and an fp32 weight gradient. CPU autocast fp16 stands in for
+    CUDA bf16 (the interpreter's bf16 dot is wrong)."""
+    monkeypatch.setattr(tlp, "VOCAB_CHUNK", 256)  # the dhidden GEMM rounds [256, D] chunks
+    hidden, weight, rows, targets, upstream = make_inputs(37, 53, 96, 1013, torch.float32, seed=2)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with Allocations() as probe:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = token_logprobs(h, w, rows, targets, impl="triton")
+        (out * upstream).sum().backward()
+    V, D = weight.shape
+    assert not [s for s, dt in probe.seen if dt == torch.float16 and s[0] >= V and s[1:] == (D,)], probe.seen
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    half = run(token_logprobs, hidden.half(), weight.half(), rows, targets, upstream, None, impl="triton")
+    assert torch.equal(out.detach(), half[0])
+    assert (w.grad - half[2].float()).abs().max() <= 1e-3 * half[2].float().abs().max()
+    assert (h.grad - half[1].float()).abs().max() <= 1e-3 * half[1].float().abs().max()
