@@ -1,8 +1,9 @@
 """token_logprobs: log_softmax(hidden[rows] @ weight.T)[m, targets[m]] without the [M, V] logits.
 
 Forward: one fused kernel streams vocabulary blocks through an online log-sum-exp in fp32 and keeps
-only the per-row LSE and the target logit; programs split the vocabulary when there are too few row
-blocks to fill the GPU, and their partial LSEs are merged afterwards.
+only the per-row LSE and the target logit; programs split the vocabulary so that the grid is close
+to a whole number of waves, run in L2-sized groups of row blocks (`utils.forward_grid` has the
+arithmetic), and their partial LSEs are merged afterwards.
 
 Backward, for any per-token upstream gradient g: dlogits = g * (onehot(target) - softmax), times the
 soft-cap derivative. The vocabulary is processed in chunks of at most VOCAB_CHUNK columns; for each
@@ -24,7 +25,15 @@ import triton
 import triton.language as tl
 
 from .reference import token_logprobs_torch
-from .utils import has_out_dtype_mm, interpreting, resolve_impl, round_up
+from .utils import (
+    autotune_bench,
+    forward_grid,
+    has_out_dtype_mm,
+    interpreting,
+    m_bucket,
+    resolve_impl,
+    round_up,
+)
 
 # Columns of dlogits materialised at once in backward. 8192 keeps the buffer (M x 8192) comparable to
 # the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
@@ -65,12 +74,12 @@ def _logits_tile(
 
 @triton.jit
 def _fwd_kernel(
-    H, W, ROWS, TGT, LSE_PART, TGT_LOGIT, M, V, NUM_SPLITS, stride_h, stride_w, softcap,
+    H, W, ROWS, TGT, LSE_PART, TGT_LOGIT, M, V, NUM_SPLITS, group_m, M_BUCKET, stride_h, stride_w, softcap,
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """One program per (row block, vocabulary split), in groups of group_m row blocks (utils.forward_grid)."""
+    pid_m, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), NUM_SPLITS, group_m)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     h_rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -102,7 +111,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    H, W, TGT, LSE, DZ, M, VC, v_offset, stride_h, stride_w, stride_dz, softcap,
+    H, W, TGT, LSE, DZ, M, VC, v_offset, M_BUCKET, stride_h, stride_w, stride_dz, softcap,
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -165,7 +174,7 @@ def _mm_acc_kernel(
 
 
 @triton.jit
-def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def _grouped_tile(pid, num_m, num_n, GROUP_M):
     """Tile order that walks GROUP_M row blocks per column block, so weight tiles are reused in L2."""
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
@@ -201,18 +210,23 @@ MM_CONFIGS = [
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 ]
-# The number of M rows decides how many programs the forward has; the split count is derived from a
-# fixed assumed tile height so that it does not depend on the autotuner's choice.
-_FWD_SPLIT_ROWS = 128
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "V"])(_fwd_kernel)
-_dlogits_tuned = triton.autotune(DLOGITS_CONFIGS, key=["D"])(_dlogits_kernel)
-_mm_acc_tuned = triton.autotune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
+# Keyed on the row-count bucket too (M_BUCKET, unused by the kernels): the first batch's M no longer
+# picks the config of every later batch. autotune_bench tunes without Triton's 256 MiB flush buffer,
+# so the first step's peak memory is the steady state's.
+_tune = functools.partial(triton.autotune, do_bench=autotune_bench)
+_fwd_tuned = _tune(FWD_CONFIGS, key=["D", "V", "M_BUCKET"])(_fwd_kernel)
+_dlogits_tuned = _tune(DLOGITS_CONFIGS, key=["D", "M_BUCKET"])(_dlogits_kernel)
+# Only the fallback of accumulate_dh (torch < 2.8): restore_value clones C (M x D fp32) per config.
+_mm_acc_tuned = _tune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_shape(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, L2 bytes): one forward program per SM at a time (the 128-row configs use
+    most of the shared memory), so the SM count is the number of programs in a wave."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, props.L2_cache_size
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -232,10 +246,10 @@ def _forward(hidden, weight, rows, targets, softcap):
     if M == 0:
         return logp, lse
     if hidden.is_cuda:
-        blocks = triton.cdiv(M, _FWD_SPLIT_ROWS)
-        splits = max(1, min(64, triton.cdiv(2 * _num_sms(hidden.device.index or 0), blocks)))
+        sms, l2 = _device_shape(hidden.device.index or 0)
+        splits, group = forward_grid(M, V, D, hidden.element_size(), sms, l2)
     else:
-        splits = 2  # exercises the split merge in the CPU tests
+        splits, group = 2, 2  # exercises the split merge and the grouped order in the CPU tests
     lse_part = torch.empty(splits, M, dtype=torch.float32, device=hidden.device)
     tgt_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     args = (
@@ -248,6 +262,8 @@ def _forward(hidden, weight, rows, targets, softcap):
         M,
         V,
         splits,
+        group,
+        m_bucket(M),
         hidden.stride(0),
         weight.stride(0),
     )
@@ -255,9 +271,9 @@ def _forward(hidden, weight, rows, targets, softcap):
         softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(hidden.dtype)
     )
     if interpreting():
-        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]), splits)](*args, **common, **_SMALL)
+        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]) * splits,)](*args, **common, **_SMALL)
     else:
-        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args, **common)
+        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * splits,)](*args, **common)
     torch.logsumexp(lse_part, dim=0, out=lse)
     torch.sub(tgt_logit, lse, out=logp)
     return logp, lse
@@ -291,6 +307,7 @@ def _dlogits(h_rows, weight, targets, lse, dz, v0, softcap):
         M,
         VC,
         v0,
+        m_bucket(M),
         h_rows.stride(0),
         weight.stride(0),
         dz.stride(0),
