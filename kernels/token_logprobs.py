@@ -31,6 +31,7 @@ from .utils import (
     has_out_dtype_mm,
     interpreting,
     m_bucket,
+    on_host,
     resolve_impl,
     round_up,
 )
@@ -443,7 +444,8 @@ def token_logprobs(
     """log_softmax(hidden[rows] @ weight.T)[m, targets[m]] as fp32 [M].
 
     hidden [N, D] and weight [V, D] (the lm_head or tied embedding) in fp32, fp16 or bf16; rows [M]
-    indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V). `softcap`
+    indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V) (checked on the
+    host for CPU tensors; on CUDA an index out of range gives a NaN log-prob, never a sync). `softcap`
     applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
     the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
     Under torch.autocast, hidden is cast to the autocast dtype and the logits are computed as a
@@ -470,16 +472,38 @@ def token_logprobs(
         return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"token_logprobs: triton supports fp32, fp16 and bf16, not {hidden.dtype}")
-    torch._assert_async(((targets >= 0) & (targets < weight.shape[0])).all(), "targets out of range [0, V)")
-    torch._assert_async(((rows >= 0) & (rows < hidden.shape[0])).all(), "rows out of range [0, N)")
+    (N, _), (V, _) = hidden.shape, weight.shape
+    valid = None
+    if on_host(rows) and on_host(targets):
+        check_indices(rows, targets, N, V)
+    else:
+        # No device assert (it kills the CUDA context) and no host sync: out-of-range indices are
+        # clamped for the kernels' loads and their log-probs are NaN.
+        valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
+        rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
     with torch.autocast(device_type, enabled=False):
-        return _TokenLogprobs.apply(
+        logp = _TokenLogprobs.apply(
             hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
             weight.contiguous(),
             rows.contiguous(),
             targets.contiguous(),
             None if softcap is None else float(softcap),
         )
+    return logp if valid is None else logp.where(valid, float("nan"))
+
+
+def check_indices(rows: torch.Tensor, targets: torch.Tensor, N: int, V: int) -> None:
+    """Host check of rows in [0, N) and targets in [0, V), one sentence per error."""
+    for name, t, n, hint in (
+        ("targets", targets, V, "; leave masked positions (-100) out of rows and targets instead"),
+        ("rows", rows, N, ""),
+    ):
+        bad = ((t < 0) | (t >= n)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"token_logprobs: {name} must lie in [0, {n}), but position {i} holds {int(t[i])}{hint}"
+            )
 
 
 def _check_inputs(hidden, weight, rows, targets) -> None:

@@ -28,6 +28,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
+def on_host(t: torch.Tensor) -> bool:
+    """Whether reading `t`'s values costs no device sync (the host checks run only then)."""
+    return t.device.type == "cpu"
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -54,15 +54,16 @@ def _mm_acc(dt):
 
 
 def _rrhf_fwd(official):
-    sig = dict(LOGP="*fp32", TOKEN_RESPONSE="*i64", RESP_START="*i32", TOK_START="*i32", SCORES="*fp32",
-               PROMPT_LEN="*i64", P_OUT="*fp32", COEF_RANK="*fp32", COEF_SFT="*fp32", RANK_Q="*fp32",
-               SFT_Q="*fp32", length_penalty="fp32")  # fmt: skip
+    sig = dict(LOGP="*fp32", TOKEN_RESPONSE="*i64", RESPONSE_QUERY="*i64", RESP_START="*i32",
+               TOK_START="*i32", SCORES="*fp32", PROMPT_LEN="*i64", P_OUT="*fp32", COEF_RANK="*fp32",
+               COEF_SFT="*fp32", RANK_Q="*fp32", SFT_Q="*fp32", M="i32", R="i32",
+               length_penalty="fp32")  # fmt: skip
     const = dict(OFFICIAL=official == "official", SFT_SUM=False, LP_ONE=True, BLOCK_K=8, BLOCK_T=64)
     return rl._rrhf_fwd_kernel, sig, const, [triton.Config({}, num_warps=4)]
 
 
 def _rrhf_bwd(_):
-    sig = dict(TOKEN_RESPONSE="*i64", COEF="*fp32", GRAD_LOGP="*fp32", M="i32")
+    sig = dict(TOKEN_RESPONSE="*i64", COEF="*fp32", GRAD_LOGP="*fp32", M="i32", R="i32")
     return rl._rrhf_bwd_kernel, sig, dict(BLOCK=1024), [triton.Config({}, num_warps=4)]
 
 

@@ -1,13 +1,17 @@
 """rrhf_loss: Triton kernel vs fp64 reference, and the properties of the RRHF loss itself."""
 
+import importlib
 import itertools
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rrhf_fast.kernels import rrhf_loss, rrhf_loss_torch
+
+rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
 
 
 def make_batch(ks, *, max_len=9, seed=0, score_levels=3):
@@ -191,10 +195,87 @@ def test_errors():
     missing[missing == 1] = 0  # response 1 has no tokens
     with pytest.raises(ValueError, match="at least one token"):
         rrhf_loss_torch(logp, missing, rq, scores)
-    with pytest.raises(RuntimeError, match="at least one token"):
+    with pytest.raises(ValueError, match="response 1 has none"):
         rrhf_loss(logp.float(), missing, rq, scores, impl="triton")
-    with pytest.raises(RuntimeError, match="non-decreasing"):
+    with pytest.raises(ValueError, match="non-decreasing"):
         rrhf_loss(logp.float(), tr.flip(0), rq, scores, impl="triton")
+    with pytest.raises(ValueError, match="response_query must lie in"):
+        rrhf_loss(logp.float(), tr, rq + 5, scores, prompt_len=pl, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_scores_are_refused(impl, bad):
+    # Before: the triton path returned a finite loss, the torch path an IndexError (NaN) or a loss (inf).
+    logp, tr, rq, scores, _ = make_batch([2, 3])
+    scores[3] = bad
+    with pytest.raises(ValueError, match=f"response 3 has score {bad}"):
+        rrhf_loss(logp.float(), tr, rq, scores, impl=impl)
+
+
+def device_layouts():
+    """Layouts the fused kernel cannot take, built so that only the device-side checks see them."""
+    logp, tr, rq, scores, pl = make_batch([2, 3, 1], seed=6)
+    missing = tr.clone()
+    missing[missing == 1] = 0
+    swapped = tr.clone()
+    swapped[[0, -1]] = swapped[[-1, 0]]  # a token of the last response at the front
+    nan_score = scores.clone()
+    nan_score[4] = float("nan")
+    return {
+        "tokens-out-of-order": (logp, swapped, rq, scores, pl, 3),
+        "response-without-tokens": (logp, missing, rq, scores, pl, 3),
+        "responses-out-of-order": (logp, tr, rq.flip(0), scores, pl, 3),
+        "k-max-too-small": (logp, tr, rq, scores, pl, 1),
+        "nan-score": (logp, tr, rq, nan_score, pl, 3),
+        "query-id-too-large": (logp, tr, rq + 1, scores, pl, 3),
+    }
+
+
+@pytest.mark.parametrize("case", list(device_layouts()))
+def test_device_checks_answer_nan_without_sync_or_assert(monkeypatch, case):
+    """What CUDA tensors get (no host check there): the loss and the gradient are NaN, never an assert."""
+    monkeypatch.setattr(rl, "on_host", lambda t: False)
+    logp, tr, rq, scores, pl, k_max = device_layouts()[case]
+    x = logp.float().requires_grad_()
+    out = rrhf_loss(x, tr, rq, scores, prompt_len=pl, k_max=k_max, impl="triton")
+    out.loss.backward()
+    assert out.loss.isnan() and out.rank_loss.isnan() and out.sft_loss.isnan()
+    good = rrhf_loss(logp.float(), *make_batch([2, 3, 1], seed=6)[1:4], prompt_len=pl, k_max=3, impl="triton")
+    assert good.loss.isfinite()
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts the reads of a tensor value by the host (.item(), int(), bool(), float()): each is a
+    device sync on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_no_host_sync_with_k_max(monkeypatch, official):
+    """The CUDA path (host checks off) reads no tensor value on the host when given k_max (the old
+    one synced twice: bincount's output size and int(resp_counts.max()))."""
+    monkeypatch.setattr(rl, "on_host", lambda t: False)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() syncs"))
+    logp, tr, rq, scores, pl = make_batch([2, 5, 1, 3], seed=3)
+    x = logp.float().requires_grad_()
+    mode = "official" if official else "paper"
+    with ScalarReads() as reads:
+        out = rrhf_loss(x, tr, rq, scores, prompt_len=pl, mode=mode, k_max=5, impl="triton")
+        out.loss.backward()
+    assert reads.count == 0
+    ref = rrhf_loss_torch(logp, tr, rq, scores, pl, mode=mode)
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    with ScalarReads() as reads:
+        rrhf_loss(x, tr, rq, scores, prompt_len=pl, mode=mode, impl="triton")
+    assert reads.count == 1  # without k_max: one read, documented
 
 
 @pytest.mark.gpu

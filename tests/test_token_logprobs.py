@@ -172,8 +172,12 @@ def test_input_errors(monkeypatch):
         token_logprobs(hidden, weight.bfloat16(), rows, targets, impl="triton")
     with pytest.raises(ValueError, match="softcap"):
         token_logprobs(hidden, weight, rows, targets, softcap=0.0)
-    with pytest.raises(RuntimeError, match="out of range"):
-        token_logprobs(hidden, weight, rows, targets + 100, impl="triton")
+    masked = targets.clone()
+    masked[1] = -100
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 20\), but position 1 holds -100"):
+        token_logprobs(hidden, weight, rows, masked, impl="triton")
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 4\)"):
+        token_logprobs(hidden, weight, rows + 4, targets, impl="triton")
     with pytest.raises(ValueError, match="impl"):
         token_logprobs(hidden, weight, rows, targets, impl="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

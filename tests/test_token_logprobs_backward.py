@@ -108,3 +108,34 @@ def test_autocast_rounds_fp32_weight_per_tile_without_a_half_copy(monkeypatch):
     assert torch.equal(out.detach(), half[0])
     assert (w.grad - half[2].float()).abs().max() <= 1e-3 * half[2].float().abs().max()
     assert (h.grad - half[1].float()).abs().max() <= 1e-3 * half[1].float().abs().max()
+
+
+class ScalarReads(TorchDispatchMode):
+    """Host reads of tensor values (.item(), int(), bool()): each one a device sync on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_cuda_path_reads_nothing_on_the_host_and_answers_nan_for_bad_indices(monkeypatch):
+    """With the host checks off (as for CUDA tensors): no scalar read in forward + backward, and a
+    target or row out of range (-100 masking) gives a NaN log-prob instead of a device assert."""
+    monkeypatch.setattr(tlp, "on_host", lambda t: False)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() syncs"))
+    hidden, weight, rows, targets, upstream = make_inputs(11, 17, 32, 200, torch.float32)
+    targets[3], rows[5] = -100, 11
+    h = hidden.clone().requires_grad_()
+    with ScalarReads() as reads:
+        out = token_logprobs(h, weight, rows, targets, impl="triton")
+        (out.nan_to_num() * upstream).sum().backward()
+    assert reads.count == 0
+    assert out[3].isnan() and out[5].isnan() and out.isnan().sum() == 2
+    keep = torch.ones(17, dtype=torch.bool)
+    keep[[3, 5]] = False
+    ref = token_logprobs_torch(hidden, weight, rows[keep], targets[keep])
+    assert (out[keep] - ref).abs().max() < 1e-5

@@ -42,6 +42,7 @@ class RRHF(Objective):
             mode=config.mode,
             sft_reduction=config.sft_reduction,
             normalizer=normalizer,
+            k_max=batch.max_responses,
             impl=config.loss_impl,
         )
         terms = [out.loss, out.rank_loss, out.sft_loss]
