@@ -19,11 +19,13 @@ gradient filtering.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dlogits_cublas import _dz_from_logits, _tanh, dlogits_cublas
 from .reference import token_logprobs_torch
 from .utils import (
     autotune_bench,
@@ -40,17 +42,14 @@ from .utils import (
 # the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
 VOCAB_CHUNK = 8192
 VOCAB_CHUNK_BYTES = 1 << 30
+# How the backward recomputes the logits: "fused" (tl.dot and the softmax in one Triton kernel) or
+# "cublas" (cuBLAS fp32 logits + a Triton epilogue; CUDA with torch >= 2.8 for half inputs, plus an
+# [M, chunk] fp32 buffer). Which is faster is for the GPU to say (benchmarks/README.md).
+DLOGITS = os.environ.get("RRHF_FAST_DLOGITS", "fused")
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton device functions and kernels
-
-
-@triton.jit
-def _tanh(x):
-    # From exp rather than libdevice: portable across Triton 3.6-3.9 and the CPU interpreter.
-    # exp overflows to inf for x > 44, which gives exactly 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -118,11 +117,8 @@ def _dlogits_kernel(
 ):  # fmt: skip
     """DZ[:, :VC] = (onehot(target) - softmax) * dsoftcap for vocabulary columns v_offset .. + VC.
 
-    Without the upstream gradient g: its product with small probabilities underflows in fp16
-    (g ~ 1e-6 times p ~ 1e-4 is below fp16's smallest subnormal, 6e-8); the launcher folds g into
-    the fp32 dhidden rows and the dweight operand instead. W points at the chunk's first row
-    already: v_offset * stride_w can pass 2**31 (V = 256k, D = 8192), and scalar kernel arguments
-    are 32-bit, so the launcher offsets the pointer.
+    W points at the chunk's first row already: v_offset * stride_w can pass 2**31 (V = 256k,
+    D = 8192), and scalar kernel arguments are 32-bit, so the launcher offsets the pointer.
     """
     pid_m, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(VC, BLOCK_V), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,17 +129,9 @@ def _dlogits_kernel(
         H, W, offs_m.to(tl.int64), offs_v, m_mask, v_mask, stride_h, stride_w,
         D, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
     )  # fmt: skip
-    if SOFTCAP:
-        z = softcap * _tanh(z / softcap)
     lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
     tgt = tl.load(TGT + offs_m, mask=m_mask, other=-1).to(tl.int32) - v_offset
-    dz = tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
-    if SOFTCAP:
-        c = z / softcap
-        dz = dz * (1.0 - c * c)
-    # Columns VC .. stride_dz are the row padding: zeros there make the store mask a multiple of
-    # 16 columns (stride_dz is), so the stores stay 16-byte vectors in a ragged last chunk.
-    dz = tl.where(v_mask[None, :], dz, 0.0)
+    dz = _dz_from_logits(z, offs_v, v_mask, tgt, lse, softcap, SOFTCAP)
     dz_ptrs = DZ + offs_m[:, None].to(tl.int64) * stride_dz + offs_v[None, :]
     tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & (offs_v < stride_dz)[None, :])
 
@@ -195,15 +183,20 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+# Registers and spills of each config, compiled for sm_90 (bf16, Triton 3.9; benchmarks/README.md,
+# "Compile evidence"): a 128 x 256 tile at 8 warps needs 255 registers and spills (forward 3
+# local loads, dlogits 94); at 16 warps the forward's fits in 128 registers without a spill, and
+# the dlogits pass spills least as a 256 x 128 tile (7 local loads). The 128 x 128 tiles never spill.
 FWD_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
+    _cfg(16, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
 ]
 DLOGITS_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64, GROUP_M=8),
+    _cfg(8, 3, BLOCK_M=256, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
 ]
 MM_CONFIGS = [
@@ -364,7 +357,7 @@ def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.copy_(torch.mm(a, b))
 
 
-def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
+def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw, dlogits="fused"):
     M = rows.numel()
     V, D = weight.shape
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
@@ -378,16 +371,21 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     buffer = torch.empty(M, dz_row_stride(chunk), dtype=hidden.dtype, device=hidden.device)
     # An fp32 weight under autocast: cuBLAS needs one dtype, so each chunk is rounded into this
     # [chunk, D] buffer for the dhidden GEMM (never a [V, D] copy).
-    mixed = weight.dtype != hidden.dtype and need_dh
+    split = dlogits == "cublas" and (hidden.dtype == torch.float32 or has_out_dtype_mm(hidden.device))
+    mixed = weight.dtype != hidden.dtype and (need_dh or split)
     w_half = torch.empty(chunk, D, dtype=hidden.dtype, device=hidden.device) if mixed else None
+    z = torch.empty(buffer.shape, dtype=torch.float32, device=hidden.device) if split else None
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
         dz = buffer[:, :vc]
-        _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, dz, v0, softcap)
+        w_chunk = w_half[:vc].copy_(weight[v0 : v0 + vc]) if mixed else weight[v0 : v0 + vc]
+        if split:
+            dlogits_cublas(h_rows, w_chunk, targets, lse, dz, v0, softcap, z[:, :vc])
+        else:
+            _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, dz, v0, softcap)
         if need_dw:
             mm_into(dw[v0 : v0 + vc], dz.t(), gh)
         if need_dh:
-            w_chunk = w_half[:vc].copy_(weight[v0 : v0 + vc]) if mixed else weight[v0 : v0 + vc]
             accumulate_dh(dh_rows, dz, w_chunk)
     if dw_scale is not None:
         dw.mul_(dw_scale)
@@ -415,7 +413,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, rows, targets, softcap):
         logp, lse = _forward(hidden, weight, rows, targets, softcap)
         ctx.save_for_backward(hidden, weight, rows, targets, lse)
-        ctx.softcap = softcap
+        ctx.softcap, ctx.dlogits = softcap, DLOGITS
         return logp
 
     @staticmethod
@@ -423,7 +421,16 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, rows, targets, lse = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh, dw = _backward(
-            hidden, weight, rows, targets, lse, grad.float().contiguous(), ctx.softcap, need_dh, need_dw
+            hidden,
+            weight,
+            rows,
+            targets,
+            lse,
+            grad.float().contiguous(),
+            ctx.softcap,
+            need_dh,
+            need_dw,
+            ctx.dlogits,
         )
         return dh, dw, None, None, None
 

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
 rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
+dlc = importlib.import_module("rrhf_fast.kernels.dlogits_cublas")
 
 MMA_MARK = {90: "wgmma.mma_async", 80: "mma.sync"}
 ALIGNED_SIZES = ("M", "N", "K", "VC")
@@ -67,7 +68,15 @@ def _rrhf_bwd(_):
     return rl._rrhf_bwd_kernel, sig, dict(BLOCK=1024), [triton.Config({}, num_warps=4)]
 
 
-KERNELS = {"fwd": _fwd, "dlogits": _dlogits, "mm_acc": _mm_acc, "rrhf_fwd": _rrhf_fwd, "rrhf_bwd": _rrhf_bwd}
+def _epilogue(dt):
+    sig = dict(Z="*fp32", TGT="*i64", LSE="*fp32", DZ=f"*{dt}", M="i32", VC="i32", v_offset="i32",
+               stride_z="i32", stride_dz="i32", softcap="fp32")  # fmt: skip
+    const = dict(SOFTCAP=True, BLOCK_M=32, BLOCK_V=256)
+    return dlc._epilogue_kernel, sig, const, [triton.Config({}, num_warps=8)]
+
+
+KERNELS = {"fwd": _fwd, "dlogits": _dlogits, "mm_acc": _mm_acc, "epilogue": _epilogue}
+KERNELS.update(rrhf_fwd=_rrhf_fwd, rrhf_bwd=_rrhf_bwd)
 MATMUL_KERNELS = {"fwd", "dlogits", "mm_acc"}
 
 

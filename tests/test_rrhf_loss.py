@@ -289,3 +289,20 @@ def test_gpu_matches_reference():
     ref.loss.backward()
     assert abs(ours.loss.item() - ref.loss.item()) < 1e-5
     assert (a.grad.cpu().double() - b.grad).abs().max() < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_with_k_max_and_nan_for_a_bad_layout():
+    logp, tr, rq, scores, pl = make_batch([8] * 64 + [1, 3, 30], seed=9)
+    a = logp.float().cuda().requires_grad_()
+    tr, rq, scores, pl = tr.cuda(), rq.cuda(), scores.cuda(), pl.cuda()
+    rrhf_loss(a, tr, rq, scores, prompt_len=pl, k_max=30).loss.backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rrhf_loss(a, tr, rq, scores, prompt_len=pl, mode="official", k_max=30)
+        out.loss.backward()
+        bad = rrhf_loss(a, tr.flip(0), rq, scores, prompt_len=pl, k_max=30)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.loss.isfinite() and bad.loss.isnan()  # no device assert: the context lives on

@@ -139,3 +139,78 @@ def test_cuda_path_reads_nothing_on_the_host_and_answers_nan_for_bad_indices(mon
     keep[[3, 5]] = False
     ref = token_logprobs_torch(hidden, weight, rows[keep], targets[keep])
     assert (out[keep] - ref).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the same properties where they matter (bf16 autocast, CUDA syncs, a live CUDA context).
+
+GPU_SHAPE = (1200, 1031, 1024, 32013)  # N, M, D, V: ragged, four backward chunks
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_bf16_reads_the_fp32_weight_without_a_copy():
+    hidden, weight, rows, targets, upstream = make_inputs(
+        1200, 1031, 1024, 32013, torch.float32, device="cuda"
+    )
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with Allocations() as probe:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = token_logprobs(h, w, rows, targets, impl="triton")
+        (out * upstream).sum().backward()
+    V, D = weight.shape
+    assert not [s for s, dt in probe.seen if dt == torch.bfloat16 and s[0] >= V and s[1:] == (D,)]
+    assert w.grad.dtype == torch.float32
+    half = run(
+        token_logprobs, hidden.bfloat16(), weight.bfloat16(), rows, targets, upstream, None, impl="triton"
+    )
+    assert (out.detach() - half[0]).abs().max() < 1e-3
+    assert (w.grad - half[2].float()).abs().max() <= 1e-2 * half[2].float().abs().max()
+    assert (h.grad - half[1].float()).abs().max() <= 1e-2 * half[1].float().abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_small_upstream_gradient():
+    hidden, weight, rows, targets, upstream = make_inputs(
+        1200, 1031, 1024, 32013, torch.float16, device="cuda"
+    )
+    upstream = upstream * 1e-6
+    ref = run(token_logprobs_torch, hidden, weight, rows, targets, upstream.double(), None, torch.float64)
+    ours = run(token_logprobs, hidden, weight, rows, targets, upstream, None, impl="triton")
+    for name, o, r in (("dhidden", ours[1], ref[1]), ("dweight", ours[2], ref[2])):
+        rounding = (r.half().double() - r).abs().max()
+        err = (o.double() - r).abs().max()
+        assert err <= 2 * rounding, f"{name}: error {err:.3g} vs fp16 rounding {rounding:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_nan_for_bad_indices():
+    hidden, weight, rows, targets, upstream = make_inputs(
+        1200, 1031, 1024, 32013, torch.bfloat16, device="cuda"
+    )
+    h = hidden.clone().requires_grad_()
+    (token_logprobs(h, weight, rows, targets, impl="triton") * upstream).sum().backward()  # autotune first
+    targets[3] = -100
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = token_logprobs(h, weight, rows, targets, impl="triton")
+        (out.nan_to_num() * upstream).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out[3].isnan() and out.isnan().sum() == 1  # and the CUDA context is still usable
+
+
+@pytest.mark.parametrize("softcap", [pytest.param(None, id="fp32"), pytest.param(5.0, id="fp32-softcap")])
+def test_cublas_logits_variant_matches_the_fused_kernel(monkeypatch, softcap):
+    """RRHF_FAST_DLOGITS=cublas: the chunk's logits from a GEMM, then the Triton epilogue; the same
+    gradients as the fused kernel (fp32 here: half operands need CUDA's fp32-output GEMM)."""
+    monkeypatch.setattr(tlp, "VOCAB_CHUNK", 300)
+    inputs = make_inputs(13, 21, 48, 1013, torch.float32, seed=8)
+    fused = run(token_logprobs, *inputs, softcap, impl="triton")
+    monkeypatch.setattr(tlp, "DLOGITS", "cublas")
+    calls, real = [], tlp.dlogits_cublas
+    monkeypatch.setattr(tlp, "dlogits_cublas", lambda *a: calls.append(a[4].shape) or real(*a))
+    split = run(token_logprobs, *inputs, softcap, impl="triton")
+    assert len(calls) == 4  # every chunk went through the split path
+    for a, b in zip(fused[1:], split[1:], strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
