@@ -31,11 +31,11 @@ except ImportError:  # script mode without the dev extras: no pytest-benchmark t
     pytest = None
 PROVIDERS = ("torch", "torch.compile", "triton", "triton/cublas-dlogits", "liger", "cce")
 MODES = ("fwd", "fwd_bwd")
-# Effective FLOPs (issue 3): forward = the logits matmul; backward recomputes the logits and does
+# Effective FLOPs: forward = the logits matmul; backward recomputes the logits and does
 # the two gradient matmuls (dhidden, dweight): 4 matmuls of 2*M*D*V in all.
 FLOPS_PER_MDV = {"fwd": 2, "fwd_bwd": 8}
 
-# Issue 3's headline shape first (a run cut short by its time limit still has it), then the grid.
+# The headline shape first (a run cut short by its time limit still has it), then the grid.
 GPU_HEADLINE = (4096, 128256, 8192)
 GPU_SWEEPS = [(4096, 128256, (8192, 1024, 4096, 16384))] + [
     (d, v, (1024, 4096, 16384))
@@ -79,7 +79,7 @@ def make_inputs(m: int, d: int, v: int, dtype: torch.dtype, device: torch.device
 def liger_logprobs(hidden, weight, rows, targets):
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    # accum_dtype fp32: dweight accumulated in fp32 across token chunks, as ours does (DESIGN.md 6).
+    # accum_dtype fp32: dweight accumulated in fp32 across token chunks, as ours does (docs/DESIGN.md §6).
     out = liger_fused_linear_cross_entropy(
         hidden[rows], weight, targets, reduction="none", accum_dtype=torch.float32
     )

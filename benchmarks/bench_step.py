@@ -40,7 +40,7 @@ from rrhf_fast.models.logprobs import packed_logprobs
 
 PROVIDERS = ("rrhf-fast", "rrhf-fast/packed", "reference")
 RESPONSE_LEN = 128
-HEADLINE = (6, 512)  # issue 8: k = 6, prompt 512, responses 128
+HEADLINE = (6, 512)  # the step target's shape: k = 6, prompt 512, responses 128
 GPU_CONFIGS = [(k, p) for p in (128, 512, 2048) for k in (2, 4, 8)]  # (k, prompt length)
 SMOKE_HEADLINE, SMOKE_CONFIGS, SMOKE_RESPONSE_LEN = (2, 8), [(3, 8), (3, 16)], 4
 # What every provider runs, in the report's section heading (the sweep label).

@@ -1,4 +1,4 @@
-"""The memory-fit study (issue 6): the largest packed step that trains on one GPU, per model and method.
+"""The memory-fit study: the largest packed step that trains on one GPU, per model and method.
 
 `python benchmarks/memory_fit.py [--models A,B] [--providers full,lora,qlora,reference]
 [--no-targets | --targets-only] [--max-queries N] [--cpu-smoke] [--out-dir DIR] [--report]`
@@ -19,7 +19,7 @@ For each, G (queries in one packed micro-batch, the step) doubles from 1 until a
 memory, then bisects; a row records the largest G that fits (tokens/s, peak memory) and one the
 smallest that does not. `--max-queries` caps G (a capped row says so).
 
-Targets (issue 6), tried exactly: Llama-3.1-8B full fine-tuning on an 80 GB GPU and QLoRA within
+Targets, tried exactly: Llama-3.1-8B full fine-tuning on an 80 GB GPU and QLoRA within
 24 GB, each a step of 8 queries in micro-batches of one query (the authors' per-device batch),
 with the caching allocator capped to the card's size (`torch.cuda.set_per_process_memory_fraction`).
 """

@@ -1,7 +1,7 @@
-"""The naive official-style RRHF step (DESIGN.md section 8): what bench_step.py compares against.
+"""The naive official-style RRHF step (docs/DESIGN.md §12): what bench_step.py compares against.
 
 It computes RRHF the way the authors' released train.py does, written here from the definitions in
-DESIGN.md section 1 with plain torch (not rrhf_fast.kernels): one query per forward (their per-device
+docs/DESIGN.md §4 with plain torch (not rrhf_fast.kernels): one query per forward (their per-device
 batch), its k responses as k copies of prompt + response right-padded to the longest (their
 collator), a full forward producing the logits [k, L, V], log_softmax in fp32, a gather of the
 response tokens, per-response sums, the loss in either mode; gradients are accumulated over the
@@ -68,7 +68,7 @@ def query_loss(
         denom = valid.sum(-1).to(sums.dtype)
     elif mode == "official":
         # train.py overwrites the -100 labels in place before taking the mask, so every response
-        # divides by the padded label length: prompt + longest response (DESIGN.md section 1).
+        # divides by the padded label length: prompt + longest response (docs/DESIGN.md §4).
         padded = len(q.prompt_ids) + max(len(r) for r in q.response_ids)
         denom = torch.full_like(sums, float(padded))
     else:

@@ -58,7 +58,7 @@ def unique(values) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets of issue 8 (and issue 3's kernel target), checked on the latest GPU rows
+# The performance targets (benchmarks/README.md, "Targets"), checked on the latest GPU rows
 
 
 @dataclass

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rrhf_fast.models.wrapping import unwrap
+
 # Llama-3.2-1B-like (random init): tied embeddings, GQA 32/8 heads of 64, SwiGLU 8192.
 LLAMA_1B = dict(
     vocab_size=128256,
@@ -66,7 +68,7 @@ def model_flops(model, items) -> float:
       token attends to the whole prompt and causally to its own response.
     Embedding lookups, norms, activations and the optimizer are not counted (as usual for MFU).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     decoder = base.get_decoder()
     linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     head = base.get_output_embeddings().weight.numel()

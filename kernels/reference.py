@@ -50,7 +50,7 @@ def rrhf_loss_torch(
     sft_reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
 ) -> RRHFOutput:
-    """RRHF loss exactly as DESIGN.md section 1 defines it, with an [R, R] pair matrix."""
+    """RRHF loss exactly as docs/DESIGN.md §4 defines it, with an [R, R] pair matrix."""
     dtype = torch.promote_types(logp.dtype, torch.float32)
     token_response = token_response.long()
     response_query = response_query.long()

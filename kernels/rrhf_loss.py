@@ -1,4 +1,4 @@
-"""rrhf_loss: RRHF rank + SFT loss over all queries of a packed batch (DESIGN.md sections 1 and 6).
+"""rrhf_loss: RRHF rank + SFT loss over all queries of a packed batch (docs/DESIGN.md §4, §6).
 
 One program per query computes the per-response sums S_i and lengths n_i, the scores
 p_i = S_i / denom_i ** length_penalty, the pairwise hinge over ordered pairs with r_i < r_j, the SFT
@@ -19,11 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .constants import MODES, SFT_REDUCTIONS
 from .reference import RRHFOutput, rrhf_loss_torch
 from .utils import next_power_of_2, on_host, resolve_impl
-
-MODES = ("paper", "official")
-SFT_REDUCTIONS = ("mean", "sum")
 
 
 @triton.jit
@@ -121,39 +119,30 @@ def _starts(index: torch.Tensor, count: int) -> torch.Tensor:
     return torch.searchsorted(index, ids, out_int32=True)
 
 
-class _RRHFLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, token_response, response_query, scores, prompt_len, num_queries, k_max, options):
-        length_penalty, rank_weight, sft_weight, official, sft_sum, norm = options
-        R, G, M = response_query.numel(), num_queries, logp.numel()
-        f32 = dict(dtype=torch.float32, device=logp.device)
-        p, coef_rank, coef_sft = (torch.empty(R, **f32) for _ in range(3))
-        rank_q, sft_q = torch.empty(G, **f32), torch.empty(G, **f32)
-        _rrhf_fwd_kernel[(G,)](
-            logp, token_response, response_query, _starts(response_query, G), _starts(token_response, R),
-            scores, prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, M, R,
-            float(length_penalty), OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1,
-            BLOCK_K=max(2, next_power_of_2(k_max)), BLOCK_T=64,
-        )  # fmt: skip
-        rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
-        loss = rank_weight * rank_loss + sft_weight * sft_loss
-        ctx.save_for_backward(token_response, coef_rank, coef_sft)
-        ctx.weights, ctx.norm = (rank_weight, sft_weight), norm
-        ctx.mark_non_differentiable(p)
-        return loss, rank_loss, sft_loss, p
+def _forward(logp, token_response, response_query, scores, prompt_len, num_queries, k_max, options):
+    length_penalty, rank_weight, sft_weight, official, sft_sum, norm = options
+    R, G, M = response_query.numel(), num_queries, logp.numel()
+    f32 = dict(dtype=torch.float32, device=logp.device)
+    p, coef_rank, coef_sft = (torch.empty(R, **f32) for _ in range(3))
+    rank_q, sft_q = torch.empty(G, **f32), torch.empty(G, **f32)
+    _rrhf_fwd_kernel[(G,)](
+        logp, token_response, response_query, _starts(response_query, G), _starts(token_response, R),
+        scores, prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, M, R,
+        float(length_penalty), OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1,
+        BLOCK_K=max(2, next_power_of_2(k_max)), BLOCK_T=64,
+    )  # fmt: skip
+    rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
+    loss = rank_weight * rank_loss + sft_weight * sft_loss
+    return loss, rank_loss, sft_loss, p, coef_rank, coef_sft
 
-    @staticmethod
-    def backward(ctx, g_loss, g_rank, g_sft, _g_p):
-        token_response, coef_rank, coef_sft = ctx.saved_tensors
-        rank_weight, sft_weight = ctx.weights
-        # d/dS_i of every differentiable output, weighted by its upstream gradient.
-        coef = (g_loss * rank_weight + g_rank) * coef_rank + (g_loss * sft_weight + g_sft) * coef_sft
-        coef = (coef / ctx.norm).float().contiguous()
-        M = token_response.numel()
-        grad = torch.empty(M, dtype=torch.float32, device=coef.device)
-        if M:
-            _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, coef.numel(), BLOCK=1024)
-        return grad, None, None, None, None, None, None, None
+
+def _backward(token_response, coef):
+    """dlogp[m] = coef[token_response[m]] (fp32); NaN for a response id outside [0, R)."""
+    M = token_response.numel()
+    grad = torch.empty(M, dtype=torch.float32, device=coef.device)
+    if M:
+        _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, coef.numel(), BLOCK=1024)
+    return grad
 
 
 def rrhf_loss(
@@ -201,17 +190,26 @@ def rrhf_loss(
     if k_max is None:
         k_max = int((_starts(response_query, num_queries).diff()).max()) if num_queries else 1
     norm = num_queries if normalizer is None else normalizer
-    options = (length_penalty, rank_weight, sft_weight, mode == "official", sft_reduction == "sum", norm)
-    loss, rank_loss, sft_loss, p = _RRHFLoss.apply(
+    # A tensor normalizer (a count summed over ranks) divides outside the op, whose arguments are
+    # plain numbers: the losses are linear in 1 / normalizer.
+    divide = isinstance(norm, torch.Tensor)
+    loss, rank_loss, sft_loss, p, _, _ = _ops.rrhf_loss_op(
         logp.float().contiguous(),
         token_response.contiguous(),
         response_query.contiguous(),
         scores.float().contiguous(),
         None if prompt_len is None else prompt_len.contiguous(),
-        num_queries,
-        k_max,
-        options,
+        int(num_queries),
+        int(k_max),
+        float(length_penalty),
+        float(rank_weight),
+        float(sft_weight),
+        mode == "official",
+        sft_reduction == "sum",
+        1.0 if divide else float(norm),
     )
+    if divide:
+        loss, rank_loss, sft_loss = loss / norm, rank_loss / norm, sft_loss / norm
     return RRHFOutput(loss, rank_loss, sft_loss, p)
 
 
@@ -264,3 +262,7 @@ def check_packed_order(token_response: torch.Tensor, response_query: torch.Tenso
             raise ValueError(
                 f"rrhf_loss: every {owner} needs at least one {what}, but {owner} {int(empty[0])} has none"
             )
+
+
+# The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import ops as _ops  # noqa: E402

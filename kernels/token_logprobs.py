@@ -240,11 +240,7 @@ def _forward(hidden, weight, rows, targets, softcap):
     lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
     if M == 0:
         return logp, lse
-    if hidden.is_cuda:
-        sms, l2 = _device_shape(hidden.device.index or 0)
-        splits, group = forward_grid(M, V, D, hidden.element_size(), sms, l2)
-    else:
-        splits, group = 2, 2  # exercises the split merge and the grouped order in the CPU tests
+    splits, group = _forward_grid(hidden, M, V, D)
     lse_part = torch.empty(splits, M, dtype=torch.float32, device=hidden.device)
     tgt_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     args = (
@@ -272,6 +268,14 @@ def _forward(hidden, weight, rows, targets, softcap):
     torch.logsumexp(lse_part, dim=0, out=lse)
     torch.sub(tgt_logit, lse, out=logp)
     return logp, lse
+
+
+def _forward_grid(hidden: torch.Tensor, M: int, V: int, D: int) -> tuple[int, int]:
+    """(vocabulary splits, row blocks per group) of the forward; the splits size `lse_part`."""
+    if hidden.is_cuda:
+        sms, l2 = _device_shape(hidden.device.index or 0)
+        return forward_grid(M, V, D, hidden.element_size(), sms, l2)
+    return 2, 2  # exercises the split merge and the grouped order in the CPU tests
 
 
 def dz_row_stride(chunk: int) -> int:
@@ -370,10 +374,7 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     gh, dw_scale = _grad_rows(h_rows, grad) if need_dw else (None, None)
     chunk = _vocab_chunk(M, V, hidden.element_size())
     buffer = torch.empty(M, dz_row_stride(chunk), dtype=hidden.dtype, device=hidden.device)
-    # An fp32 weight under autocast: cuBLAS needs one dtype, so each chunk is rounded into this
-    # [chunk, D] buffer for the dhidden GEMM (never a [V, D] copy).
-    split = dlogits == "cublas" and (hidden.dtype == torch.float32 or has_out_dtype_mm(hidden.device))
-    mixed = weight.dtype != hidden.dtype and (need_dh or split)
+    split, mixed = _backward_variant(hidden, weight, need_dh, dlogits)
     w_half = torch.empty(chunk, D, dtype=hidden.dtype, device=hidden.device) if mixed else None
     z = torch.empty(buffer.shape, dtype=torch.float32, device=hidden.device) if split else None
     for v0 in range(0, V, chunk):
@@ -396,6 +397,15 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
     return dh, dw
 
 
+def _backward_variant(hidden, weight, need_dh: bool, dlogits: str) -> tuple[bool, bool]:
+    """(split, mixed). split: the cuBLAS-logits variant runs (fp32, or half where torch has the
+    fp32-output GEMM), with its [M, stride] fp32 logits buffer. mixed: an fp32 weight under autocast
+    feeds a cuBLAS GEMM, which needs one dtype, so each chunk is rounded into a [chunk, D] buffer
+    (never a [V, D] copy)."""
+    split = dlogits == "cublas" and (hidden.dtype == torch.float32 or has_out_dtype_mm(hidden.device))
+    return split, weight.dtype != hidden.dtype and (need_dh or split)
+
+
 def _grad_rows(h_rows: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """g[m] * hidden[rows[m]], the dweight GEMM's operand, and the factor dweight still needs.
 
@@ -407,33 +417,6 @@ def _grad_rows(h_rows: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
         return h_rows * grad.to(h_rows.dtype)[:, None], None
     scale = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     return h_rows * (grad / scale).to(torch.float16)[:, None], scale
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, rows, targets, softcap):
-        logp, lse = _forward(hidden, weight, rows, targets, softcap)
-        ctx.save_for_backward(hidden, weight, rows, targets, lse)
-        ctx.softcap, ctx.dlogits = softcap, DLOGITS
-        return logp
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight, rows, targets, lse = ctx.saved_tensors
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _backward(
-            hidden,
-            weight,
-            rows,
-            targets,
-            lse,
-            grad.float().contiguous(),
-            ctx.softcap,
-            need_dh,
-            need_dw,
-            ctx.dlogits,
-        )
-        return dh, dw, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +473,7 @@ def token_logprobs(
         valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
         rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
     with torch.autocast(device_type, enabled=False):
-        logp = _TokenLogprobs.apply(
+        logp, _lse = _ops.token_logprobs_op(
             hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
             weight.contiguous(),
             rows.contiguous(),
@@ -529,3 +512,7 @@ def _check_inputs(hidden, weight, rows, targets) -> None:
             raise ValueError(f"token_logprobs: {name} must be int32 or int64, got {t.dtype}")
     if len({hidden.device, weight.device, rows.device, targets.device}) != 1:
         raise ValueError("token_logprobs: hidden, weight, rows and targets must be on one device")
+
+
+# The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import ops as _ops  # noqa: E402

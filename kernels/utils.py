@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._guards import detect_fake_mode
 
-IMPLS = ("auto", "triton", "torch")
+from .constants import IMPLS
 
 
 def interpreting() -> bool:
@@ -29,7 +30,14 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def on_host(t: torch.Tensor) -> bool:
-    """Whether reading `t`'s values costs no device sync (the host checks run only then)."""
+    """Whether `t`'s values can be read without a device sync (the host checks run only then).
+
+    Not under a fake mode (`rrhf-fast plan`: fake tensors hold no values, and a real index tensor
+    becomes one there) nor under torch.compile (a value read breaks the graph): both take the CUDA
+    path, NaN for bad indices instead of an error.
+    """
+    if torch.compiler.is_compiling() or detect_fake_mode(t) is not None:
+        return False
     return t.device.type == "cpu"
 
 

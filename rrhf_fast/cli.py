@@ -15,6 +15,10 @@ from rrhf_fast.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("rrhf_fast.training.train", "train a causal LM with RRHF on a scored JSONL file"),
+    "train-rm": (
+        "rrhf_fast.training.train_rm",
+        "train a reward model (Bradley-Terry or listwise) on scored responses, packed like train",
+    ),
     "sample": ("rrhf_fast.generation.sample", "sample k candidate responses per prompt from a model"),
     "score": (
         "rrhf_fast.generation.score",
@@ -26,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "add a reference model's log-prob sum per response (for --loss dpo)",
     ),
     "merge": ("rrhf_fast.training.merge", "merge a trained LoRA adapter into its base model"),
+    "plan": (
+        "rrhf_fast.training.plan",
+        "will it fit? peak GPU memory of a training step, simulated on fake tensors",
+    ),
     "plot": ("rrhf_fast.training.plot", "draw the training curves of a run directory"),
     "demo": ("rrhf_fast.pipelines.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
 }

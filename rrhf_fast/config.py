@@ -2,7 +2,9 @@
 
 Each dataclass field is one kebab-case flag (`micro_batch_tokens` -> `--micro-batch-tokens`); its
 `help` and `choices` live in the field's metadata, so the parser, the saved JSON and the code that
-reads the config cannot drift apart. Fields without a default are required flags.
+reads the config cannot drift apart. Fields without a default are required flags. A renamed field
+keeps its old flag as an alias (metadata `aliases`) and its old JSON key readable (RENAMED_FIELDS),
+so old command lines, config.json files and checkpoints keep working.
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.kernels.rrhf_loss import MODES, SFT_REDUCTIONS
-from rrhf_fast.kernels.utils import IMPLS
+from rrhf_fast.kernels.constants import IMPLS, MODES, SFT_REDUCTIONS
 
 OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
-# = attention.BACKENDS, which is not imported here: attention.py loads transformers, ~3 s more on
-# the --help of sample, score and demo; tests/test_cli_flags.py checks that the two agree.
-ATTN = ("auto", "varlen", "flex", "dense")
-DTYPES = ("auto", "float32", "bfloat16")
-LOSSES = ("rrhf", "dpo")
+# The attention backends (models/attention.py reads this tuple): defined here, where parsing the
+# flags needs it without importing transformers.
+ATTN_BACKENDS = ("auto", "varlen", "flex", "dense")
+# Training's --dtype: auto keeps fp32 master weights (models.loading.INFERENCE_DTYPES is another set).
+WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
+BF16_UPDATES = ("nearest", "stochastic", "kahan")  # training/bf16_update.py
+LOSSES = ("rrhf", "dpo", "rm")
+RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
+# Old JSON key -> field, for config.json / train_config.json written before the rename.
+RENAMED_FIELDS = {"loss_impl": "kernels", "mode": "length_norm"}
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -73,22 +79,54 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "clip the gradient norm to this (0: no clipping)")
     optim: str = opt("adamw8bit", "optimizer", choices=OPTIMIZERS)
     max_bad_steps: int = opt(5, "stop after this many non-finite steps in a row (each one is skipped)")
-    # ---- the loss (DESIGN.md section 1)
-    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps)",
-                    choices=LOSSES)  # fmt: skip
+    optim_in_backward: bool = opt(
+        False,
+        "update each weight in the backward and free its gradient (no whole-model gradient "
+        "buffer; with --max-grad-norm, two forward+backward passes a step)",
+    )
+    bf16_update: str = opt(
+        "nearest",
+        "--dtype bfloat16 full fine-tuning: how fp32 updates round into the bf16 weights "
+        "(stochastic: unbiased, no extra memory; kahan: +2 bytes a weight)",
+        choices=BF16_UPDATES,
+    )
+    # ---- the loss (docs/DESIGN.md §4)
+    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps); "
+                    "rm: train a reward model (what `rrhf-fast train-rm` runs)", choices=LOSSES)  # fmt: skip
     dpo_beta: float = opt(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
-    mode: str = opt("paper", "loss normalisation: paper, or the authors' released code", choices=MODES)
+    length_norm: str = opt(
+        "paper",
+        "length normalisation of response scores and SFT: paper (each response's own length), or "
+        "official (the authors' code: prompt + longest response)",
+        choices=MODES,
+        aliases=("mode",),
+    )
     length_penalty: float = opt(1.0, "response score = sum of log-probs / length ** length_penalty")
     rank_weight: float = opt(1.0, "weight of the ranking loss (0: SFT only)")
     sft_weight: float = opt(1.0, "weight of the SFT loss on the best-scored response")
     sft_reduction: str = opt(
         "mean", "SFT loss of the best response: token mean, or the paper's sum", choices=SFT_REDUCTIONS
     )
+    # ---- the reward model's loss (train-rm; objectives/reward.py)
+    rm_loss: str = opt(
+        "bt", "Bradley-Terry over every pair of different scores, or listwise Plackett-Luce (ties grouped)",
+        choices=RM_LOSSES,
+    )  # fmt: skip
+    rm_margin: float = opt(0.0, "the margin the better response's reward must clear (--rm-loss bt)")
+    rm_margin_scale: bool = opt(False, "multiply --rm-margin by each pair's score gap")
+    rm_center: float = opt(0.0, "weight of the penalty on each query's mean reward squared (0: none)")
     # ---- model and kernels
-    attn: str = opt("auto", "attention backend for the shared-prompt packing", choices=ATTN)
-    loss_impl: str = opt("auto", "implementation of the fused kernels", choices=IMPLS)
+    attn: str = opt("auto", "attention backend for the shared-prompt packing", choices=ATTN_BACKENDS)
+    kernels: str = opt(
+        "auto",
+        "implementation of the fused token log-prob and RRHF loss kernels",
+        choices=IMPLS,
+        aliases=("loss-impl",),
+    )
     dtype: str = opt(
-        "auto", "weight dtype; auto: float32 weights (bf16 autocast on CUDA, fp32 on CPU)", choices=DTYPES
+        "auto",
+        "weight dtype; auto: float32 weights (bf16 autocast on CUDA, fp32 on CPU)",
+        choices=WEIGHT_DTYPES,
     )
     device: str = opt("auto", "cuda, cpu, cuda:1, ... (auto: cuda when available)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward to save memory")
@@ -129,10 +167,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"--{_flag(name)} must be 0 or more, got {value}")
-        for name in ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight"):
+        non_negative = ("lr", "min_lr", "weight_decay", "max_grad_norm", "rank_weight", "sft_weight")
+        for name in (*non_negative, "rm_center"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
-        for name in ("loss", "optim", "mode", "sft_reduction", "attn", "loss_impl", "dtype"):
+        choice_fields = ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype")
+        for name in (*choice_fields, "rm_loss", "bf16_update"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
@@ -140,6 +180,8 @@ class TrainConfig:
                 )
         if not self.dpo_beta > 0:
             raise UserError(f"--dpo-beta must be a positive number, got {self.dpo_beta}")
+        if self.loss == "rm" and self.rm_loss == "listwise" and (self.rm_margin or self.rm_margin_scale):
+            raise UserError("--rm-margin and --rm-margin-scale apply to --rm-loss bt only; drop them")
         if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
             raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
         if self.min_lr > self.lr:
@@ -154,10 +196,26 @@ class TrainConfig:
         if self.load_in_4bit and not self.lora_r:
             raise UserError("--load-in-4bit trains adapters on a frozen 4-bit model: also give --lora-r N")
         self._validate_scaling()
+        self._validate_update()
         return self
 
+    def _validate_update(self) -> None:
+        """--optim-in-backward and --bf16-update (issue 16)."""
+        if self.optim_in_backward and self.fsdp and not self.max_grad_norm:
+            raise UserError(
+                "--fsdp --optim-in-backward needs --max-grad-norm X: without the norm pass each rank "
+                "would stop at a non-finite gradient of its own shard and the ranks' weights would differ"
+            )
+        if self.bf16_update != "nearest" and (self.dtype != "bfloat16" or self.lora_r):
+            raise UserError(
+                f"--bf16-update {self.bf16_update} rounds updates into bf16 weights trained in full: "
+                "give --dtype bfloat16 without --lora-r (fp32 weights and LoRA adapters need no rounding)"
+            )
+        if self.bf16_update != "nearest" and self.fsdp:
+            raise UserError(f"--bf16-update {self.bf16_update} is not supported with --fsdp yet; drop --fsdp")
+
     def _validate_scaling(self) -> None:
-        """LoRA, quantisation and FSDP flags (issue 6)."""
+        """LoRA, quantisation and FSDP flags."""
         if self.load_in_8bit and not self.lora_r:
             raise UserError("--load-in-8bit trains adapters on a frozen 8-bit model: also give --lora-r N")
         if self.load_in_4bit and self.load_in_8bit:
@@ -184,6 +242,16 @@ class TrainConfig:
                 "--optim adamw8bit (torchao's 8-bit AdamW) or --optim adamw"
             )
 
+    @property
+    def loss_impl(self) -> str:
+        """The field's name before it became `kernels` (it picks both kernels, not only the loss's)."""
+        return self.kernels
+
+    @property
+    def mode(self) -> str:
+        """The field's name before it became `length_norm`."""
+        return self.length_norm
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -201,6 +269,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        data = {RENAMED_FIELDS.get(k, k) if k not in names else k: v for k, v in data.items()}
         unknown = sorted(set(data) - names)
         if unknown:
             raise UserError(f"{source}: unknown training config field(s) {unknown}")
@@ -229,7 +298,8 @@ def add_arguments(
     for f in dataclasses.fields(cls):
         if f.name not in skip:
             name = prefix + f.name
-            parser.add_argument(f"--{_flag(name)}", dest=name, **_argument(f, hints[f.name]))
+            aliases = [f"--{_flag(prefix + alias)}" for alias in f.metadata.get("aliases", ())]
+            parser.add_argument(f"--{_flag(name)}", *aliases, dest=name, **_argument(f, hints[f.name]))
 
 
 def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:

@@ -20,3 +20,10 @@ class DataError(UserError, ValueError):
 
 class ModelError(UserError, ValueError):
     """A model, or an attention or kernel choice, that rrhf-fast cannot run as asked."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), or its type's name: library
+    errors carry pages of context, and a user's one-sentence error quotes only their gist."""
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__

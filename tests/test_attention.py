@@ -37,7 +37,7 @@ def qkv(T, heads=4, kv_heads=2, dim=16, dtype=torch.float64, device="cpu", seed=
 
 
 def brute_force(batch, q, k, v, scaling, window=None, softcap=None):
-    """Token by token, straight from DESIGN.md's rule: [1, T, H, D] in fp64."""
+    """Token by token, straight from the rule of docs/DESIGN.md §3: [1, T, H, D] in fp64."""
     T, H = q.shape[2], q.shape[1]
     n_rep = H // k.shape[1]
     grp, seg, pos = batch.seq_group, batch.seq_segment, batch.position_ids[0]

@@ -6,7 +6,7 @@ import pytest
 
 from rrhf_fast.cli import main
 from rrhf_fast.data.records import Example, write_examples
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,3 @@ def test_iterate_chat_template_flags_agree():
     assert (args.chat_template, args.score_chat_template) == (False, False)
     args = parser.parse_args(["--chat-template", "--score-chat-template"])
     assert (args.chat_template, args.score_chat_template) == (True, True)
-
-
-def test_attn_choices_are_the_attention_backends():
-    from rrhf_fast.config import ATTN
-    from rrhf_fast.models.attention import BACKENDS
-
-    assert ATTN == BACKENDS

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 
 import pytest
 
@@ -10,10 +11,11 @@ from rrhf_fast.errors import UserError
 
 REQUIRED = ["--model", "m", "--data", "d.jsonl", "--output-dir", "out"]
 
-# DESIGN.md section 9 and issue 5: flags users and docs rely on.
+# Flags users and docs rely on (old names of renamed flags included: they stay aliases).
 DESIGN_FLAGS = (
     "--model --data --output-dir --max-steps --epochs --micro-batch-tokens --grad-accum --lr --optim --attn "
-    "--loss-impl --mode --length-penalty --rank-weight --sft-weight --lora-r --load-in-4bit "
+    "--kernels --loss-impl --length-norm --mode --length-penalty --rank-weight --sft-weight --lora-r "
+    "--load-in-4bit "
     "--gradient-checkpointing --seed --resume --eval-data --eval-every --warmup-steps --weight-decay "
     "--max-grad-norm --max-prompt-len --max-response-len --chat-template --save-every --keep-checkpoints "
     "--max-bad-steps --dtype --log-every"
@@ -47,7 +49,7 @@ def test_design_flags_exist(flag):
 def test_defaults_and_types():
     config = parse()
     assert config == TrainConfig(model="m", data="d.jsonl", output_dir="out")
-    assert config.optim == "adamw8bit" and config.mode == "paper" and config.resume is False
+    assert config.optim == "adamw8bit" and config.length_norm == "paper" and config.resume is False
     config = parse("--lr", "1e-4", "--max-steps", "7", "--resume", "--no-plot", "--optim", "adamw")
     assert (config.lr, config.max_steps, config.resume, config.plot, config.optim) == (
         1e-4,
@@ -106,3 +108,30 @@ def test_impossible_values_are_one_sentence_user_errors(flags, words):
         parse(*flags).validate()
     assert words in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        pytest.param(["--loss-impl", "torch"], ["--kernels", "torch"], id="loss-impl-is-kernels"),
+        pytest.param(["--mode", "official"], ["--length-norm", "official"], id="mode-is-length-norm"),
+    ],
+)
+def test_renamed_flags_keep_their_old_names(old, new):
+    assert parse(*old) == parse(*new) != parse()
+    config = parse("--loss-impl", "torch", "--mode", "official")
+    assert (config.kernels, config.length_norm) == ("torch", "official")
+    assert (config.loss_impl, config.mode) == ("torch", "official")  # the attribute names code used
+
+
+def test_a_config_json_with_the_old_field_names_loads(tmp_path):
+    """config.json of runs saved before the renames: `loss_impl` and `mode` keys."""
+    config = parse("--kernels", "torch", "--length-norm", "official")
+    data = config.to_dict()
+    data["loss_impl"], data["mode"] = data.pop("kernels"), data.pop("length_norm")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    assert TrainConfig.load(path) == config
+    assert TrainConfig.from_dict(data) == config
+    with pytest.raises(UserError, match="unknown training config field"):
+        TrainConfig.from_dict({**data, "loss_kernel": "torch"})

@@ -56,7 +56,7 @@ def run_rrhf_fast(root: Path, mode: str) -> tuple[list[float], dict[str, torch.T
     config = TrainConfig(
         model=str(root / "model"), data=str(root / "train.jsonl"), output_dir=str(root / f"run-{mode}"),
         max_steps=STEPS, queries_per_step=QUERIES_PER_STEP, micro_batch_tokens=160, lr=LR, warmup_steps=1,
-        optim="adamw", mode=mode, seed=3, plot=False, save_every=0, log_every=0,
+        optim="adamw", length_norm=mode, seed=3, plot=False, save_every=0, log_every=0,
     )  # fmt: skip
     result = train(config)
     rows = [json.loads(line) for line in (root / f"run-{mode}" / "metrics.jsonl").read_text().splitlines()]

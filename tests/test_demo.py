@@ -7,8 +7,8 @@ import re
 import pytest
 
 from rrhf_fast.cli import main
-from rrhf_fast.pipelines.demo import DemoConfig, corrupt, gold_of, query_reward, reward
 from rrhf_fast.pipelines.demo_online import _settings, _task
+from rrhf_fast.pipelines.demo_task import DemoConfig, corrupt, gold_of, query_reward, reward
 from rrhf_fast.pipelines.iterate import iterate
 
 

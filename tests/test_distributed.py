@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
 from rrhf_fast.training.distributed import Dist, my_microbatches, sum_over_ranks
 from rrhf_fast.training.train import train
 
@@ -226,3 +226,18 @@ def test_each_rank_takes_its_share_and_fillers_keep_ranks_in_step(step, world, e
 
 def test_sums_over_ranks_in_one_process_are_the_values():
     assert sum_over_ranks([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+
+
+@pytest.mark.slow
+def test_fsdp2_optim_in_backward_equals_the_ordinary_step_and_resumes(tmp_path, files):
+    """Two ranks, one micro-batch each per step (--grad-accum 2), clipped: the hooks fire on each
+    rank's shards after the reduce-scatter; a resume through the sharded optimizer checkpoint."""
+    kw = dict(grad_accum=2, fsdp=True, max_grad_norm=0.05)
+    torchrun(flags(files, tmp_path / "plain", max_steps=4, **kw))
+    torchrun(flags(files, tmp_path / "whole", max_steps=4, optim_in_backward=True, **kw))
+    torchrun(flags(files, tmp_path / "part", max_steps=2, optim_in_backward=True, **kw))
+    torchrun(flags(files, tmp_path / "part", max_steps=4, resume=True, optim_in_backward=True, **kw))
+    plain, whole, part = (weights(tmp_path / d, 4) for d in ("plain", "whole", "part"))
+    assert max_diff(plain, whole) <= 1e-7
+    assert all(torch.equal(whole[k], part[k]) for k in whole)
+    assert metrics(tmp_path / "whole") == metrics(tmp_path / "part")

@@ -14,9 +14,8 @@ from rrhf_fast.data.packing import pack, tokenize_example
 from rrhf_fast.data.records import Example, load_examples, write_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.logprobs import packed_logprobs
-from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.models.tiny import build_tokenizer, save_tiny_model
 from rrhf_fast.objectives.dpo import add_reference_logps, dpo_loss
-from rrhf_fast.pipelines.demo import save_tiny_model
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)

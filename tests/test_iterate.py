@@ -16,10 +16,11 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import load_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig
-from rrhf_fast.pipelines.demo import gold_of, save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.pipelines.demo_task import gold_of
 from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
-SCORER = "python:rrhf_fast.pipelines.demo:query_reward"
+SCORER = "python:rrhf_fast.pipelines.demo_task:query_reward"
 STEPS = 3  # per round
 
 
@@ -225,3 +226,30 @@ def test_a_policy_with_only_empty_answers_is_one_clear_error(task, tmp_path, mon
     with pytest.raises(UserError, match="round 1: .* gave only empty responses"):
         iterate(s)
     assert not (tmp_path / "empty" / "round-001" / "sampled.jsonl").exists()
+
+
+def test_resuming_a_run_saved_with_the_old_train_field_names_changes_no_flag(tmp_path, capsys):
+    """An iterate.json written before --loss-impl became --kernels and --mode became --length-norm."""
+    from rrhf_fast.pipelines.iterate import CONFIG_FILE, _prepare
+
+    fake = {"prompts": tmp_path / "p.txt", "eval": tmp_path / "e.txt", "gold": tmp_path / "g.jsonl",
+            "model": tmp_path / "model"}  # fmt: skip
+    run = settings(fake, tmp_path / "run", resume=True, kernels="torch", length_norm="official")
+    saved = json.loads(json.dumps(run.to_dict()))
+    saved["train"]["loss_impl"], saved["train"]["mode"] = (
+        saved["train"].pop("kernels"),
+        saved["train"].pop("length_norm"),
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CONFIG_FILE).write_text(json.dumps(saved), encoding="utf-8")
+    _prepare(run)
+    assert "changed flags" not in capsys.readouterr().out
+    _prepare(settings(fake, tmp_path / "run", resume=True, kernels="auto", length_norm="official"))
+    assert "train.kernels: 'torch' -> 'auto'" in capsys.readouterr().out
+
+
+def test_loss_rm_is_refused_before_any_work(task, tmp_path):
+    """iterate trains the policy it samples from; a reward model is `rrhf-fast train-rm`'s job."""
+    with pytest.raises(UserError, match="train-rm"):
+        iterate(settings(task, tmp_path / "rm", loss="rm"))
+    assert not (tmp_path / "rm").exists()

@@ -18,7 +18,7 @@ import rrhf_fast.objectives.base as objective_base
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import finish_model, load_model
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_model
 from rrhf_fast.training.checkpoint import latest_checkpoint
 from rrhf_fast.training.train import train
 

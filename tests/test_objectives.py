@@ -27,7 +27,7 @@ def test_an_unknown_loss_is_refused_in_one_sentence():
     cfg = TrainConfig(model="m", data="d", output_dir="o", loss="ppo")  # not validated: built in code
     with pytest.raises(UserError) as err:
         build_objective(cfg)
-    assert str(err.value) == "--loss ppo is not an objective; choose one of rrhf, dpo"
+    assert str(err.value) == "--loss ppo is not an objective; choose one of rrhf, dpo, rm"
 
 
 def _batch():
@@ -41,7 +41,7 @@ def _batch():
 def test_rrhf_objective_is_the_kernel_loss_with_the_run_flags():
     model = build_tiny_model("llama", seed=0)
     flags = dict(length_penalty=0.5, rank_weight=2.0, sft_weight=0.3, sft_reduction="sum")
-    cfg = TrainConfig(model="m", data="d", output_dir="o", loss_impl="torch", **flags)
+    cfg = TrainConfig(model="m", data="d", output_dir="o", kernels="torch", **flags)
     batch = _batch()
     out = build_objective(cfg)(model, batch, normalizer=4.0)
     logp = packed_logprobs(model, batch, impl="torch")

@@ -92,7 +92,7 @@ def test_packed_layout_properties(examples, max_prompt_len, max_response_len, ch
 
 
 def rule_mask(b: PackedBatch) -> torch.Tensor:
-    """DESIGN.md's attention rule, written out in full: [T, T], True where q may attend kv."""
+    """The attention rule of docs/DESIGN.md §3, written out in full: [T, T], True where q may attend kv."""
     q, kv = torch.arange(b.num_tokens)[:, None], torch.arange(b.num_tokens)[None, :]
     same_group = b.seq_group[:, None] == b.seq_group[None, :]
     visible = (b.seq_segment[None, :] == 0) | (b.seq_segment[:, None] == b.seq_segment[None, :])

@@ -22,9 +22,9 @@ from rrhf_fast.data.records import load_examples, write_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.attention import resolve_backend
 from rrhf_fast.models.loading import load_model, load_tokenizer
-from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-from rrhf_fast.pipelines.demo import save_tiny_model
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 from rrhf_fast.training.checkpoint import (
+    CONFIG_FILE,
     latest_checkpoint,
     read_trainer_state,
     remove_partial_saves,
@@ -268,7 +268,7 @@ def test_run_json_records_what_the_flags_resolved_to(tmp_path, model_dir):
     for path in (tmp_path / "run" / "run.json", result.checkpoint / "run.json"):
         info = json.loads(path.read_text(encoding="utf-8"))
         assert info["attn"] == resolve_backend("auto", torch.device("cpu")) == "dense", path
-        assert info["loss_impl"] == "torch"
+        assert info["kernels"] == "torch"
         assert (info["world_size"], info["device"], info["gpu"]) == (1, "cpu", None)
         assert info["weight_dtype"] == "float32" and info["trainable_dtypes"] == ["float32"]
         assert info["schedule"] == schedule and schedule["warmup_steps"] == 1
@@ -347,8 +347,13 @@ def test_resume_without_a_checkpoint_starts_again_at_step_0(tmp_path, model_dir,
 
 @pytest.mark.parametrize(
     "flags, warns",
-    [(dict(dtype="bfloat16"), True), (dict(dtype="bfloat16", lora_r=4), False), (dict(dtype="auto"), False)],
-    ids=["bf16-full", "bf16-lora", "auto"],
+    [
+        (dict(dtype="bfloat16"), True),
+        (dict(dtype="bfloat16", lora_r=4), False),
+        (dict(dtype="auto"), False),
+        (dict(dtype="bfloat16", bf16_update="stochastic"), False),
+    ],
+    ids=["bf16-full", "bf16-lora", "auto", "bf16-stochastic"],
 )
 def test_pure_bf16_full_fine_tuning_warns(model_dir, caplog, flags, warns):
     cfg = TrainConfig(model=str(model_dir), data="d", output_dir="o", **flags)
@@ -356,6 +361,7 @@ def test_pure_bf16_full_fine_tuning_warns(model_dir, caplog, flags, warns):
         load_model(cfg, torch.device("cpu"))
     said = [r.getMessage() for r in caplog.records if r.name == "rrhf_fast.models.loading"]
     assert any("--dtype bfloat16 without --lora-r trains the bf16 weights" in m for m in said) == warns
+    assert all("--bf16-update stochastic" in m for m in said)  # the warning names the remedy
 
 
 # -------------------------------------------------------------------------------------------------
@@ -397,3 +403,32 @@ def test_each_rank_seeds_torch_with_seed_plus_rank_after_loading(tmp_path, model
     assert torch.equal(rng1, torch.Generator().manual_seed(8).get_state())
     assert lora0 and lora0.keys() == lora1.keys()
     assert all(torch.equal(lora0[n], lora1[n]) for n in lora0)
+
+
+# -------------------------------------------------------------------------------------------------
+# a run saved before --loss-impl became --kernels and --mode became --length-norm
+
+
+def test_a_checkpoint_with_the_old_field_names_resumes_without_changed_flags(tmp_path, model_dir, monkeypatch,
+                                                                             capsys):  # fmt: skip
+    """config.json and the checkpoint's train_config.json as an older rrhf-fast wrote them: keys
+    `loss_impl` and `mode`. The resumed run reads them as --kernels and --length-norm, unchanged."""
+    data = write_data(tmp_path / "d.jsonl", 4)
+    cfg = config(tmp_path, model_dir, data, max_steps=2, queries_per_step=2, save_every=1,
+                 kernels="torch", length_norm="official")  # fmt: skip
+    new_to_dict = TrainConfig.to_dict
+    old_names = {"kernels": "loss_impl", "length_norm": "mode"}
+    monkeypatch.setattr(
+        TrainConfig, "to_dict", lambda self: {old_names.get(k, k): v for k, v in new_to_dict(self).items()}
+    )
+    train(cfg)
+    monkeypatch.setattr(TrainConfig, "to_dict", new_to_dict)
+    saved = json.loads((tmp_path / "run" / "checkpoint-1" / CONFIG_FILE).read_text(encoding="utf-8"))
+    assert (saved["loss_impl"], saved["mode"]) == ("torch", "official") and "kernels" not in saved
+    assert TrainConfig.load(tmp_path / "run" / "config.json") == cfg
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")  # as if killed before the last save
+    capsys.readouterr()
+    result = train(resumed(cfg))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "changed flags" not in out, out
+    assert result.step == 2

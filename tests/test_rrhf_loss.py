@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_probes import ScalarReads
 
 from rrhf_fast.kernels import rrhf_loss, rrhf_loss_torch
 
@@ -29,7 +29,7 @@ def make_batch(ks, *, max_len=9, seed=0, score_levels=3):
 
 
 def brute_force(logp, token_response, response_query, scores, prompt_len, lp, wr, ws, mode, red, norm):
-    """The definitions of DESIGN.md section 1, one query and one pair at a time."""
+    """The definitions of docs/DESIGN.md §4, one query and one pair at a time."""
     total_rank = total_sft = 0.0
     for q in sorted(set(response_query.tolist())):
         resp = [i for i in range(len(scores)) if response_query[i] == q]
@@ -243,19 +243,6 @@ def test_device_checks_answer_nan_without_sync_or_assert(monkeypatch, case):
     assert out.loss.isnan() and out.rank_loss.isnan() and out.sft_loss.isnan()
     good = rrhf_loss(logp.float(), *make_batch([2, 3, 1], seed=6)[1:4], prompt_len=pl, k_max=3, impl="triton")
     assert good.loss.isfinite()
-
-
-class ScalarReads(TorchDispatchMode):
-    """Counts the reads of a tensor value by the host (.item(), int(), bool(), float()): each is a
-    device sync on CUDA."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])

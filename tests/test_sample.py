@@ -12,7 +12,7 @@ from rrhf_fast import cli
 from rrhf_fast.data.packing import tokenize_prompt
 from rrhf_fast.data.records import Example, load_examples
 from rrhf_fast.errors import DataError, UserError
-from rrhf_fast.generation.beam_search import decode, diverse_beam_search, left_pad, positions
+from rrhf_fast.generation.beam_search import diverse_beam_search, positions
 from rrhf_fast.generation.sample import (
     SampleConfig,
     candidates_to_examples,
@@ -24,6 +24,7 @@ from rrhf_fast.generation.sample import (
     vllm_available,
 )
 from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.models.tokenizer import decode, left_pad
 
 EOS, PAD = 257, 258
 QUERIES = ["Hello there", "Hi", "A much longer prompt than the others, to pad the rest", "Q"]

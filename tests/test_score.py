@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from rrhf_fast import cli
-from rrhf_fast.data.records import load_examples
+from rrhf_fast.data.packing import tokenize_example
+from rrhf_fast.data.records import Example, load_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.labelers import (
     DirectScorer,
@@ -72,7 +73,7 @@ def lm_dir(tmp_path_factory, tok):
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_reward_model_equals_a_manual_forward_of_each_pair(reward_model, tok, padding_side, batch_size):
     tok.padding_side = padding_side  # the scorer pads by itself; the tokenizer's setting must not matter
-    got = RewardModelScorer(reward_model, tok, batch_size=batch_size).score(QUERIES, RESPONSES)
+    got = RewardModelScorer(reward_model, tok, batch_size=batch_size, packed=False).score(QUERIES, RESPONSES)
     tok.padding_side = "right"
     with torch.no_grad():
         want = [
@@ -86,7 +87,7 @@ def test_reward_model_equals_a_manual_forward_of_each_pair(reward_model, tok, pa
 
 
 def test_reward_model_from_spec_and_max_length(rm_dir, reward_model, tok):
-    scorer = build_scorer(f"reward-model:{rm_dir}", ScoreConfig(device="cpu", max_length=4))
+    scorer = build_scorer(f"reward-model:{rm_dir}", ScoreConfig(device="cpu", max_length=4, packed=False))
     got = scorer.score(QUERIES, RESPONSES)
     with torch.no_grad():
         ids = tok(QUERIES[0] + RESPONSES[0][1])["input_ids"][-4:]
@@ -100,7 +101,7 @@ def test_a_causal_lm_is_not_taken_for_a_reward_model(lm_dir):
 
 
 def test_reward_model_chat_template_wraps_both_turns(reward_model, tok):
-    got = RewardModelScorer(reward_model, tok, chat_template=True).score(["Hi"], [["Hello"]])
+    got = RewardModelScorer(reward_model, tok, chat_template=True, packed=False).score(["Hi"], [["Hello"]])
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     text = tok.apply_chat_template(turns, tokenize=False)
     assert text == "<s><|user|>Hi\n<|assistant|>Hello\n"
@@ -109,6 +110,30 @@ def test_reward_model_chat_template_wraps_both_turns(reward_model, tok):
     assert got == [[pytest.approx(want, abs=1e-5)]]
     with pytest.raises(UserError, match="has no chat template"):
         RewardModelScorer(reward_model, build_tokenizer(chat_template=False), chat_template=True)
+
+
+@pytest.mark.parametrize("budget", [4096, 70], ids=["one-forward", "a-forward-per-query"])
+@pytest.mark.parametrize("chat_template", [False, True], ids=["plain", "chat"])
+def test_packed_reward_model_equals_each_response_alone(reward_model, tok, budget, chat_template):
+    # One packed forward per micro-batch (the prompt once) == the model on each prompt + response
+    # alone, tokenised as train-rm tokenises (prompt, response + EOS).
+    scorer = RewardModelScorer(reward_model, tok, micro_batch_tokens=budget, chat_template=chat_template)
+    got = scorer.score(QUERIES, RESPONSES)
+    want = []
+    with torch.no_grad():
+        for q, rs in zip(QUERIES, RESPONSES, strict=True):
+            item = tokenize_example(Example(q, rs, []), tok, chat_template=chat_template)
+            assert item.response_ids[0][-1] == tok.eos_token_id
+            want.append([reward_model(input_ids=torch.tensor([item.prompt_ids + r])).logits[0, 0].item()
+                         for r in item.response_ids])  # fmt: skip
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-5)
+    assert len({round(s, 6) for row in got for s in row}) == 5
+
+
+def test_packed_scoring_refuses_max_length(reward_model, tok):
+    with pytest.raises(UserError, match="--no-packed"):
+        RewardModelScorer(reward_model, tok, max_length=8)
 
 
 def test_reward_model_with_two_labels_is_refused(tok):

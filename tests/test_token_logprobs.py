@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_probes import LargestAllocation
 
 from rrhf_fast.kernels import token_logprobs, token_logprobs_torch
 
@@ -127,22 +127,6 @@ def test_int32_indices():
     a = token_logprobs(hidden, weight, rows.int(), targets.int(), impl="triton")
     b = token_logprobs_torch(hidden, weight, rows, targets)
     assert (a - b).abs().max() < 1e-5
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor, in bytes, that any aten op produces (the CPU stand-in for a
-    peak-memory check; the Triton interpreter's byte copies of the kernel arguments count too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 import torch
+from op_probes import Allocations, ScalarReads
 from test_token_logprobs import assert_tolerance_rule, make_inputs, run
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rrhf_fast.kernels import token_logprobs, token_logprobs_torch
 
@@ -74,21 +74,6 @@ def test_dlogits_rows_are_padded_to_64_elements(monkeypatch, V, chunk):
     assert all(s % 64 == 0 and s >= w for w, s in strides), strides
 
 
-class Allocations(TorchDispatchMode):
-    """(shape, dtype) of every tensor an aten op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.seen.append((tuple(t.shape), t.dtype))
-        return out
-
-
 def test_autocast_rounds_fp32_weight_per_tile_without_a_half_copy(monkeypatch):
     """Under autocast the fused path reads the fp32 lm_head and rounds each tile: no [V, D] half copy
     per call (the old weight.to(dtype) made one, held from forward to backward), the same values
@@ -108,18 +93,6 @@ def test_autocast_rounds_fp32_weight_per_tile_without_a_half_copy(monkeypatch):
     assert torch.equal(out.detach(), half[0])
     assert (w.grad - half[2].float()).abs().max() <= 1e-3 * half[2].float().abs().max()
     assert (h.grad - half[1].float()).abs().max() <= 1e-3 * half[1].float().abs().max()
-
-
-class ScalarReads(TorchDispatchMode):
-    """Host reads of tensor values (.item(), int(), bool()): each one a device sync on CUDA."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
 
 
 def test_cuda_path_reads_nothing_on_the_host_and_answers_nan_for_bad_indices(monkeypatch):

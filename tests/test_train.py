@@ -9,13 +9,11 @@ from training_runs import config, metrics, write_data
 
 import rrhf_fast.objectives.base as objective_base
 import rrhf_fast.training.checkpoint as ckpt
-import rrhf_fast.training.setup as train_setup
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.errors import UserError
-from rrhf_fast.models.tiny import build_tokenizer
+from rrhf_fast.models.tiny import build_tokenizer, save_tiny_model
 from rrhf_fast.objectives import build_objective, ranking_counts
-from rrhf_fast.pipelines.demo import save_tiny_model
 from rrhf_fast.training.checkpoint import latest_checkpoint, verify_checkpoint
 from rrhf_fast.training.steps import epoch_order, plan_steps
 from rrhf_fast.training.train import forward_backward, train
@@ -308,14 +306,14 @@ def test_gradient_checkpointing_matches(tmp_path, model_dir):
 
 def test_a_model_whose_head_transforms_logits_is_refused_before_training(tmp_path, model_dir, monkeypatch):
     data = write_data(tmp_path / "d.jsonl", 4)
-    real = train_setup.load_model
+    real = objective_base.load_model
 
     def load_scaled(config, device):  # a head that scales its logits, as an unknown architecture might
         model = real(config, device)
         model.get_output_embeddings().register_forward_hook(lambda module, args, out: out * 2)
         return model
 
-    monkeypatch.setattr(train_setup, "load_model", load_scaled)
+    monkeypatch.setattr(objective_base, "load_model", load_scaled)
     cfg = config(tmp_path, model_dir, data, max_steps=1)
     with pytest.raises(UserError, match="head transforms the logits"):
         train(cfg)

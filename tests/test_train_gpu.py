@@ -42,8 +42,8 @@ def run(root, name, **flags):
 
 
 def test_auto_backends_and_triton_match_dense_torch(model_dir):
-    fast = run(model_dir, "auto", attn="auto", loss_impl="auto")
-    slow = run(model_dir, "dense", attn="dense", loss_impl="torch")
+    fast = run(model_dir, "auto", attn="auto", kernels="auto")
+    slow = run(model_dir, "dense", attn="dense", kernels="torch")
     assert len(fast) == len(slow) == 3
     for a, b in zip(fast, slow, strict=True):
         assert torch.isfinite(torch.tensor(a["loss"]))

@@ -1,6 +1,6 @@
 """Shared-prompt packing: each query's prompt once, its k responses after it, one unpadded row.
 
-DESIGN.md section 4 is the contract for `PackedBatch`. Tokenisation (section 3) is split from
+docs/DESIGN.md §3 is the contract for `PackedBatch`. Tokenisation (§2) is split from
 packing so that a trainer can tokenise a dataset once and pack micro-batches from the token ids:
 `tokenize_example` -> `TokenizedExample`, `pack_tokenized` -> `PackedBatch`; `pack` composes both.
 `plan_microbatches` groups queries into micro-batches under a token budget.
@@ -40,7 +40,7 @@ class TokenizedExample:
 
 @dataclass
 class PackedBatch:
-    """G queries with R responses in one row of T tokens (DESIGN.md section 4).
+    """G queries with R responses in one row of T tokens (docs/DESIGN.md §3).
 
     `targets` / `token_response` are in packed order (response 0's tokens, then response 1's, ...)
     and `response_query` is non-decreasing: the fused rrhf_loss relies on that order.
@@ -95,7 +95,7 @@ class PackedBatch:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenisation (DESIGN.md section 3)
+# Tokenisation (docs/DESIGN.md §2)
 
 
 def tokenize_example(
@@ -189,7 +189,7 @@ def pack(
     max_response_len: int | None = None,
     chat_template: bool = False,
 ) -> PackedBatch:
-    """Tokenise and pack examples into one PackedBatch (DESIGN.md section 4)."""
+    """Tokenise and pack examples into one PackedBatch (docs/DESIGN.md §3)."""
     return pack_tokenized(
         [
             tokenize_example(

@@ -1,6 +1,6 @@
 """RRHF examples: load them from JSONL or a Hugging Face dataset, validate them, write them back.
 
-The format (DESIGN.md section 3) is one query per line:
+The format (docs/DESIGN.md §2) is one query per line:
 `{"query": str, "responses": [str, ...], "scores": [float, ...]}`. Any other field is kept in
 `Example.meta` and written back unchanged. Every malformed record raises `DataError` naming the
 file, the line and the field; nothing is silently dropped. Blank lines are skipped, counted and

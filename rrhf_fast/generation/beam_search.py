@@ -1,4 +1,5 @@
-"""Diverse (group) beam search, and the batched inputs and special tokens it and the labelers share.
+"""Diverse (group) beam search, and the positions, cache and last logits of left-padded batches it and
+the labelers share (left padding itself: rrhf_fast.models.tokenizer).
 
 Transformers 5 moved group beam search out of `generate` to a Hub repository that needs network and
 `trust_remote_code`, so it is implemented here: Vijayakumar et al. 2016, "Diverse Beam Search",
@@ -12,13 +13,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from rrhf_fast.errors import UserError
 
 
 @torch.no_grad()
@@ -159,21 +157,7 @@ def _pick(g: _Group, top_s, top_i, vocab, eos_ids, generated, base, gen_len, len
 
 
 # ----------------------------------------------------------------------------------------------
-# Batched inputs and special tokens
-
-
-def left_pad(
-    seqs: Sequence[Sequence[int]], pad_id: int, device: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded input_ids and attention_mask for a batch of token lists."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if s:
-            ids[row, width - len(s) :] = torch.tensor(list(s))
-            mask[row, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+# Left-padded batches: positions, cache, last logits
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -197,29 +181,3 @@ def last_logits(model: Any, input_ids, attention_mask, position_ids, cache: Any 
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1  # [rows, 1, vocab] instead of [rows, T, vocab]
     return model(**kwargs).logits[:, -1, :]
-
-
-def ensure_pad_token(tokenizer: Any) -> int:
-    """The tokenizer's pad id, falling back to EOS (generation needs one to pad batches)."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise UserError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.pad_token_id
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """EOS ids of the tokenizer and the model's generation config (chat models often add one)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update([gen] if isinstance(gen, int) else (gen or []))
-    if not ids:
-        raise UserError("neither the tokenizer nor the model's generation config defines an EOS token")
-    return ids
-
-
-def decode(tokenizer: Any, tokens: Sequence[int], eos_ids: set[int]) -> str:
-    """The text of generated tokens up to (not including) the first EOS."""
-    tokens = list(tokens)
-    end = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-    return tokenizer.decode(tokens[:end], skip_special_tokens=True)

@@ -29,7 +29,8 @@ import torch
 
 from rrhf_fast.data.packing import tokenize_prompt
 from rrhf_fast.errors import UserError
-from rrhf_fast.generation.beam_search import ensure_pad_token, last_logits, left_pad, positions
+from rrhf_fast.generation.beam_search import last_logits, positions
+from rrhf_fast.models.tokenizer import ensure_pad_token, left_pad
 
 logger = logging.getLogger(__name__)
 

@@ -27,21 +27,16 @@ from rrhf_fast.config import config_from_args, opt
 from rrhf_fast.data.packing import tokenize_prompt
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
 from rrhf_fast.errors import DataError, UserError
-from rrhf_fast.generation.beam_search import (
-    decode,
-    diverse_beam_search,
-    ensure_pad_token,
-    eos_token_ids,
-    left_pad,
-)
-from rrhf_fast.models.loading import resolve_device
+from rrhf_fast.generation.beam_search import diverse_beam_search
+from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
+from rrhf_fast.models.tokenizer import decode, ensure_pad_token, eos_token_ids, left_pad
+from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("beam", "sample", "mixed", "greedy")
-BACKENDS = ("hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAMPLING_BACKENDS = ("hf", "vllm")
 
 
 @dataclass
@@ -208,9 +203,7 @@ def generate_candidates(
     prompts = [_prompt_ids(q, tokenizer, config) for q in queries]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     out: list[list[str]] = [[] for _ in queries]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
             batch = _generate_batch(
@@ -218,8 +211,6 @@ def generate_candidates(
             )
             for i, seqs in zip(idx, batch, strict=True):
                 out[i] = [cut_at_stop(decode(tokenizer, s, eos_ids), config.stop) for s in seqs]
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -284,49 +275,6 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     whitespace before a turn marker such as "Human:" belongs to the separator, not the response."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return text[: min(cuts)].rstrip() if cuts else text
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading models
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on a CUDA device that supports it, else float32."""
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in names:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return names[dtype]
-
-
-def load_pretrained(path: str, auto_class: Any, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer) from what `from_pretrained` takes.
-
-    Weights the checkpoint lacks are an error, not a warning: a causal LM loaded as a reward model
-    would otherwise score with a randomly initialised head.
-    """
-    from transformers import AutoTokenizer
-
-    dev = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model, info = auto_class.from_pretrained(
-            path, dtype=resolve_dtype(dtype, dev), output_loading_info=True
-        )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot load {path!r} ({first}); give a save_pretrained directory or hub id"
-        ) from None
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise UserError(
-            f"{path!r} lacks weights a {model.__class__.__name__} needs ({', '.join(missing[:3])}); "
-            "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
-        )
-    return model.to(dev).eval(), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,8 +358,8 @@ def sample_file(
 ) -> list[Example]:
     """`rrhf-fast sample`: prompts file -> unscored training JSONL (written atomically)."""
     config = (config or SampleConfig()).validate(num_candidates)
-    if backend not in BACKENDS:
-        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in SAMPLING_BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(SAMPLING_BACKENDS)}, got {backend!r}")
     queries = read_prompts(prompts)
     if backend == "vllm":
         candidates = generate_candidates_vllm(model, queries, num_candidates, config, dtype)
@@ -477,9 +425,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dedup", action=argparse.BooleanOptionalAction, default=False,
         help="drop repeated identical responses of a prompt",
     )  # fmt: skip
-    p.add_argument("--backend", choices=BACKENDS, default="hf", help="vllm: faster sampling, if installed")
+    p.add_argument(
+        "--backend", choices=SAMPLING_BACKENDS, default="hf", help="vllm: faster sampling, if installed"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="(auto: bfloat16 on CUDA, else float32)")
+    p.add_argument(
+        "--dtype", default="auto", choices=INFERENCE_DTYPES, help="(auto: bfloat16 on CUDA, else float32)"
+    )
     config_module.add_arguments(p, SampleConfig)
 
 

@@ -3,8 +3,12 @@
 Every scorer has one method, `score(queries, responses) -> scores` (a list of floats per query),
 and `build_scorer(SPEC)` makes one from:
 
-- `reward-model:PATH`: an `AutoModelForSequenceClassification` with one label; the score is its
-  output for query + response, read by the model's own pooling (its last non-pad token).
+- `reward-model:PATH`: an `AutoModelForSequenceClassification` with one label. By default a query's
+  k responses go through ONE packed forward (the prompt encoded once, each response attending to
+  it: rrhf_fast.models.reward), tokenised as `rrhf-fast train-rm` tokenises them (the prompt, then
+  each response + EOS); the score is the model's output pooled as transformers pools it (its last
+  non-pad token), equal to the model run on each prompt + response alone. `--no-packed`: one
+  right-padded sequence per response, the text query + response tokenised jointly, no EOS added.
 - `python:MODULE:FUNCTION`: `FUNCTION(query, response) -> float`; MODULE is a dotted module name
   (the current directory is searched) or the path of a .py file.
 - `judge:PATH`: RLAIF: a causal LM compares two responses, asked in both orders to remove its
@@ -34,9 +38,9 @@ import torch
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import config_from_args, opt
+from rrhf_fast.data.packing import pack_tokenized, plan_microbatches, tokenize_example
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
 from rrhf_fast.errors import UserError
-from rrhf_fast.generation.beam_search import ensure_pad_token
 from rrhf_fast.generation.labelers import (
     DirectScorer,
     JudgeScorer,
@@ -46,7 +50,9 @@ from rrhf_fast.generation.labelers import (
     require_chat_template,
     unflatten,
 )
-from rrhf_fast.generation.sample import DTYPES, load_pretrained
+from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
+from rrhf_fast.models.reward import packed_rewards
+from rrhf_fast.models.tokenizer import ensure_pad_token
 from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
@@ -71,9 +77,11 @@ class ScoreConfig:
     ratings: str = opt("1-9", "direct: the rating strings, as a range (1-9) or a list (1,2,3,4,5)")
     chat_template: bool = opt(False, "put the text in the model's chat template (user turn)")
     batch_size: int = opt(8, "sequences per forward pass")
-    max_length: int | None = opt(None, "reward-model: keep the last N tokens of query + response")
+    max_length: int | None = opt(None, "reward-model --no-packed: keep the last N tokens of query + response")
+    packed: bool = opt(True, "reward-model: a query's responses in one packed forward (shared prompt)")
+    micro_batch_tokens: int = opt(4096, "reward-model, packed: token budget of one packed forward")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ...")
-    dtype: str = opt("auto", "model dtype (auto: bfloat16 on CUDA, else float32)", choices=DTYPES)
+    dtype: str = opt("auto", "model dtype (auto: bfloat16 on CUDA, else float32)", choices=INFERENCE_DTYPES)
 
 
 class ScoreError(UserError):
@@ -89,8 +97,9 @@ class ScoreError(UserError):
 
 
 class RewardModelScorer:
-    """A sequence-classification reward model on query + response, batched, right padded (which
-    leaves each sequence's positions and attention exactly as when it runs alone)."""
+    """A sequence-classification reward model: packed (a query's responses share one encoding of
+    its prompt), or one right-padded sequence per response (which leaves each sequence's positions
+    and attention exactly as when it runs alone)."""
 
     def __init__(
         self,
@@ -100,7 +109,11 @@ class RewardModelScorer:
         batch_size: int = 8,
         max_length: int | None = None,
         chat_template: bool = False,
+        packed: bool = True,
+        micro_batch_tokens: int = 4096,
     ):
+        if packed and max_length is not None:
+            raise UserError("--max-length applies to --no-packed scoring; drop it, or add --no-packed")
         if model.config.num_labels != 1:
             raise UserError(f"the reward model has {model.config.num_labels} labels; a reward model has one")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -110,6 +123,7 @@ class RewardModelScorer:
         if model.config.pad_token_id is None:  # the pooling finds the last token by the pad id
             model.config.pad_token_id = pad
         self.pad_id = model.config.pad_token_id
+        self.packed, self.micro_batch_tokens = packed, micro_batch_tokens
 
     def encode(self, query: str, response: str) -> list[int]:
         tok = self.tokenizer
@@ -122,6 +136,8 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score(self, queries: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
+        if self.packed:
+            return self._score_packed(queries, responses)
         seqs = [self.encode(q, r) for q, rs in zip(queries, responses, strict=True) for r in rs]
         flat = [0.0] * len(seqs)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -137,6 +153,20 @@ class RewardModelScorer:
             for i, value in zip(idx, logits[:, 0].float().tolist(), strict=True):
                 flat[i] = value
         return unflatten(flat, responses)
+
+    def _score_packed(self, queries: Sequence[str], responses: Sequence[Sequence[str]]) -> list[list[float]]:
+        items = [
+            tokenize_example(Example(q, list(rs), []), self.tokenizer, chat_template=self.chat_template,
+                             where=f"query {i}")
+            for i, (q, rs) in enumerate(zip(queries, responses, strict=True))
+        ]  # fmt: skip
+        out: list[list[float]] = [[] for _ in items]
+        for group in plan_microbatches([it.packed_len for it in items], self.micro_batch_tokens):
+            rewards = packed_rewards(self.model, pack_tokenized([items[i] for i in group])).tolist()
+            for i in group:
+                k = len(items[i].response_ids)
+                out[i], rewards = rewards[:k], rewards[k:]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,6 +246,8 @@ def build_scorer(spec: str, config: ScoreConfig | None = None) -> Scorer:
             batch_size=config.batch_size,
             max_length=config.max_length,
             chat_template=config.chat_template,
+            packed=config.packed,
+            micro_batch_tokens=config.micro_batch_tokens,
         )
     template = load_template(config.template, kind)
     check_template(template, kind)  # before loading a large model

@@ -1,6 +1,6 @@
 """Shared-prompt attention for Hugging Face models, registered as "rrhf_shared_prompt".
 
-Rule (DESIGN.md section 4): token q attends token kv iff kv <= q, both belong to the same query,
+Rule (docs/DESIGN.md §3): token q attends token kv iff kv <= q, both belong to the same query,
 and kv is a prompt token or in q's own response; with a sliding window, also
 `pos[q] - pos[kv] < window` on the logical positions (transformers' `sliding_window_overlay`).
 
@@ -28,11 +28,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from rrhf_fast.config import ATTN_BACKENDS
 from rrhf_fast.data.packing import PackedBatch
 from rrhf_fast.errors import ModelError
 
 NAME = "rrhf_shared_prompt"
-BACKENDS = ("auto", "varlen", "flex", "dense")
 _PACKED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("rrhf_packed_forward", default=False)
 
 
@@ -48,8 +48,8 @@ def packed_forward() -> Iterator[None]:
 
 def resolve_backend(attn: str, device: torch.device, softcap: bool = False) -> str:
     """`auto`: varlen on CUDA without attention soft-capping, flex on CUDA with it, else dense."""
-    if attn not in BACKENDS:
-        raise ModelError(f"attn must be one of {BACKENDS}, got {attn!r}")
+    if attn not in ATTN_BACKENDS:
+        raise ModelError(f"attn must be one of {ATTN_BACKENDS}, got {attn!r}")
     if attn != "auto":
         return attn
     if torch.device(device).type != "cuda":

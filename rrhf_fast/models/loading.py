@@ -3,7 +3,8 @@
 `load_model` is the one place that decides how the weights come in: dtype, device, quantisation
 (`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
 `finish_model` is its second half, shared with benchmarks/memory_fit.py, which builds its models in
-memory instead of loading them.
+memory instead of loading them. `load_pretrained` loads a model only to run it (sample, score,
+ref-logps, iterate's policy), in eval mode.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import Any
 
 import torch
 
-from rrhf_fast.errors import UserError
+from rrhf_fast.errors import UserError, first_line
+from rrhf_fast.models.wrapping import unwrap
+
+# --dtype of the commands that only run a model (sample, score, ref-logps, iterate's policy): auto is
+# bfloat16 on a CUDA GPU that has it. Training's --dtype (config.WEIGHT_DTYPES) differs: auto keeps
+# fp32 master weights there.
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -43,6 +50,45 @@ def weight_dtype(name: str) -> torch.dtype:
     return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """An INFERENCE_DTYPES name as a torch dtype; auto: bfloat16 on a CUDA device that supports it, else
+    float32."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"--dtype must be one of {', '.join(INFERENCE_DTYPES)}, got {dtype!r}")
+    return names[dtype]
+
+
+def load_pretrained(path: str, auto_class: Any, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) from what `from_pretrained` takes.
+
+    Weights the checkpoint lacks are an error, not a warning: a causal LM loaded as a reward model
+    would otherwise score with a randomly initialised head.
+    """
+    from transformers import AutoTokenizer
+
+    dev = resolve_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = auto_class.from_pretrained(
+            path, dtype=resolve_dtype(dtype, dev), output_loading_info=True
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load {path!r} ({first_line(err)}); give a save_pretrained directory or hub id"
+        ) from None
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise UserError(
+            f"{path!r} lacks weights a {model.__class__.__name__} needs ({', '.join(missing[:3])}); "
+            "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
+        )
+    return model.to(dev).eval(), tokenizer
+
+
 def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -50,14 +96,17 @@ def load_tokenizer(model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as err:
-        raise UserError(f"--model {model}: cannot load its tokenizer ({_first_line(err)})") from None
+        raise UserError(f"--model {model}: cannot load its tokenizer ({first_line(err)})") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"--model {model}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer
 
 
-def load_model(config: Any, device: torch.device) -> torch.nn.Module:
-    """The causal LM of `config.model` on `device`, in training mode, ready for packed_logprobs."""
+def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """The causal LM of `config.model` on `device`, in training mode, ready for packed_logprobs;
+    with task_type SEQ_CLS, the reward model built on it (AutoModelForSequenceClassification with
+    one label: a causal-LM checkpoint's backbone loads, its lm_head is dropped, the score head starts
+    from the config's initializer), ready for models.reward.packed_rewards."""
     _check_model_path(config.model)
     quantization = quantization_config(config)
     kwargs: dict[str, Any] = {"dtype": weight_dtype(config.dtype)}
@@ -65,33 +114,65 @@ def load_model(config: Any, device: torch.device) -> torch.nn.Module:
         import_bitsandbytes("--load-in-4bit" if config.load_in_4bit else "--load-in-8bit")
         # bf16 for what stays unquantised until prepare_model_for_kbit_training upcasts it.
         kwargs.update(quantization_config=quantization, dtype=torch.bfloat16, device_map={"": device})
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto, what, quiet = AutoModelForCausalLM, "a causal LM", contextlib.nullcontext()
+    if task_type == "SEQ_CLS":
+        auto, what = AutoModelForSequenceClassification, "a one-label sequence-classification model"
+        kwargs.update(num_labels=1, output_loading_info=True)
+        quiet = _quiet_transformers()  # its load report lists the new head as MISSING: expected here
     try:
-        with quiet_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
-    except (OSError, ValueError) as err:
+        with quiet_progress_bars(), quiet:
+            model = auto.from_pretrained(config.model, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a score head of other shape
         raise UserError(
-            f"--model {config.model}: cannot load a causal LM ({_first_line(err)}); give a directory "
+            f"--model {config.model}: cannot load {what} ({first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
+    if task_type == "SEQ_CLS":
+        model, info = model
+        _report_new_weights(config.model, info)
     if quantization is None:
         model.to(device)
         _warn_pure_bf16(config)
-    return finish_model(model, config)
+    return finish_model(model, config, task_type)
+
+
+def _report_new_weights(model_path: str, info: dict[str, Any]) -> None:
+    """A reward model built on a causal LM starts its score head from scratch and drops the lm_head;
+    any other weight missing from the checkpoint means a backbone that does not match it."""
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("score.")]
+    if missing:
+        logging.getLogger(__name__).warning(
+            f"warning: --model {model_path} lacks {len(missing)} backbone weight(s) of the reward model "
+            f"(e.g. {missing[0]}), initialised at random: is it the checkpoint you meant?"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _warn_pure_bf16(config: Any) -> None:
     """bf16 keeps 8 significant bits: without fp32 master weights, an update below half a weight's
     spacing (2**-8 of it, relative) rounds to zero, so small learning rates silently stop training.
+    --bf16-update stochastic or kahan is the remedy chosen with its cost; "nearest" gets this warning.
     With LoRA only the adapters train, and peft keeps them in fp32 (autocast_adapter_dtype)."""
-    if config.dtype == "bfloat16" and not config.lora_r:
+    if config.dtype == "bfloat16" and not config.lora_r and config.bf16_update == "nearest":
         logging.getLogger(__name__).warning(
-            "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves: an update "
-            "smaller than about 1/256 of a weight rounds to nothing, so small learning rates barely train; "
-            "prefer fp32 master weights (--dtype auto, the default, with bf16 autocast on CUDA), LoRA "
-            "adapters (--lora-r N), or an optimizer that rounds stochastically (torchao's "
-            "AdamW8bit(bf16_stochastic_round=True); --fsdp --optim adamw8bit does not set it yet)"
+            "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves, and with "
+            "--bf16-update nearest an update smaller than about 1/256 of a weight rounds to nothing, so "
+            "small learning rates barely train; pass --bf16-update stochastic (unbiased rounding, no "
+            "extra memory) or kahan (a bf16 compensation buffer, 2 bytes a weight), or keep fp32 master "
+            "weights (--dtype auto, the default; 4 bytes a weight) or train LoRA adapters (--lora-r N)"
         )
 
 
@@ -115,16 +196,20 @@ def quantization_config(config: Any) -> Any:
     return None
 
 
-def finish_model(model: Any, config: Any) -> Any:
+def finish_model(model: Any, config: Any, task_type: str = "CAUSAL_LM") -> Any:
     """Quantised-training preparation, gradient checkpointing and LoRA adapters, in that order.
 
     A quantised base goes through peft's `prepare_model_for_kbit_training` (base frozen; norms,
     embeddings and lm_head upcast to fp32, the QLoRA recipe). Returns the model in training mode: a
-    peft model when `config.lora_r`, else the transformers model itself.
+    peft model when `config.lora_r`, else the transformers model itself. `task_type` is peft's:
+    CAUSAL_LM (its lm_head must stay a plain weight), or SEQ_CLS for a reward model (peft then
+    trains the `score` head whole beside the adapters).
     """
+    causal = task_type == "CAUSAL_LM"
     model.config.use_cache = False
     if is_quantized(model):
-        _check_head(model, config)
+        if causal:
+            _check_head(model, config)
         # Our own non-reentrant checkpointing below: peft's would be reentrant.
         model = import_peft().prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
@@ -135,12 +220,13 @@ def finish_model(model: Any, config: Any) -> Any:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if config.lora_r:
-        model = add_lora(model, config)
-    _check_head(model, config)
+        model = add_lora(model, config, task_type)
+    if causal:
+        _check_head(model, config)
     return model.train()
 
 
-def add_lora(model: Any, config: Any) -> Any:
+def add_lora(model: Any, config: Any, task_type: str = "CAUSAL_LM") -> Any:
     """peft LoRA adapters on `--lora-target-modules`; the base model's weights are frozen."""
     peft = import_peft()
     names = config.lora_target_modules
@@ -150,13 +236,13 @@ def add_lora(model: Any, config: Any) -> Any:
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         with peft_quietly():
             return peft.get_peft_model(model, lora)
     except ValueError as err:  # e.g. a target name that matches no module
-        raise UserError(f"--lora-target-modules {names}: {_first_line(err)}") from None
+        raise UserError(f"--lora-target-modules {names}: {first_line(err)}") from None
 
 
 def is_quantized(model: Any) -> bool:
@@ -165,8 +251,7 @@ def is_quantized(model: Any) -> bool:
 
 def _check_head(model: Any, config: Any) -> None:
     """The fused kernel reads the lm_head weight as a plain matrix: no adapter on it, no quantisation."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     if head is None:
         raise UserError(f"--model {config.model}: no lm_head; give a causal LM")
     kind = type(head).__module__
@@ -233,11 +318,6 @@ def _check_model_path(model: str) -> None:
     )
     if looks_local and not Path(model).expanduser().is_dir():
         raise UserError(f"--model {model}: no such directory; give a save_pretrained directory or a hub id")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The model path: a Hugging Face causal LM on a PackedBatch -> per-token log-probs [M] fp32.
 
 The decoder runs without its lm_head; the final hidden states [T, D] and the lm_head weight go to
-`rrhf_fast.kernels.token_logprobs`, which never materialises the [M, V] logits (DESIGN.md section 2).
+`rrhf_fast.kernels.token_logprobs`, which never materialises the [M, V] logits (docs/DESIGN.md §1, §6).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized
 from rrhf_fast.errors import ModelError
 from rrhf_fast.kernels import token_logprobs
 from rrhf_fast.models import attention
+from rrhf_fast.models.wrapping import eval_mode, unwrap
 
 # Architectures whose causal-LM head multiplies the logits by a constant from the config. The
 # fused kernel applies the factor to the hidden states (logits are linear in them). The same
@@ -38,7 +39,7 @@ def prepare_model(model: Any) -> Any:
     recomputed during backward and look their attention function up again. Without packing
     metadata it is ordinary causal attention, so the model still generates and evaluates.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     if base.config._attn_implementation != attention.NAME:
         base.set_attn_implementation(attention.NAME)
     if base.config._attn_implementation != attention.NAME:
@@ -60,7 +61,7 @@ def packed_logprobs(
     """
     if isinstance(model, PackedLogprobs) or isinstance(getattr(model, "module", None), PackedLogprobs):
         return model(batch, attn=attn, impl=impl)
-    base = _unwrap(model)
+    base = unwrap(model)
     prepare_model(base)
     head = _output_head(base)
     device = base.get_input_embeddings().weight.device
@@ -99,18 +100,13 @@ def check_logit_parity(model: Any, *, attn: str = "auto", impl: str = "auto") ->
     response's gap must stay at the rounding level the first probe measured. Under autocast (as
     the trainer runs it on CUDA) the half-precision bound applies.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     vocab = base.get_output_embeddings().weight.shape[0]
     ids = [(7 * i + 3) % vocab for i in range(24)]
     prompt, first, probe = ids[:6], ids[6:18], ids[18:24]
-    was_training = base.training
-    base.eval()
-    try:
-        with torch.no_grad():
-            alone = _probe_gap(base, prompt, [probe], attn, impl)
-            after = _probe_gap(base, prompt, [first, probe], attn, impl)
-    finally:
-        base.train(was_training)
+    with eval_mode(base), torch.no_grad():
+        alone = _probe_gap(base, prompt, [probe], attn, impl)
+        after = _probe_gap(base, prompt, [first, probe], attn, impl)
     weight = base.get_output_embeddings().weight
     fp32 = weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
     bound, slack = (1e-3, 1e-5) if fp32 else (0.25, 0.05)
@@ -155,11 +151,6 @@ class PackedLogprobs(torch.nn.Module):
         logp = packed_logprobs(self.model, batch, attn=attn, impl=impl)
         # FSDP2 hooks the backward on this output, which an in-place op on a view would lose.
         return logp.clone() if logp._is_view() else logp
-
-
-def _unwrap(model: Any) -> Any:
-    """The transformers model inside a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _output_head(base: Any) -> torch.nn.Module:

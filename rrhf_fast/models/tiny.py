@@ -6,6 +6,8 @@ byte-level BPE without merges (every UTF-8 byte is a token), so any text round-t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
@@ -113,3 +115,15 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def save_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """A random-initialised tiny llama and the byte-level tokenizer, saved with save_pretrained."""
+    from rrhf_fast.models.loading import quiet_progress_bars
+
+    model = build_tiny_model("llama", seed=seed, hidden_size=hidden_size, num_layers=layers)
+    path = Path(path)
+    with quiet_progress_bars():
+        model.save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path

@@ -13,9 +13,10 @@ from rrhf_fast.errors import UserError
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput
 from rrhf_fast.objectives.dpo import DPO
 from rrhf_fast.objectives.metrics import Metrics, RankingCounts, ranking_counts
+from rrhf_fast.objectives.reward import RewardModel
 from rrhf_fast.objectives.rrhf import RRHF
 
-OBJECTIVES: dict[str, type[Objective]] = {RRHF.name: RRHF, DPO.name: DPO}
+OBJECTIVES: dict[str, type[Objective]] = {RRHF.name: RRHF, DPO.name: DPO, RewardModel.name: RewardModel}
 
 __all__ = ["OBJECTIVES", "Metrics", "Objective", "ObjectiveOutput", "RankingCounts", "build_objective",
            "ranking_counts"]  # fmt: skip

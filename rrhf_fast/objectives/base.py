@@ -18,7 +18,8 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample
-from rrhf_fast.models.logprobs import PackedLogprobs, packed_logprobs
+from rrhf_fast.models.loading import load_model
+from rrhf_fast.models.logprobs import PackedLogprobs, check_logit_parity, packed_logprobs, prepare_model
 from rrhf_fast.objectives.metrics import Metrics
 
 
@@ -57,6 +58,17 @@ class Objective(abc.ABC):
         both act only on a forward that runs through the wrapped module (training/distributed.py)."""
         return PackedLogprobs(model)
 
+    def load_model(
+        self, device: torch.device, tokenizer: Any, autocast: contextlib.AbstractContextManager
+    ) -> Any:
+        """The model this objective trains, from --model, switched to packed attention and checked
+        against its own forward under the run's `autocast` (what packing cannot mirror is refused):
+        here the causal LM."""
+        model = prepare_model(load_model(self.config, device))
+        with autocast:
+            check_logit_parity(model, attn=self.config.attn, impl=self.config.kernels)
+        return model
+
     def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:  # noqa: B027 (optional)
         """Raise UserError, naming `path`, if the tokenised data lacks a field this objective needs."""
 
@@ -69,4 +81,4 @@ def token_logprobs(
 ) -> torch.Tensor:
     """The packed forward of the log-prob objectives: log pi of every response token of `batch`, [M] fp32."""
     with autocast or contextlib.nullcontext():
-        return packed_logprobs(model, batch, attn=config.attn, impl=config.loss_impl)
+        return packed_logprobs(model, batch, attn=config.attn, impl=config.kernels)

@@ -36,6 +36,7 @@ from rrhf_fast.data.records import Example, load_examples_with_stats, write_exam
 from rrhf_fast.errors import UserError
 from rrhf_fast.kernels.reference import best_response
 from rrhf_fast.models.logprobs import packed_logprobs
+from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
 from rrhf_fast.objectives.metrics import Metrics
 
@@ -132,10 +133,8 @@ def reference_logps(
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> list[list[float]]:
     """Per query, the sum of each response's token log-probs under `model`, by the training path."""
-    was_training = model.training
-    model.eval()
     out: list[list[float]] = []
-    try:
+    with eval_mode(model):
         for group in plan_microbatches([it.packed_len for it in items], micro_batch_tokens):
             batch = pack_tokenized([items[i] for i in group])
             with autocast or contextlib.nullcontext():
@@ -146,8 +145,6 @@ def reference_logps(
                 k = len(items[i].response_ids)
                 out.append(sums[:k])
                 sums = sums[k:]
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -161,7 +158,7 @@ def add_reference_logps(model: Any, tokenizer: Any, examples: list[Example], con
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     sums = reference_logps(model, items, micro_batch_tokens=config.micro_batch_tokens, attn=config.attn,
-                           impl=config.loss_impl, autocast=autocast)  # fmt: skip
+                           impl=config.kernels, autocast=autocast)  # fmt: skip
     for ex, row in zip(examples, sums, strict=True):
         ex.meta["ref_logps"] = row
 
@@ -182,7 +179,7 @@ def require_ref_logps(items: Sequence[TokenizedExample], path: str) -> None:
 
 # The TrainConfig flags that decide the tokens and the numerics of the log-probs.
 _FLAGS = ("model", "max_prompt_len", "max_response_len", "chat_template", "micro_batch_tokens", "attn",
-          "loss_impl", "dtype", "device")  # fmt: skip
+          "kernels", "dtype", "device")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,8 +198,7 @@ def main(args: argparse.Namespace) -> int:
 
 def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     """Read `config.data`, add ref_logps computed with `config.model`, write `out_path` atomically."""
-    from rrhf_fast.generation.sample import load_pretrained
-    from rrhf_fast.models.loading import load_tokenizer, resolve_device, weight_dtype
+    from rrhf_fast.models.loading import load_pretrained, load_tokenizer, resolve_device, weight_dtype
 
     config.validate()
     examples = load_examples_with_stats(config.data, require_scores=False).examples

@@ -1,6 +1,6 @@
 """RRHF (`--loss rrhf`, the default): the ranking loss plus the SFT loss on each query's best response.
 
-The math and its two normalisations (`--mode paper|official`) are the kernel's,
+The math and its two normalisations (`--length-norm paper|official`, alias `--mode`) are the kernel's,
 `rrhf_fast.kernels.rrhf_loss`; this objective feeds it the packed token log-probs and the flags.
 """
 
@@ -39,11 +39,11 @@ class RRHF(Objective):
             length_penalty=config.length_penalty,
             rank_weight=config.rank_weight,
             sft_weight=config.sft_weight,
-            mode=config.mode,
+            mode=config.length_norm,
             sft_reduction=config.sft_reduction,
             normalizer=normalizer,
             k_max=batch.max_responses,
-            impl=config.loss_impl,
+            impl=config.kernels,
         )
         terms = [out.loss, out.rank_loss, out.sft_loss]
         metrics = Metrics.of_batch(self.terms, terms, out.response_scores, batch)

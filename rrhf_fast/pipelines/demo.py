@@ -1,11 +1,10 @@
 """`rrhf-fast demo`: RRHF end to end on a CPU in a few minutes, nothing downloaded.
 
-The task: sort a short string of digits ("sort 4193:" -> "1349"). The reward is a Python function
-with partial credit (the fraction of positions that match the sorted string, over the longer of
-the two), so candidates are graded, not just right or wrong. A tiny random-initialised causal LM
-(rrhf_fast.models.tiny) with the local byte-level tokenizer is trained offline on ranked candidates from
-three sources: the gold answer (for only a share of the queries), corrupted copies of it, and the
-model's own samples, all scored by the reward function. Training runs through `rrhf-fast train`'s
+The task (demo_task.py): sort a short string of digits ("sort 4193:" -> "1349"), rewarded with
+partial credit. A tiny random-initialised causal LM (rrhf_fast.models.tiny) with the local
+byte-level tokenizer is trained offline on ranked candidates from three sources: the gold answer
+(for only a share of the queries), corrupted copies of it, and the model's own samples, all scored
+by the reward function. Training runs through `rrhf-fast train`'s
 own loop; held-out prompts are answered greedily and scored before and after, once for RRHF and
 once for an SFT-only baseline (`--rank-weight 0`) trained for the same steps on the same data.
 """
@@ -15,50 +14,25 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from rrhf_fast import config as config_module
-from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
-from rrhf_fast.errors import UserError
-
-
-@dataclass
-class DemoConfig:
-    output_dir: str = field(
-        default="demo_runs", metadata={"help": "where data, runs and plots go", "metavar": "DIR"}
-    )
-    steps: int = field(default=300, metadata={"help": "optimizer steps of each training run"})
-    train_queries: int = field(default=1500, metadata={"help": "training queries"})
-    eval_queries: int = field(default=150, metadata={"help": "held-out queries"})
-    queries_per_step: int = field(default=16, metadata={"help": "queries per optimizer step"})
-    gold_fraction: float = field(default=0.5, metadata={"help": "share of queries with the gold answer"})
-    min_digits: int = field(default=3, metadata={"help": "shortest digit string (distinct digits)"})
-    max_digits: int = field(default=6, metadata={"help": "longest digit string (at most 10)"})
-    hidden_size: int = field(default=128, metadata={"help": "width of the tiny model"})
-    layers: int = field(default=2, metadata={"help": "layers of the tiny model"})
-    lr: float = field(default=3e-3, metadata={"help": "peak learning rate"})
-    optim: str = field(default="adamw8bit", metadata={"help": "optimizer", "choices": ("adamw8bit", "adamw")})
-    seed: int = field(default=0, metadata={"help": "seed of the task, the model and the training"})
-    sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-only baseline"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    # ---- --online (demo_online.py)
-    online: bool = field(
-        default=False, metadata={"help": "SFT warm-up, then offline vs online RRHF (iterate)"}
-    )
-    rounds: int = field(default=3, metadata={"help": "--online: rounds sharing the --steps"})
-    samples: int = field(default=4, metadata={"help": "--online: candidates from the policy per prompt"})
-    strategy: str = field(default="beam", metadata={"help": "--online: how the candidates are drawn",
-                                                    "choices": ("beam", "sample", "mixed")})  # fmt: skip
-    temperature: float = field(default=1.0, metadata={"help": "--online: temperature of sample / mixed"})
-    sft_warmup: int = field(default=20, metadata={"help": "--online: SFT steps on gold answers first"})
-    demo_fraction: float = field(
-        default=0.2, metadata={"help": "--online: share of prompts with a gold answer"}
-    )
+from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.pipelines.demo_task import (
+    DemoConfig,
+    build_examples,
+    check_config,
+    distinct_queries,
+    generate,
+    prompt_of,
+    reward,
+    score_greedy,
+    train_config,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,156 +44,13 @@ def main(args: argparse.Namespace) -> int:
     if config.online:
         from rrhf_fast.pipelines.demo_online import run_online_demo
 
-        _check(config)
+        check_config(config)
         if config.threads:
             torch.set_num_threads(config.threads)
         run_online_demo(config)
     else:
         run_demo(config)
     return 0
-
-
-# -------------------------------------------------------------------------------------------------
-# the task
-
-
-def make_digits(rng: random.Random, min_digits: int, max_digits: int) -> str:
-    """Distinct digits in random order: a tiny model learns to sort these in a few hundred steps."""
-    return "".join(rng.sample("0123456789", rng.randint(min_digits, max_digits)))
-
-
-def prompt_of(digits: str) -> str:
-    return f"sort {digits}:"
-
-
-def gold_of(digits: str) -> str:
-    return "".join(sorted(digits))
-
-
-def reward(digits: str, response: str) -> float:
-    """Fraction of positions where `response` matches the sorted digits, over the longer length."""
-    target = gold_of(digits)
-    hits = sum(a == b for a, b in zip(response, target, strict=False))
-    return hits / max(len(target), len(response), 1)
-
-
-def query_reward(query: str, response: str) -> float:
-    """`reward` of a response to a demo prompt ("sort 4193:"); the scorer of `demo --online`."""
-    digits = query.removeprefix("sort ").removesuffix(":")
-    if prompt_of(digits) != query:
-        raise ValueError(f"not a demo prompt: {query!r}")
-    return reward(digits, response)
-
-
-def corrupt(rng: random.Random, text: str, edits: int) -> str:
-    """`edits` random swaps, substitutions, deletions or duplications of digits; never `text` itself."""
-    for _ in range(100):
-        chars = list(text)
-        for _ in range(edits):
-            i = rng.randrange(len(chars))
-            kind = rng.choice(("swap", "replace", "drop", "repeat")) if len(chars) > 1 else "replace"
-            if kind == "swap":
-                j = rng.randrange(len(chars))
-                chars[i], chars[j] = chars[j], chars[i]
-            elif kind == "replace":
-                chars[i] = rng.choice("0123456789")
-            elif kind == "drop":
-                del chars[i]
-            else:
-                chars.insert(i, chars[i])
-        if "".join(chars) != text:
-            break
-    return "".join(chars)
-
-
-def build_examples(
-    rng: random.Random, queries: list[str], samples: list[str], gold_fraction: float
-) -> list[Example]:
-    """Candidates per query: gold (for a share of queries), two corrupted golds, a model sample."""
-    examples = []
-    for digits, sample in zip(queries, samples, strict=True):
-        gold = gold_of(digits)
-        cands = [(corrupt(rng, gold, 1), "corrupted"), (corrupt(rng, gold, 3), "corrupted")]
-        if rng.random() < gold_fraction:
-            cands.insert(0, (gold, "gold"))
-        cands.append((sample or "?", "sample"))
-        responses = [text for text, _ in cands]
-        scores = [reward(digits, text) for text in responses]
-        meta = {"sources": [src for _, src in cands]}
-        examples.append(Example(query=prompt_of(digits), responses=responses, scores=scores, meta=meta))
-    return examples
-
-
-# -------------------------------------------------------------------------------------------------
-# the tiny model: build, save, generate
-
-
-def save_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
-    """A random-initialised tiny llama and the byte-level tokenizer, saved with save_pretrained."""
-    from rrhf_fast.models.loading import quiet_progress_bars
-    from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-
-    model = build_tiny_model("llama", seed=seed, hidden_size=hidden_size, num_layers=layers)
-    path = Path(path)
-    with quiet_progress_bars():
-        model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
-    return path
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """Greedy (temperature 0) or sampled completions; prompts of one length run as one batch.
-
-    No KV cache and no padding: the sequences are a few dozen tokens, and equal-length batches
-    need no attention mask, so this stays exact for any attention implementation.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    out: list[str] = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(i)
-    for indices in by_length.values():
-        ids = torch.tensor([encoded[i] for i in indices], device=device)
-        done = torch.zeros(len(indices), dtype=torch.bool, device=device)
-        new = []
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                token = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(device)
-            else:
-                token = logits.argmax(-1)
-            token = torch.where(done, torch.full_like(token, eos), token)
-            new.append(token)
-            done |= token == eos
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            if done.all():
-                break
-        for row, i in enumerate(indices):
-            tokens = [int(t[row]) for t in new]
-            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-            out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
-    model.train(was_training)
-    return out
-
-
-def score_greedy(model: Any, tokenizer: Any, queries: list[str], max_digits: int) -> tuple[float, list[str]]:
-    answers = generate(model, tokenizer, [prompt_of(d) for d in queries], max_new_tokens=max_digits + 2)
-    rewards = [reward(d, a) for d, a in zip(queries, answers, strict=True)]
-    return sum(rewards) / len(rewards), answers
 
 
 # -------------------------------------------------------------------------------------------------
@@ -233,7 +64,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from rrhf_fast.models.loading import quiet_progress_bars
     from rrhf_fast.training.train import train
 
-    _check(config)
+    check_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -247,7 +78,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with quiet_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-    queries = _distinct_queries(rng, config.train_queries + config.eval_queries, config)
+    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
     eval_q = queries[config.train_queries :]
     gen = torch.Generator().manual_seed(config.seed)
     samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
@@ -263,8 +94,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     runs = [("rrhf", 1.0)] + ([("sft", 0.0)] if config.sft_baseline else [])
     for name, rank_weight in runs:
         t0 = time.perf_counter()
-        train_config = _train_config(config, model_dir, out, name, rank_weight)
-        result = train(train_config)
+        result = train(train_config(config, model_dir, out, name, rank_weight))
         after, answers = score_greedy(result.model, tokenizer, eval_q, config.max_digits)
         accuracy = result.last.get("eval_accuracy")
         results[name] = {"reward": after, "eval_accuracy": accuracy, "seconds": time.perf_counter() - t0}
@@ -277,61 +107,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _print_summary(results, out)
     print(f"demo: reward {before:.3f} -> {results['rrhf']['reward']:.3f}")
     return results
-
-
-def _train_config(
-    config: DemoConfig, model_dir: Path, out: Path, name: str, rank_weight: float
-) -> TrainConfig:
-    run_dir = out / name
-    if run_dir.exists():  # the demo always starts over
-        import shutil
-
-        shutil.rmtree(run_dir)
-    return TrainConfig(
-        model=str(model_dir),
-        data=str(out / "train.jsonl"),
-        output_dir=str(run_dir),
-        eval_data=str(out / "eval.jsonl"),
-        eval_every=max(1, config.steps // 5),
-        max_steps=config.steps,
-        queries_per_step=config.queries_per_step,
-        micro_batch_tokens=4096,
-        lr=config.lr,
-        min_lr=config.lr / 10,
-        warmup_steps=max(1, config.steps // 20),
-        weight_decay=0.0,
-        optim=config.optim,
-        rank_weight=rank_weight,
-        device="cpu",
-        seed=config.seed,
-        save_every=0,
-        keep_checkpoints=1,
-        log_every=0,
-    )
-
-
-def _distinct_queries(rng: random.Random, n: int, config: DemoConfig) -> list[str]:
-    seen: dict[str, None] = {}
-    for _ in range(50 * n):
-        if len(seen) == n:
-            break
-        seen.setdefault(make_digits(rng, config.min_digits, config.max_digits))
-    if len(seen) < n:
-        raise UserError(f"only {len(seen)} distinct digit strings for {n} queries; raise --max-digits")
-    return list(seen)
-
-
-def _check(config: DemoConfig) -> None:
-    for name in ("steps", "train_queries", "eval_queries", "queries_per_step", "min_digits", "hidden_size",
-                 "layers"):  # fmt: skip
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if not config.min_digits <= config.max_digits <= 10:
-        raise UserError("--max-digits must be between --min-digits and 10 (the digits are distinct)")
-    if config.rounds < 1 or config.samples < 1 or not config.temperature > 0:
-        raise UserError("--rounds and --samples must be at least 1 and --temperature above 0")
-    if not 0 <= config.gold_fraction <= 1:
-        raise UserError("--gold-fraction must be between 0 and 1")
 
 
 def _print_intro(config: DemoConfig, example: Example, before: float, answers: list[str], queries: list[str]):

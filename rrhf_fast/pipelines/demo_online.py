@@ -4,7 +4,7 @@
    (gold answers) for `--demo-fraction` of the training prompts: the starting policy of every run.
 2. Reward-only RRHF through `rrhf-fast iterate`: per prompt, `--samples` candidates from the policy
    (diverse beam search, the RRHF paper's sampling policy, by default), scored by the task's reward
-   (`python:rrhf_fast.pipelines.demo:query_reward`), no gold answers; held-out prompts answered greedily.
+   (`python:rrhf_fast.pipelines.demo_task:query_reward`), no gold answers; held-out prompts answered greedily.
    - offline: ONE round of `--steps` steps on candidates of the starting policy;
    - online: `--rounds` rounds of `--steps / --rounds` steps, each sampling from the policy the
      previous round left: the same prompts, total steps and seed.
@@ -28,17 +28,11 @@ from typing import Any
 
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.generation.sample import SampleConfig
-from rrhf_fast.pipelines.demo import (
-    DemoConfig,
-    _distinct_queries,
-    _train_config,
-    gold_of,
-    prompt_of,
-    save_tiny_model,
-)
+from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.pipelines.demo_task import DemoConfig, distinct_queries, gold_of, prompt_of, train_config
 from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
-SCORER = "python:rrhf_fast.pipelines.demo:query_reward"
+SCORER = "python:rrhf_fast.pipelines.demo_task:query_reward"
 # name: (label, online, --rank-weight)
 RUNS = {
     "offline": ("offline RRHF", False, 1.0),
@@ -79,7 +73,7 @@ def _task(config: DemoConfig, out: Path) -> tuple[Path, dict[str, Path]]:
     rng = random.Random(config.seed)
     model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
                                 layers=config.layers)  # fmt: skip
-    queries = _distinct_queries(rng, config.train_queries + config.eval_queries, config)
+    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
     train_q, eval_q = queries[: config.train_queries], queries[config.train_queries :]
     files = {"prompts": out / "prompts.txt", "eval_prompts": out / "eval_prompts.txt"}
     files["prompts"].write_text("".join(prompt_of(d) + "\n" for d in train_q), encoding="utf-8")
@@ -93,7 +87,7 @@ def _warmup(config: DemoConfig, model_dir: Path, out: Path, demos: list[str]) ->
     from rrhf_fast.training.train import train
 
     write_examples(out / "demos.jsonl", [Example(prompt_of(d), [gold_of(d)], [1.0]) for d in demos])
-    cfg = dataclasses.replace(_train_config(config, model_dir, out, "sft-warmup", 0.0), eval_data=None,
+    cfg = dataclasses.replace(train_config(config, model_dir, out, "sft-warmup", 0.0), eval_data=None,
                               data=str(out / "demos.jsonl"), eval_every=0, max_steps=config.sft_warmup,
                               plot=False)  # fmt: skip
     return train(cfg).checkpoint
@@ -106,7 +100,7 @@ def _settings(
         shutil.rmtree(run_dir)
     steps = max(1, config.steps // rounds)
     train = dataclasses.replace(
-        _train_config(config, policy, run_dir, "unused", rank_weight),
+        train_config(config, policy, run_dir, "unused", rank_weight),
         data="", output_dir="", eval_data=None, eval_every=0, max_steps=steps,
         warmup_steps=max(1, steps // 20), plot=False,
     )  # fmt: skip

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_fast import config as config_module
-from rrhf_fast.config import TrainConfig, config_from_args, opt
+from rrhf_fast.config import RENAMED_FIELDS, TrainConfig, config_from_args, opt
 from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig, build_examples, read_prompts
@@ -118,37 +118,42 @@ def main(args: argparse.Namespace) -> int:
 # the loop
 
 
-def iterate(s: Settings) -> list[dict[str, Any]]:
+def iterate(settings: Settings) -> list[dict[str, Any]]:
     """Run (or resume) every round; returns the summary rows (round 0: the starting model)."""
-    out = _prepare(s)
-    prompts, eval_prompts = read_prompts(s.run.prompts), _eval_prompts(s)
+    out = _prepare(settings)
+    prompts, eval_prompts = read_prompts(settings.run.prompts), _eval_prompts(settings)
     rows = []
     if eval_prompts:
-        rows.append(_round_zero(s, out / "round-000", eval_prompts))
+        rows.append(_round_zero(settings, out / "round-000", eval_prompts))
         _write_summary(out, rows)
-    policy = s.train.model
-    for r in range(1, s.run.rounds + 1):
-        row = _round(s, out / f"round-{r:03d}", r, policy, prompts, eval_prompts)
+    policy = settings.train.model
+    for r in range(1, settings.run.rounds + 1):
+        row = _round(settings, out / f"round-{r:03d}", r, policy, prompts, eval_prompts)
         rows.append(row)
         _write_summary(out, rows)
         policy = str(out / row["model"])
-        print(f"iterate: round {r}/{s.run.rounds} done: {_brief(row)}")
+        print(f"iterate: round {r}/{settings.run.rounds} done: {_brief(row)}")
     return rows
 
 
-def _round(s: Settings, rdir: Path, r: int, policy: str, prompts: list[str], eval_prompts: list[str]) -> dict:
+def _round(
+    settings: Settings, rdir: Path, r: int, policy: str, prompts: list[str], eval_prompts: list[str]
+) -> dict:
     if (rdir / ROUND_FILE).exists():
         print(f"iterate: round {r} is complete, skipped")
         return _read_json(rdir / ROUND_FILE)
     rdir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    _stage(rdir / "sampled.jsonl", seconds, "sample", lambda path: _sample(s, policy, r, prompts, path))
-    _stage(rdir / "scored.jsonl", seconds, "score", lambda path: _score(s, rdir / "sampled.jsonl", path))
-    data = rdir / "scored.jsonl"
-    if s.train.loss == "dpo":
-        _stage(rdir / "reference.jsonl", seconds, "reference", lambda path: _reference(s, policy, data, path))
+    sampled, scored, data = rdir / "sampled.jsonl", rdir / "scored.jsonl", rdir / "scored.jsonl"
+    _stage(sampled, seconds, "sample", lambda path: _sample(settings, policy, r, prompts, path))
+    _stage(scored, seconds, "score", lambda path: _score(settings, sampled, path))
+    if settings.train.loss == "dpo":
         data = rdir / "reference.jsonl"
-    _stage(rdir / TRAINED_FILE, seconds, "train", lambda path: _train(s, policy, data, rdir / "train", path))
+        _stage(data, seconds, "reference", lambda path: _reference(settings, policy, scored, path))
+    train_dir = rdir / "train"
+    _stage(
+        rdir / TRAINED_FILE, seconds, "train", lambda path: _train(settings, policy, data, train_dir, path)
+    )
     trained = _read_json(rdir / TRAINED_FILE)
     eval_reward = None
     if eval_prompts:
@@ -156,21 +161,26 @@ def _round(s: Settings, rdir: Path, r: int, policy: str, prompts: list[str], eva
             rdir / "eval.jsonl",
             seconds,
             "eval",
-            lambda path: _evaluate(s, str(rdir.parent / trained["model"]), eval_prompts, path),
+            lambda path: _evaluate(settings, str(rdir.parent / trained["model"]), eval_prompts, path),
         )
         eval_reward = _mean_reward(rdir / "eval.jsonl")
-    row = {"round": r, "model": trained["model"], "eval_reward": eval_reward, **_data_stats(s, data),
+    row = {"round": r, "model": trained["model"], "eval_reward": eval_reward, **_data_stats(settings, data),
            "train_steps": trained["step"], "train_loss": trained["loss"], "seconds": seconds}  # fmt: skip
     _write_json(rdir / ROUND_FILE, row)
     return row
 
 
-def _round_zero(s: Settings, rdir: Path, eval_prompts: list[str]) -> dict:
+def _round_zero(settings: Settings, rdir: Path, eval_prompts: list[str]) -> dict:
     """The starting model's held-out reward, the baseline every round is compared with."""
     if not (rdir / ROUND_FILE).exists():
         rdir.mkdir(parents=True, exist_ok=True)
-        _stage(rdir / "eval.jsonl", {}, "eval", lambda path: _evaluate(s, s.train.model, eval_prompts, path))
-        _write_json(rdir / ROUND_FILE, {"round": 0, "model": s.train.model,
+        _stage(
+            rdir / "eval.jsonl",
+            {},
+            "eval",
+            lambda path: _evaluate(settings, settings.train.model, eval_prompts, path),
+        )
+        _write_json(rdir / ROUND_FILE, {"round": 0, "model": settings.train.model,
                                         "eval_reward": _mean_reward(rdir / "eval.jsonl")})  # fmt: skip
     return _read_json(rdir / ROUND_FILE)
 
@@ -188,15 +198,17 @@ def _stage(path: Path, seconds: dict[str, float], name: str, run) -> None:
 # the stages
 
 
-def _sample(s: Settings, policy: str, r: int, prompts: list[str], path: Path) -> None:
+def _sample(settings: Settings, policy: str, r: int, prompts: list[str], path: Path) -> None:
     from rrhf_fast.generation.sample import generate_candidates
 
-    k = s.run.num_candidates
-    seed = None if s.sample.seed is None else s.sample.seed + r - 1  # new draws each round
-    config = dataclasses.replace(s.sample, seed=seed).validate(k)
-    model, tokenizer = _load_policy(s, policy)
+    k = settings.run.num_candidates
+    seed = None if settings.sample.seed is None else settings.sample.seed + r - 1  # new draws each round
+    config = dataclasses.replace(settings.sample, seed=seed).validate(k)
+    model, tokenizer = _load_policy(settings, policy)
     candidates = generate_candidates(model, tokenizer, prompts, k, config)
-    examples = build_examples(prompts, candidates, config.sources(k), merge=s.run.merge, dedup=s.run.dedup)
+    examples = build_examples(
+        prompts, candidates, config.sources(k), merge=settings.run.merge, dedup=settings.run.dedup
+    )
     if not examples:
         raise UserError(
             f"round {r}: {policy} gave only empty responses (EOS first) and --merge added none: there is "
@@ -205,28 +217,30 @@ def _sample(s: Settings, policy: str, r: int, prompts: list[str], path: Path) ->
     write_examples(path, examples)
 
 
-def _score(s: Settings, sampled: Path, path: Path) -> None:
+def _score(settings: Settings, sampled: Path, path: Path) -> None:
     examples = load_examples(sampled, require_scores=False)
-    score_examples(examples, build_scorer(s.run.scorer, s.score))
+    score_examples(examples, build_scorer(settings.run.scorer, settings.score))
     write_examples(path, examples)
 
 
-def _reference(s: Settings, policy: str, scored: Path, path: Path) -> None:
+def _reference(settings: Settings, policy: str, scored: Path, path: Path) -> None:
     """The round's starting policy is the DPO reference: its log-prob sums, stored with the data."""
     from rrhf_fast.objectives.dpo import add_reference_logps
 
     examples = load_examples(scored)
-    model, tokenizer = _load_policy(s, policy, dtype="bfloat16" if s.train.dtype == "bfloat16" else "float32")
-    add_reference_logps(model, tokenizer, examples, s.train)
+    model, tokenizer = _load_policy(
+        settings, policy, dtype="bfloat16" if settings.train.dtype == "bfloat16" else "float32"
+    )
+    add_reference_logps(model, tokenizer, examples, settings.train)
     write_examples(path, examples)
 
 
-def _train(s: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> None:
+def _train(settings: Settings, policy: str, data: Path, run_dir: Path, path: Path) -> None:
     from rrhf_fast.training.train import train
 
     resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None  # an interrupted training
     config = dataclasses.replace(
-        s.train, model=policy, data=str(data), output_dir=str(run_dir), resume=resume
+        settings.train, model=policy, data=str(data), output_dir=str(run_dir), resume=resume
     )
     result = train(config)
     loss = result.last.get("loss") if result.last else None
@@ -250,57 +264,65 @@ def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
     return dest
 
 
-def _evaluate(s: Settings, model_path: str, prompts: list[str], path: Path) -> None:
+def _evaluate(settings: Settings, model_path: str, prompts: list[str], path: Path) -> None:
     """Greedy answers, scored by the run's scorer: the held-out reward of the policy."""
     from rrhf_fast.generation.sample import generate_candidates
 
-    model, tokenizer = _load_policy(s, model_path)
-    greedy = SampleConfig(strategy="greedy", max_new_tokens=s.sample.max_new_tokens, stop=s.sample.stop,
-                          batch_size=s.sample.batch_size, max_prompt_len=s.train.max_prompt_len,
-                          chat_template=s.train.chat_template)  # fmt: skip
+    model, tokenizer = _load_policy(settings, model_path)
+    sample, train = settings.sample, settings.train
+    greedy = SampleConfig(strategy="greedy", max_new_tokens=sample.max_new_tokens, stop=sample.stop,
+                          batch_size=sample.batch_size, max_prompt_len=train.max_prompt_len,
+                          chat_template=train.chat_template)  # fmt: skip
     answers = [a for (a,) in generate_candidates(model, tokenizer, prompts, 1, greedy)]
     del model
     scored = score_examples([Example(q, [a], []) for q, a in zip(prompts, answers, strict=True)],
-                            build_scorer(s.run.scorer, s.score))  # fmt: skip
+                            build_scorer(settings.run.scorer, settings.score))  # fmt: skip
     rows = [{"query": ex.query, "answer": ex.responses[0], "reward": ex.scores[0]} for ex in scored]
     write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def _load_policy(s: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
+def _load_policy(settings: Settings, path: str, dtype: str = "auto") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
-    from rrhf_fast.generation.sample import load_pretrained
-    from rrhf_fast.models.loading import quiet_progress_bars
+    from rrhf_fast.models.loading import load_pretrained, quiet_progress_bars
 
     with quiet_progress_bars():
-        return load_pretrained(path, AutoModelForCausalLM, s.train.device, dtype)
+        return load_pretrained(path, AutoModelForCausalLM, settings.train.device, dtype)
 
 
 # -------------------------------------------------------------------------------------------------
 # bookkeeping
 
 
-def _prepare(s: Settings) -> Path:
-    if s.run.rounds < 1 or s.run.num_candidates < 1:
+def _prepare(settings: Settings) -> Path:
+    if settings.run.rounds < 1 or settings.run.num_candidates < 1:
         raise UserError("--rounds and --num-candidates must be at least 1")
-    s.train.validate()
-    s.sample.validate(s.run.num_candidates)
-    kind, _, target = s.run.scorer.partition(":")
+    settings.train.validate()
+    if settings.train.loss == "rm":
+        raise UserError(
+            "--loss rm trains a reward model, not the policy iterate samples from; train it with "
+            "`rrhf-fast train-rm` and pass --scorer reward-model:DIR"
+        )
+    settings.sample.validate(settings.run.num_candidates)
+    kind, _, target = settings.run.scorer.partition(":")
     if kind == "python" or kind not in KINDS or not target:
-        build_scorer(s.run.scorer)  # a bad spec or function fails now, not after the first sampling
-    out = Path(s.run.output_dir)
+        build_scorer(settings.run.scorer)  # a bad spec or function fails now, not after the first sampling
+    out = Path(settings.run.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a directory")
     saved = out / CONFIG_FILE
-    if saved.exists() and not s.run.resume:
+    if saved.exists() and not settings.run.resume:
         raise UserError(f"--output-dir {out} already holds an iterate run; pass --resume to continue it "
                         "or choose a new --output-dir")  # fmt: skip
     if saved.exists():
-        changed = _changed(_read_json(saved), json.loads(json.dumps(s.to_dict())))
+        old = _read_json(saved)
+        if isinstance(old.get("train"), dict):  # a run saved before TrainConfig renamed fields
+            old["train"] = {RENAMED_FIELDS.get(k, k): v for k, v in old["train"].items()}
+        changed = _changed(old, json.loads(json.dumps(settings.to_dict())))
         if changed:
             print(f"iterate: resuming with changed flags: {', '.join(changed)}")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(saved, s.to_dict())
+    _write_json(saved, settings.to_dict())
     return out
 
 
@@ -309,14 +331,14 @@ def _changed(old: dict, new: dict) -> list[str]:
             for k, v in values.items() if k != "resume" and old.get(part, {}).get(k) != v]  # fmt: skip
 
 
-def _eval_prompts(s: Settings) -> list[str]:
-    return read_prompts(s.run.eval_prompts) if s.run.eval_prompts else []
+def _eval_prompts(settings: Settings) -> list[str]:
+    return read_prompts(settings.run.eval_prompts) if settings.run.eval_prompts else []
 
 
-def _data_stats(s: Settings, data: Path) -> dict[str, Any]:
+def _data_stats(settings: Settings, data: Path) -> dict[str, Any]:
     """The training data's rewards: the policy's own candidates, and the best per prompt."""
     examples = load_examples(data)
-    own = set(s.sample.sources(s.run.num_candidates))
+    own = set(settings.sample.sources(settings.run.num_candidates))
     sampled = [sc for ex in examples for sc, src in zip(ex.scores, _sources(ex), strict=True) if src in own]
     return {"prompts": len(examples), "responses": sum(len(ex.responses) for ex in examples),
             "sampled_reward": sum(sampled) / len(sampled) if sampled else None,

@@ -29,6 +29,7 @@ import torch.distributed as tdist
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import resolve_device
 from rrhf_fast.models.logprobs import PackedLogprobs
+from rrhf_fast.models.wrapping import unwrap
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def wrap(model: Any, dist: Dist, fsdp: bool, unit: Callable[[Any], torch.nn.Modu
 
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     layers = getattr(base.get_decoder(), "layers", None)
     if layers is None:
         raise UserError(f"--fsdp: cannot find the decoder layers of {type(base).__name__} to shard")

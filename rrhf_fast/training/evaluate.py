@@ -15,6 +15,7 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample, pack_tokenized, plan_microbatches
+from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.objectives import Objective, build_objective
 
 
@@ -30,14 +31,10 @@ def evaluate(
     """Loss and ranking metrics of `model` on tokenised held-out queries (the objective `config.loss`
     names unless given), micro-batched by --micro-batch-tokens; keys prefixed `eval_`."""
     objective = objective or build_objective(config)
-    was_training = model.training
-    model.eval()
     plan = plan_microbatches([it.packed_len for it in items], config.micro_batch_tokens)
     metrics = objective.zero_metrics()
-    try:
+    with eval_mode(model):
         for group in plan:
             batch = pack_tokenized([items[i] for i in group])
             metrics += objective(model, batch, normalizer=float(len(items)), autocast=autocast).metrics
-    finally:
-        model.train(was_training)
     return metrics.summary("eval_")

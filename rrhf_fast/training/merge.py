@@ -15,11 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from rrhf_fast.errors import UserError
+from rrhf_fast.errors import UserError, first_line
 from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
 
-DTYPES = ("auto", "float32", "bfloat16")
+# auto keeps the dtype the base was saved in (neither inference's nor training's auto).
+MERGE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, metavar="DIR", help="where the merged model goes (a new or empty directory)")
     add("--base", metavar="PATH", help="the base model (default: the run's --model)")
     add(
-        "--dtype", choices=DTYPES, default="auto", help="merged weights' dtype (auto: the base's saved dtype)"
+        "--dtype",
+        choices=MERGE_DTYPES,
+        default="auto",
+        help="merged weights' dtype (auto: the base's saved dtype)",
     )
 
 
@@ -55,14 +59,14 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
-    model = _load_base(base, dtype)
+    model = _load_base(base, dtype, reward=_task_of(checkpoint) == "SEQ_CLS")
     peft = import_peft()
     try:
         with peft_quietly():
             adapted = peft.PeftModel.from_pretrained(model, checkpoint)
     except (ValueError, RuntimeError, KeyError) as err:
         raise UserError(
-            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({_first_line(err)}); "
+            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
             "give the base model the run was trained from"
         ) from None
     merged = adapted.merge_and_unload()
@@ -85,20 +89,28 @@ def _base_of(checkpoint: Path) -> str:
     raise UserError(f"--checkpoint {checkpoint} does not name its base model; pass --base PATH")
 
 
-def _load_base(base: str, dtype: str):
+def _task_of(checkpoint: Path) -> str | None:
+    """peft's task type of the adapter: SEQ_CLS for a `train-rm` run (a reward model)."""
+    try:
+        return json.loads((checkpoint / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("task_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _load_base(base: str, dtype: str, reward: bool = False):
+    """The base the adapter goes on: the causal LM, or for a reward model's adapter the one-label
+    sequence-classification model built on it (its score head is in the adapter, trained whole)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if Path(base).expanduser().is_absolute() and not Path(base).expanduser().is_dir():
         raise UserError(f"--base {base}: no such directory; give the base model the run was trained from")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    auto, extra = AutoModelForCausalLM, {}
+    if reward:
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
     try:
         with quiet_progress_bars():
-            return AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+            return auto.from_pretrained(base, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as err:
-        raise UserError(f"--base {base}: cannot load a causal LM ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+        raise UserError(f"--base {base}: cannot load a causal LM ({first_line(err)})") from None

@@ -10,18 +10,24 @@ Under FSDP2 (`sharded=True`) the parameters are DTensor shards, which bitsandbyt
 cannot step (its 8-bit kernels take plain tensors): there `adamw8bit` is torchao's AdamW8bit, which
 keeps DTensor-aware 8-bit states (blockwise, 256 values a block), and without torchao it is an error,
 never a silent fall-back to 32-bit states.
+
+`in_backward=True` (--optim-in-backward) and `bf16_update` "stochastic" / "kahan" give one optimizer
+per parameter instead (in_backward.py, paramwise.py), behind the same interface.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
 from rrhf_fast.config import OPTIMIZERS
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import import_bitsandbytes
+from rrhf_fast.training.in_backward import InBackwardOptimizer
+from rrhf_fast.training.paramwise import ParamwiseOptimizer
 
 
 def build_optimizer(
@@ -33,9 +39,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     sharded: bool = False,
-) -> torch.optim.Optimizer:
+    in_backward: bool = False,
+    bf16_update: str = "nearest",
+    seed: int = 0,
+) -> Any:
     """An AdamW flavour over the trainable `(name, param)` pairs (e.g. `model.named_parameters()`);
-    `sharded`: the parameters are FSDP2's DTensors."""
+    `sharded`: the parameters are FSDP2's DTensors.
+
+    `in_backward`: an InBackwardOptimizer, whose hooks update each parameter during the backward of
+    in_backward.backward_step; `bf16_update` ("stochastic", "kahan"): bf16 weights get fp32 updates
+    rounded that way (paramwise.py), the noise seeded by `seed`. Either returns one optimizer per
+    parameter with the optimizer interface (param_groups, step, zero_grad, state_dict)."""
     trainable = [p for _, p in params if p.requires_grad]
     if not trainable:
         raise UserError("the model has no trainable parameters; check --lora-r and the model")
@@ -44,6 +58,20 @@ def build_optimizer(
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if in_backward or bf16_update != "nearest":
+
+        def make(ps: list[torch.nn.Parameter], decay: float) -> torch.optim.Optimizer:
+            return _build(name, [{"params": ps, "weight_decay": decay}], lr, betas, eps, sharded)
+
+        if in_backward:
+            return InBackwardOptimizer(groups, make, order=trainable, bf16_update=bf16_update, seed=seed)
+        return ParamwiseOptimizer(groups, make, bf16_update=bf16_update, seed=seed)
+    return _build(name, groups, lr, betas, eps, sharded)
+
+
+def _build(
+    name: str, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float, sharded: bool
+) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "adamw8bit" and sharded:

@@ -26,7 +26,13 @@ PANELS: list[tuple[str, list[tuple[str, str]]]] = [
             ("eval_sft_loss", "held-out SFT"),
         ],
     ),  # fmt: skip
+    (
+        "reward-model loss / centring",
+        [("rm_loss", "BT / listwise"), ("center_loss", "centring"), ("eval_rm_loss", "held-out")],
+    ),  # fmt: skip
     ("ranking accuracy (pairs)", [("accuracy", "train"), ("eval_accuracy", "held-out")]),
+    ("reward margin of ordered pairs", [("margin", "train"), ("eval_margin", "held-out")]),
+    ("top-1 agreement", [("eval_top1", "held-out")]),
     ("reward of the top-scored response", [("best_reward", "train"), ("eval_best_reward", "held-out")]),
     ("learning rate", [("lr", "lr")]),
     ("gradient norm", [("grad_norm", "before clipping")]),

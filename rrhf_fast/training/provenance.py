@@ -1,4 +1,4 @@
-"""What a run's flags resolved to, saved beside them (DESIGN.md section 9: every run saves its
+"""What a run's flags resolved to, saved beside them (docs/DESIGN.md §10: every run saves its
 resolved config).
 
 config.json keeps the flags as given, `auto` included, so that `--resume` and `iterate` can pass
@@ -23,6 +23,7 @@ import torch
 from rrhf_fast import __version__
 from rrhf_fast.kernels.utils import resolve_impl
 from rrhf_fast.models import attention
+from rrhf_fast.models.wrapping import unwrap
 
 RUN_FILE = "run.json"
 _PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "torchao", "flash-attn")
@@ -32,15 +33,16 @@ def resolved_settings(
     config: Any, model: Any, device: torch.device, world: int, schedule: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any]:
     """The values a run uses for the flags that leave a choice (JSON-able)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     text = base.config.get_text_config()
     softcapped = getattr(text, "attn_logit_softcapping", None) is not None
     trainable = sorted({_name(p.dtype) for p in model.parameters() if p.requires_grad})
+    head = base.get_output_embeddings() or getattr(base, "score", None)  # a reward model: its score head
     return {
         "attn": attention.resolve_backend(config.attn, device, softcapped),
-        "loss_impl": resolve_impl(config.loss_impl, device),
+        "kernels": resolve_impl(config.kernels, device),
         "weight_dtype": _name(base.get_input_embeddings().weight.dtype),
-        "lm_head_dtype": _name(base.get_output_embeddings().weight.dtype),
+        "lm_head_dtype": _name(head.weight.dtype),
         "trainable_dtypes": trainable,
         "quantization": "4bit" if config.load_in_4bit else "8bit" if config.load_in_8bit else None,
         "autocast_dtype": "bfloat16" if device.type == "cuda" else None,

@@ -23,8 +23,7 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample, tokenize_example
 from rrhf_fast.data.records import load_examples_with_stats
 from rrhf_fast.errors import UserError
-from rrhf_fast.models.loading import load_model
-from rrhf_fast.models.logprobs import check_logit_parity, prepare_model
+from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
 from rrhf_fast.training import distributed
 from rrhf_fast.training.checkpoint import (
@@ -85,10 +84,8 @@ def check_device_flags(config: TrainConfig, device: torch.device) -> None:
         return
     if config.attn in ("varlen", "flex"):
         raise UserError(f"--attn {config.attn} needs a CUDA GPU; on {device.type} use --attn dense (or auto)")
-    if config.loss_impl == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise UserError(
-            f"--loss-impl triton needs a CUDA GPU; on {device.type} use --loss-impl torch (or auto)"
-        )
+    if config.kernels == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise UserError(f"--kernels triton needs a CUDA GPU; on {device.type} use --kernels torch (or auto)")
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -178,22 +175,27 @@ def plan_schedule(
 
 
 def build_model(
-    config: TrainConfig, device: torch.device, data: TrainData, autocast: contextlib.AbstractContextManager
+    config: TrainConfig,
+    device: torch.device,
+    data: TrainData,
+    autocast: contextlib.AbstractContextManager,
+    objective: Objective,
+    tokenizer: Any,
 ) -> Any:
-    """The model to train, switched to packed attention; refused if the data or the packing do not fit it."""
-    model = prepare_model(load_model(config, device))
+    """The objective's model (Objective.load_model: the causal LM, or train-rm's reward model),
+    switched to packed attention; refused if the data or the packing do not fit it."""
+    model = objective.load_model(device, tokenizer, autocast)
     _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
-    with autocast:  # packed log-probs must equal the model's own: refuse what packing cannot mirror
-        check_logit_parity(model, attn=config.attn, impl=config.loss_impl)
     return model
 
 
 def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], list[str]]]) -> None:
     """Every token id must index the embedding and the lm_head: a tokenizer with more tokens than
     the weights otherwise fails deep inside the forward (an IndexError, a CUDA device-side assert)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     embedding = base.get_input_embeddings().weight.shape[0]
-    head = base.get_output_embeddings().weight.shape[0]
+    output = base.get_output_embeddings()  # None for a reward model (a score head, no lm_head)
+    head = embedding if output is None else output.weight.shape[0]
     for items, where in datasets:
         for item, loc in zip(items, where, strict=True):
             top = max(max(item.prompt_ids), *(max(r) for r in item.response_ids))
@@ -208,7 +210,9 @@ def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], l
 def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (under FSDP2: once they are sharded)."""
     return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
-                           weight_decay=config.weight_decay, sharded=config.fsdp)  # fmt: skip
+                           weight_decay=config.weight_decay, sharded=config.fsdp,
+                           in_backward=config.optim_in_backward, bf16_update=config.bf16_update,
+                           seed=config.seed)  # fmt: skip
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import time
@@ -36,6 +37,7 @@ from rrhf_fast.objectives import Metrics, Objective, build_objective
 from rrhf_fast.training import distributed
 from rrhf_fast.training.checkpoint import latest_checkpoint, load_weights, save_checkpoint
 from rrhf_fast.training.evaluate import evaluate
+from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
 from rrhf_fast.training.optim import lr_at, set_lr
 from rrhf_fast.training.plot import METRICS_FILE, plot_run
 from rrhf_fast.training.run_state import RunState
@@ -99,11 +101,13 @@ def train(config: TrainConfig) -> TrainResult:
     data = load_data(config, tokenizer, objective)
     planner = StepPlanner([it.packed_len for it in data.items], config)
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
+    if config.optim_in_backward:  # each step must be one micro-batch per rank
+        check_one_microbatch(config, planner.steps_of_epoch, schedule["total_steps"], dist.world)
 
     # ---------------------------------------------------------------------------------------------
     # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model (FSDP2
     # shards the weights it holds), its optimizer state once the optimizer holds the wrapped ones
-    model = build_model(config, device, data, autocast)
+    model = build_model(config, device, data, autocast, objective, tokenizer)
     torch.manual_seed(config.seed + dist.rank)  # dropout masks differ across ranks (not the data order)
     if checkpoint is not None:
         load_weights(model, checkpoint)
@@ -183,10 +187,10 @@ def train_step(job: Job, work: RankStep) -> StepResult:
     if on_cuda:  # mem_mib is this step's peak
         torch.cuda.reset_peak_memory_stats(job.device)
     t0 = time.perf_counter()
-    metrics = forward_backward(job.module, job.objective, work.batches, job.autocast, queries=work.queries,
-                               own=work.own, world=job.dist.world)  # fmt: skip
-    norm = torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm or math.inf)
-    grad_norm = float(distributed.local_value(norm))
+    run = functools.partial(forward_backward, job.module, job.objective, work.batches, job.autocast,
+                            queries=work.queries, own=work.own, world=job.dist.world)  # fmt: skip
+    # --optim-in-backward: the update happens in backward_step (then step() finds no gradient)
+    metrics, grad_norm = backward_step(job.optimizer, run, job.params, job.config.max_grad_norm)
     metrics, tokens = _sum_over_ranks(metrics, work.tokens, job.device, job.dist.world)
     finite = math.isfinite(metrics.loss) and math.isfinite(grad_norm)
     if finite:

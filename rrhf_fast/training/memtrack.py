@@ -1,0 +1,162 @@
+"""Live tensor memory by category over a training step: a dispatch-mode tracker for real and fake tensors.
+
+Every op's output storages are recorded when they first appear and dropped when their storage is
+freed (a weak reference's callback), so the tracker knows the bytes alive at each allocation and
+their peak, on real CPU tensors as on `FakeTensorMode` tensors (which hold no memory). It is
+torch's `MemTracker` idea (torch.distributed._tools.mem_tracker) reduced to what a plan needs, with
+one addition: the fused kernels are custom ops, opaque to a dispatch mode, so their bodies (the
+launcher on real tensors, the fake kernel on fake ones) run with the tracker still on top, which
+then sees their workspace buffers too.
+
+Categories: weights (registered before the step), gradients (a parameter's .grad, moved there when
+it is accumulated), optimizer (allocated during the optimizer step: its states, and the step's own
+short-lived temporaries), activations (allocated during forward and still alive), temporaries
+(allocated during backward and not a gradient: recomputed activations under checkpointing,
+activation gradients, kernel workspaces).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
+PHASE_CATEGORY = {
+    "setup": "weights",
+    "forward": "activations",
+    "backward": "temporaries",
+    "clip": "temporaries",
+    "optimizer": "optimizer",
+}
+
+
+@dataclass
+class Allocation:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nbytes: int
+    phase: str
+
+
+@dataclass
+class MemoryReport:
+    peak_bytes: int
+    peak_phase: str
+    by_category: dict[str, int]  # each category's largest value over the step
+    at_peak: dict[str, int]  # the categories' values at the peak
+    allocations: list[Allocation] = field(default_factory=list)
+
+
+class MemoryTracker(TorchDispatchMode):
+    """`with MemoryTracker() as mt:` ... `mt.phase = "backward"` ... `mt.report()`."""
+
+    def __init__(self, inline: dict[Any, tuple[Callable, Callable]] | None = None, record: bool = False):
+        super().__init__()
+        # op overload -> (real body, fake body): run with the tracker on top to see their buffers.
+        self.inline = dict(inline or {})
+        self.record = record
+        self.phase = "forward"
+        self.live: dict[int, tuple[int, str]] = {}  # storage id -> (bytes, category)
+        self._refs: dict[int, weakref.ref] = {}
+        self.current: Counter[str] = Counter()
+        self.largest: Counter[str] = Counter()
+        self.total = self.peak = 0
+        self.peak_phase = "setup"
+        self.at_peak: dict[str, int] = {}
+        self.allocations: list[Allocation] = []
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    def track(self, tensor: torch.Tensor, category: str | None = None, nbytes: int | None = None) -> None:
+        """Count `tensor`'s storage (if new) under `category` (default: the phase's); `nbytes` stands
+        for the storage's size where the real one differs (a quantised weight simulated unquantised)."""
+        if not _strided(tensor):
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        nbytes = storage.nbytes() if nbytes is None else nbytes
+        cat = category or PHASE_CATEGORY[self.phase]
+        self.live[key] = (nbytes, cat)
+        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
+        if self.record:
+            self.allocations.append(Allocation(tuple(tensor.shape), tensor.dtype, nbytes, self.phase))
+        self._add(cat, nbytes)
+
+    def recategorize(self, tensor: torch.Tensor, category: str) -> None:
+        """Move a tracked storage to `category` (a gradient once it is a parameter's .grad)."""
+        key = id(tensor.untyped_storage())
+        if key not in self.live:
+            return self.track(tensor, category)
+        nbytes, old = self.live[key]
+        if old != category:
+            self.live[key] = (nbytes, category)
+            self.current[old] -= nbytes
+            self.total -= nbytes
+            self._add(category, nbytes)
+
+    def _add(self, cat: str, nbytes: int) -> None:
+        self.current[cat] += nbytes
+        self.total += nbytes
+        self.largest[cat] = max(self.largest[cat], self.current[cat])
+        if self.total > self.peak:
+            self.peak, self.peak_phase = self.total, self.phase
+            self.at_peak = {c: self.current[c] for c in CATEGORIES}
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        self._refs.pop(key, None)
+        if entry is not None:
+            self.current[entry[1]] -= entry[0]
+            self.total -= entry[0]
+
+    def report(self) -> MemoryReport:
+        return MemoryReport(
+            peak_bytes=self.peak,
+            peak_phase=self.peak_phase,
+            by_category={c: int(self.largest[c]) for c in CATEGORIES},
+            at_peak={c: int(self.at_peak.get(c, 0)) for c in CATEGORIES},
+            allocations=list(self.allocations),
+        )
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bodies = self.inline.get(func)
+        if bodies is not None:
+            fake = any(isinstance(a, FakeTensor) for a in tree_flatten((args, kwargs))[0])
+            with self:
+                out = bodies[1 if fake else 0](*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        # An output on an input's storage (a view, an in-place or out= op) is no new memory, also
+        # when the input predates the tracker.
+        inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _strided(t)}
+        for t in tree_flatten(out)[0]:
+            if _strided(t) and id(t.untyped_storage()) not in inputs:
+                self.track(t)
+        return out
+
+
+def _strided(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided
+
+
+def watch_gradients(tracker: MemoryTracker, params: list[torch.nn.Parameter]) -> list[Any]:
+    """Count each parameter's .grad as a gradient once it is accumulated; returns the hook handles."""
+
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            tracker.recategorize(p.grad, "gradients")
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]

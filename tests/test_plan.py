@@ -1,0 +1,161 @@
+"""`rrhf-fast plan`: the simulated step against a real CPU step, the layer extrapolation against a
+whole simulation, bitsandbytes' layouts against the library, the command's output."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_ops import launches_unseen  # noqa: F401 (fixture)
+
+from rrhf_fast import cli
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.models.tiny import tiny_config
+from rrhf_fast.training import plan, plan_cuda
+from rrhf_fast.training.simulate import batch_shape, plan_step, simulate
+
+TORCH_THREADS = 1
+
+
+def flags(**kw):
+    base = dict(model="-", data="-", output_dir="-", optim="adamw", attn="dense", kernels="triton")
+    return TrainConfig(**{**base, **kw})
+
+
+VALIDATION = [
+    pytest.param("llama-tied", {}, id="llama-tied-full"),
+    pytest.param("qwen2", dict(lora_r=4), id="qwen2-lora", marks=pytest.mark.slow),
+    pytest.param("gemma2", dict(gradient_checkpointing=True), id="gemma2-full-ckpt", marks=pytest.mark.slow),
+    pytest.param("llama", dict(lora_r=8, gradient_checkpointing=True), id="llama-lora-ckpt",
+                 marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch,kw", VALIDATION)
+def test_planned_peak_is_the_real_steps(launches_unseen, arch, kw):  # noqa: F811
+    """Plan (fake tensors, 2 and 4 layers extrapolated to 6) vs the live tensor bytes of a real CPU
+    step of the same configuration (6 layers, the Triton kernels under the interpreter)."""
+    hf = tiny_config(arch.removesuffix("-tied"), num_layers=6, tie_word_embeddings=arch.endswith("-tied"))
+    config, shape = flags(**kw), batch_shape(192)
+    real = simulate(hf, config, shape, fake=False, cuda=False)
+    planned = plan_step(hf, config, shape, cuda=False)
+    assert planned.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+    assert planned.peak_phase == real.peak_phase
+    for category in ("weights", "gradients"):
+        assert planned.by_category[category] == pytest.approx(real.by_category[category], rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({}, id="full"),
+        pytest.param(dict(lora_r=4, gradient_checkpointing=True), id="lora-ckpt", marks=pytest.mark.slow),
+    ],
+)
+def test_extrapolation_matches_the_whole_simulation(kw):
+    hf = tiny_config("qwen2", num_layers=10, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=1000)
+    config, shape = flags(attn="auto", kernels="auto", **kw), batch_shape(512)
+    whole = simulate(hf, config, shape)
+    planned = plan_step(hf, config, shape)
+    assert planned.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.01)
+    for category, value in whole.by_category.items():
+        assert planned.by_category[category] == pytest.approx(value, rel=0.01, abs=4096), category
+
+
+def test_adamw8bit_states_are_bitsandbytes_layout():
+    bnb = pytest.importorskip("bitsandbytes")
+    params = [torch.nn.Parameter(torch.randn(77, 130)), torch.nn.Parameter(torch.randn(300)),
+              torch.nn.Parameter(torch.randn(4096))]  # fmt: skip
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    for p in params:
+        real = sorted(
+            (v.numel(), v.dtype)
+            for k, v in optimizer.state[p].items()
+            if torch.is_tensor(v) and "qmap" not in k
+        )
+        assert real == sorted((math.prod(s), d) for s, d in plan_cuda.adamw8bit_state_shapes(p.numel()))
+
+
+def test_nf4_bytes_are_bitsandbytes_layout():
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(300, 130, dtype=torch.bfloat16)
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    parts = [packed, state.absmax, state.state2.absmax, state.state2.code, state.offset]
+    assert plan_cuda.nf4_bytes(w.numel()) == sum(t.numel() * t.element_size() for t in parts)
+
+
+def test_quantized_base_counts_stored_bytes():
+    """QLoRA: the decoder linears count as NF4 bytes, the rest is fp32, only adapters train."""
+    hf = tiny_config("llama", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2)
+    lora = plan_step(hf, flags(lora_r=4), batch_shape(256))
+    qlora = plan_step(hf, flags(lora_r=4, load_in_4bit=True), batch_shape(256))
+    shapes = [(128, 128)] * 2 + [(64, 128)] * 2 + [(256, 128)] * 3  # q, o | k, v | gate, up, down
+    fp32 = 2 * sum(4 * o * i for o, i in shapes)  # two layers; LoRA's base stays fp32 (--dtype auto)
+    saved = fp32 - 2 * sum(plan_cuda.nf4_bytes(o * i) for o, i in shapes)
+    assert lora.by_category["weights"] - qlora.by_category["weights"] == pytest.approx(saved, rel=0.01)
+    assert qlora.by_category["gradients"] == lora.by_category["gradients"]
+
+
+def test_search_bisects_to_the_largest_fitting_budget():
+    calls = []
+
+    def fits(tokens):
+        calls.append(tokens)
+        return tokens <= 5000
+
+    assert plan.search_tokens(fits) == 4864
+    assert len(calls) < 12
+    calls.clear()
+    assert plan.search_tokens(fits, guess=4700) == 4864
+    assert len(calls) < 6  # a good guess (plan's affine one) saves most steps
+    assert plan.search_tokens(fits, guess=100_000, limit=8192) == 4864
+    assert plan.search_tokens(lambda t: True, limit=8192) == 8192
+    assert plan.search_tokens(lambda t: False) is None
+
+
+@pytest.mark.parametrize(
+    "text,value", [("80GiB", 80 << 30), ("24GB", 24 * 10**9), ("81920MiB", 80 << 30), ("48", 48 << 30)]
+)
+def test_parse_memory(text, value):
+    assert plan.parse_memory(text) == value
+
+
+def test_cli_json(tmp_path, capsys):
+    tiny_config("llama", num_layers=2).save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path), "--micro-batch-tokens", "512", "--json"]
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"peak_bytes", "peak_phase", "by_category", "micro_batch_tokens", "fits",
+                        "max_micro_batch_tokens"}  # fmt: skip
+    assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "activations", "temporaries"}
+    assert out["micro_batch_tokens"] == 512 and out["fits"] is None and out["max_micro_batch_tokens"] is None
+    assert out["peak_bytes"] >= max(out["by_category"].values())
+
+
+@pytest.mark.slow  # 30 s: a dozen simulated steps
+def test_cli_search(tmp_path, capsys):
+    tiny_config("llama", num_layers=2).save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path), "--gpu-memory", "1.7GiB", "--json"]
+    assert cli.main([*argv, "--micro-batch-tokens", "512", "--search"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True
+    best = out["max_micro_batch_tokens"]
+    assert best % 256 == 0 and best > 512
+    assert cli.main([*argv, "--micro-batch-tokens", str(best + 256)]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_cli_text_and_errors(tmp_path, capsys):
+    assert cli.main(["plan", "--model", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+    tiny_config("gemma2", num_layers=2).save_pretrained(tmp_path)
+    assert (
+        cli.main(["plan", "--model", str(tmp_path), "--micro-batch-tokens", "256", "--gpu-memory", "24GB"])
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "peak:" in text and "fits in 22.4 GiB: yes" in text and "activations" in text
+    assert cli.main(["plan", "--model", str(tmp_path), "--search"]) == 2
