@@ -59,7 +59,7 @@ def ours_step(model, optimizer, items, plan, device, attn: str, impl: str) -> Ca
                 logp,
                 batch.token_response,
                 batch.response_query,
-                batch.scores,
+                batch.ranks,
                 prompt_len=batch.prompt_len,
                 normalizer=num_queries,  # the mean over every query of the step
                 k_max=batch.max_responses,

@@ -14,7 +14,7 @@ import sys
 from rrhf_fast.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("rrhf_fast.training.train", "train a causal LM with RRHF on a scored JSONL file"),
+    "train": ("rrhf_fast.training.train", "train a causal LM with RRHF (or DPO) on scored data"),
     "train-rm": (
         "rrhf_fast.training.train_rm",
         "train a reward model (Bradley-Terry or listwise) on scored responses, packed like train",
@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ref-logps": (
         "rrhf_fast.objectives.dpo",
         "add a reference model's log-prob sum per response (for --loss dpo)",
+    ),
+    "inspect": (
+        "rrhf_fast.training.inspect",
+        "show how records become prompt and response tokens, and what packing saves",
     ),
     "merge": ("rrhf_fast.training.merge", "merge a trained LoRA adapter into its base model"),
     "plan": (

@@ -53,13 +53,23 @@ class TrainConfig:
     # ---- inputs and outputs
     model: str = required("model directory saved with save_pretrained, or a hub id", metavar="PATH")
     data: str = required(
-        "training data: JSONL of {query, responses, scores} or a saved dataset", metavar="PATH"
+        "training data: JSONL/JSON/parquet/CSV/arrow file, folder of shards or saved dataset, of "
+        "{query, responses, scores}, {prompt, chosen, rejected}, {chosen, rejected} or "
+        "{prompt, completions, scores} records (README: Data)",
+        metavar="PATH",
     )
     output_dir: str = required("run directory: config, metrics.jsonl, curves.png, checkpoints", metavar="DIR")
     eval_data: str | None = opt(
         None, "held-out data in the training format, for ranking accuracy", metavar="PATH"
     )
     eval_every: int = opt(0, "evaluate every N steps (0: only before and after training)")
+    data_split: str = opt("train", "split of a DatasetDict folder (or of shards named by split) for --data")
+    eval_split: str = opt(
+        "test", "split of a DatasetDict folder (or of shards named by split) for --eval-data"
+    )
+    query_field: str = opt("query", "column holding the query (a string or a list of messages)")
+    responses_field: str = opt("responses", "column holding the list of responses")
+    scores_field: str = opt("scores", "column holding the list of scores")
     # ---- how long, how big
     max_steps: int | None = opt(None, "optimizer steps to train (default: --epochs passes over the data)")
     epochs: int = opt(1, "passes over the data when --max-steps is not given")
@@ -68,9 +78,17 @@ class TrainConfig:
     queries_per_step: int | None = opt(
         None, "queries per optimizer step, split into micro-batches by --micro-batch-tokens"
     )
-    max_prompt_len: int | None = opt(None, "keep the last N prompt tokens")
-    max_response_len: int | None = opt(None, "keep the first N response tokens (EOS included)")
-    chat_template: bool = opt(False, "wrap each query in the tokenizer's chat template as a user turn")
+    max_prompt_len: int | None = opt(
+        None,
+        "keep N prompt tokens: its leading special tokens, the end of its text, the generation prompt",
+    )
+    max_response_len: int | None = opt(
+        None, "keep N response tokens: the start of its text and its EOS / end of turn"
+    )
+    chat_template: bool = opt(
+        False,
+        "wrap plain-string queries and responses in the tokenizer's chat template (conversations always are)",
+    )
     # ---- optimization
     lr: float = opt(2e-5, "peak learning rate")
     min_lr: float = opt(0.0, "learning rate at the end of the cosine decay")
@@ -184,6 +202,11 @@ class TrainConfig:
             raise UserError("--rm-margin and --rm-margin-scale apply to --rm-loss bt only; drop them")
         if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
             raise UserError("--rank-weight and --sft-weight are both 0: there is nothing to train")
+        if self.lr == 0:  # every update would be zero: a run that changes nothing, saved as trained
+            raise UserError("--lr 0 leaves the weights as they are; give a positive --lr")
+        if self.length_penalty < 0:  # the RRHF score would be sum * length ** |p|: not a normalisation
+            got = self.length_penalty
+            raise UserError(f"--length-penalty must be 0 or more (0: sums, 1: means), got {got}")
         if self.min_lr > self.lr:
             raise UserError(f"--min-lr {self.min_lr} is above --lr {self.lr}; give a smaller --min-lr")
         if self.queries_per_step is not None and self.grad_accum != 1:
@@ -251,6 +274,16 @@ class TrainConfig:
     def mode(self) -> str:
         """The field's name before it became `length_norm`."""
         return self.length_norm
+
+    def data_options(self, split: str | None = None) -> dict[str, Any]:
+        """load_examples' keywords: the column names, and the split (default --data-split)."""
+        return dict(query_field=self.query_field, responses_field=self.responses_field,
+                    scores_field=self.scores_field, split=split or self.data_split)  # fmt: skip
+
+    def tokenizing(self) -> dict[str, Any]:
+        """tokenize_examples' keywords: every flag that decides the tokens."""
+        return dict(max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len,
+                    chat_template=self.chat_template)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -97,11 +97,94 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
 def test_a_partial_directory_is_ignored_and_cleaned(tmp_path):
     model, opt = _setup()
     _save(tmp_path, 1, model, opt)
-    partial = tmp_path / "checkpoint-2"  # e.g. copied by hand without its marker
+    partial = tmp_path / "checkpoint-2"  # a checkpoint's files without its marker: a killed delete
     partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"x")
+    foreign = tmp_path / "checkpoint-5"  # a Hugging Face Trainer checkpoint: not ours, kept
+    foreign.mkdir()
+    (foreign / "trainer_state.json").write_text("{}")
     (tmp_path / ".tmp-checkpoint-3-abc").mkdir()
+    (tmp_path / ".deleting-checkpoint-0").mkdir()
     assert latest_checkpoint(tmp_path).name == "checkpoint-1"
-    assert [p.name for p in remove_partial_saves(tmp_path)] == [".tmp-checkpoint-3-abc"]
+    removed = [p.name for p in remove_partial_saves(tmp_path)]
+    assert removed == [".deleting-checkpoint-0", ".tmp-checkpoint-3-abc", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-5"]
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 3, 4, 6, 9])
+def test_a_rotation_killed_anywhere_leaves_no_orphan_at_the_next_start(tmp_path, monkeypatch, kill_after):
+    """rmtree deletes the marker 4th of 11 files; the kill comes after `kill_after` deletions
+    (0: between the rename aside and the delete)."""
+    model, opt = _setup()
+    _save(tmp_path, 1, model, opt, keep=1)
+    real_unlink, done = ckpt.os.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if len(done) == kill_after:
+            raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+        done.append(path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda p, ignore_errors=False: _rmtree(p, unlink))
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 2, model, opt, keep=1)
+    monkeypatch.undo()
+    remove_partial_saves(tmp_path)  # the next start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert load_checkpoint(tmp_path / "checkpoint-2", model=model, optimizer=opt)["step"] == 2
+
+
+def _rmtree(path, unlink):
+    """shutil.rmtree with every file deletion through `unlink`, in the order os.scandir gives."""
+    import os
+
+    if not os.path.exists(path):
+        return
+    for entry in sorted(os.scandir(path), key=lambda e: e.is_dir()):
+        if entry.is_dir(follow_symlinks=False):
+            _rmtree(entry.path, unlink)
+        else:
+            unlink(entry.path)
+    os.rmdir(path)
+
+
+def test_a_file_deleted_during_a_save_is_never_marked_complete(tmp_path, monkeypatch):
+    """What a second run's cleanup did to a save in progress: the marker listed what was left."""
+    model, opt = _setup()
+    real = model.save_pretrained
+
+    def save_then_lose_weights(directory, **kwargs):
+        real(directory, **kwargs)
+        (directory / "model.safetensors").unlink()
+
+    monkeypatch.setattr(model, "save_pretrained", save_then_lose_weights)
+    with pytest.raises(UserError, match="model.safetensors vanished while the checkpoint was written"):
+        _save(tmp_path, 1, model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_marker_without_a_required_file_is_refused(tmp_path):
+    model, opt = _setup()
+    path = _save(tmp_path, 1, model, opt)
+    (path / "model.safetensors").unlink()
+    marker = json.loads((path / "COMPLETE.json").read_text())
+    del marker["files"]["model.safetensors"], marker["required"]  # as an older rrhf-fast wrote it
+    (path / "COMPLETE.json").write_text(json.dumps(marker))
+    with pytest.raises(UserError, match="lacks model.safetensors, which every checkpoint holds"):
+        load_checkpoint(path, model=model, optimizer=opt)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_directories_follow_the_umask(tmp_path, umask):
+    import os
+
+    model, opt = _setup()
+    old = os.umask(umask)
+    try:
+        path = _save(tmp_path, 1, model, opt)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes them, not mkdtemp's 0700
 
 
 def test_truncated_file_is_one_clear_error(tmp_path):

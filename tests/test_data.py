@@ -133,5 +133,5 @@ def test_hf_dataset_errors_name_the_row_and_field():
             {"query": "q", "responses": ["a", "b"], "scores": [1.0]},
         ]
     )
-    with pytest.raises(DataError, match=r"<datasets.Dataset> row 1: field 'scores': has 1 scores for 2"):
+    with pytest.raises(DataError, match=r"<datasets.Dataset>:row 2: field 'scores': has 1 scores for 2"):
         load_examples(ds)

@@ -9,6 +9,7 @@ default suite, the others are marked slow.
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -176,6 +177,38 @@ def test_fsdp2_resume_same_world_is_bitwise_and_another_world_reshards(tmp_path,
     assert 0 < max_diff(weights(tmp_path / "part1", 4), a) <= 1e-5
     with pytest.raises(UserError, match="written by a run with --fsdp, resumed without it"):
         train(flags(files, tmp_path / "part1", max_steps=6, resume=True, grad_accum=3))
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_never_unpickles_a_crafted_metadata(tmp_path, files):
+    """DCP's FileSystemReader would unpickle optimizer/.metadata: a pickle whose __reduce__ writes a
+    file, in a checkpoint whose marker was made consistent with it, must not run."""
+    torchrun(flags(files, tmp_path / "run", max_steps=2, grad_accum=3, fsdp=True))
+    path = tmp_path / "run" / "checkpoint-2"
+    (path / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    (path / "optimizer" / "metadata.json").unlink()  # as a checkpoint from elsewhere would be
+    marker = json.loads((path / "COMPLETE.json").read_text())
+    held = [p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE.json"]
+    marker["files"] = {p.relative_to(path).as_posix(): p.stat().st_size for p in held}
+    marker["required"].remove("optimizer/metadata.json")
+    (path / "COMPLETE.json").write_text(json.dumps(marker))
+
+    cfg = flags(files, tmp_path / "run", max_steps=4, grad_accum=3, fsdp=True, resume=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rrhf_fast.cli", "train", *argv(cfg)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode != 0
+    assert "rrhf-fast train: error: " in proc.stderr and "pickled .metadata could run code" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.slow

@@ -70,7 +70,8 @@ def test_dpo_loss_equals_a_hand_computation(beta, normalizer):
     logp, token_response, response_query, flat, ref, scores = _batch()
     out = dpo_loss(logp, token_response, response_query, flat, ref, num_queries=5, beta=beta,
                    normalizer=normalizer)  # fmt: skip
-    expected = _by_hand(logp, token_response, ref, scores, beta) / (normalizer or 5)
+    # Without a normalizer: the mean over the 3 queries that form a pair (ties and k = 1 left out).
+    expected = _by_hand(logp, token_response, ref, scores, beta) / (normalizer or 3)
     assert out.loss.item() == pytest.approx(expected, rel=1e-12)
     assert out.rank_loss.item() == out.loss.item() and out.sft_loss.item() == 0.0
     sums = torch.zeros(len(ref), dtype=logp.dtype).index_add(0, token_response, logp)
@@ -81,7 +82,7 @@ def test_policy_equal_to_reference_gives_log_2_per_pair():
     logp, token_response, response_query, flat, _, _ = _batch(seed=1)
     ref = torch.zeros(len(flat), dtype=logp.dtype).index_add(0, token_response, logp)
     out = dpo_loss(logp, token_response, response_query, flat, ref, num_queries=5, beta=0.5)
-    assert out.loss.item() == pytest.approx(3 * math.log(2) / 5)  # 3 of the 5 queries have a pair
+    assert out.loss.item() == pytest.approx(math.log(2))  # the mean over the 3 queries with a pair
 
 
 def test_dpo_loss_gradient_passes_gradcheck():
@@ -136,7 +137,8 @@ def test_stored_ref_logps_equal_a_plain_forward(model_dir):
     for ex in examples:
         prompt = tok(ex.query)["input_ids"]
         for response, stored in zip(ex.responses, ex.meta["ref_logps"], strict=True):
-            ids = (tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])[:4]
+            ids = tok(ex.query + response)["input_ids"][len(prompt) :]  # joint tokens (no merges here)
+            ids = ids[:3] + [tok.eos_token_id]  # --max-response-len 4 keeps the EOS
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + ids])).logits[0].double()
             logp = logits[len(prompt) - 1 : -1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None])

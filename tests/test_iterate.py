@@ -151,16 +151,20 @@ def test_two_rounds_then_resume_after_a_crash_in_round_two_is_bitwise_equal(task
 
 def test_dpo_rounds_store_the_reference_log_probs(task, tmp_path):
     out = tmp_path / "dpo"
-    iterate(settings(task, out, rounds=1, loss="dpo", dpo_beta=0.5, queries_per_step=6))
+    # lr 3e-3: with the mean over paired queries only (the old mean diluted it by the tied ones), lr 1e-2
+    # ended step 3 at 0.93, above step 1's ln 2
+    iterate(settings(task, out, rounds=1, loss="dpo", dpo_beta=0.5, queries_per_step=6, lr=3e-3))
     data = load_examples(out / "round-001" / "reference.jsonl")
     assert len(data) == 6 and all(len(ex.meta["ref_logps"]) == len(ex.responses) for ex in data)
     assert all(v < 0 for ex in data for v in ex.meta["ref_logps"])
     metrics = [
         json.loads(x) for x in (out / "round-001" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
-    # The round's starting model is the reference: at step 1 (all 6 queries) every pair has margin 0.
+    # The round's starting model is the reference: at step 1 (all 6 queries) every pair has margin 0,
+    # and the mean is over the queries that form a pair (the tied ones are counted, not averaged in).
     pairs = sum(len(set(ex.scores)) > 1 for ex in data)
-    assert pairs >= 3 and metrics[0]["loss"] == pytest.approx(math.log(2) * pairs / 6, abs=1e-4)
+    assert pairs >= 3 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics[0]["tied_queries"] == 6 - pairs
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 

@@ -130,7 +130,7 @@ def test_triton_kernels_inside_the_model_path(arch):
     for impl in ("torch", "triton"):
         model.zero_grad(set_to_none=True)
         logp = packed_logprobs(model, batch, attn="dense", impl=impl)
-        out = rrhf_loss(logp, batch.token_response, batch.response_query, batch.scores,
+        out = rrhf_loss(logp, batch.token_response, batch.response_query, batch.ranks,
                         prompt_len=batch.prompt_len, impl=impl)  # fmt: skip
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -209,7 +209,7 @@ def test_peft_lora_model():
 
 def test_chat_template_and_truncation_follow_the_packing():
     model = prepare_model(build_tiny_model("qwen2", seed=5))
-    kwargs = dict(max_prompt_len=6, max_response_len=4, chat_template=True)
+    kwargs = dict(max_prompt_len=26, max_response_len=4, chat_template=True)  # 23 template tokens
     with torch.no_grad():
         logp = packed_logprobs(model, pack(EXAMPLES, TOK, **kwargs), attn="dense", impl="torch")
         reference = copy.deepcopy(model)

@@ -66,10 +66,11 @@ def test_metrics_add_up_and_survive_the_flat_list_of_an_all_reduce():
         2.5,
         2,
     )
+    a.counts.tied = 1
     b = Metrics.from_list(names, a.to_list())
-    assert b.to_list() == a.to_list() == [1.0, 0.5, 0.5, 3, 4, 1, 2.5, 2]
+    assert b.to_list() == a.to_list() == [1.0, 0.5, 0.5, 3, 4, 1, 2.5, 2, 1]
     b += a
     assert b.summary("eval_") == {"eval_loss": 2.0, "eval_rank_loss": 1.0, "eval_sft_loss": 1.0,
                                   "eval_accuracy": 0.75, "eval_top1": 0.5,
-                                  "eval_best_reward": 1.25}  # fmt: skip
+                                  "eval_best_reward": 1.25, "eval_tied_queries": 2}  # fmt: skip
     assert Metrics.zeros(names).summary()["accuracy"] is None  # no pair: no accuracy, not 0

@@ -30,7 +30,7 @@ example = st.builds(
     st.lists(nonempty, min_size=1, max_size=4),
     st.integers(0, 100),
 )
-limits = st.one_of(st.none(), st.integers(1, 8))
+limits = st.one_of(st.none(), st.integers(1, 8), st.integers(20, 40))
 
 
 def response_positions(batch: PackedBatch) -> torch.Tensor:
@@ -41,9 +41,17 @@ def response_positions(batch: PackedBatch) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(example, min_size=1, max_size=4), limits, limits, st.booleans())
 def test_packed_layout_properties(examples, max_prompt_len, max_response_len, chat):
-    b = pack(
-        examples, TOK, max_prompt_len=max_prompt_len, max_response_len=max_response_len, chat_template=chat
-    )
+    try:
+        b = pack(
+            examples,
+            TOK,
+            max_prompt_len=max_prompt_len,
+            max_response_len=max_response_len,
+            chat_template=chat,
+        )
+    except UserError as err:  # a limit below the special tokens that truncation keeps
+        assert "leaves no room" in str(err)
+        return
     G, R, T = len(examples), sum(len(e.responses) for e in examples), b.num_tokens
     assert (b.num_queries, b.num_responses) == (G, R)
     assert b.input_ids.shape == b.position_ids.shape == (1, T)
@@ -73,22 +81,36 @@ def test_packed_layout_properties(examples, max_prompt_len, max_response_len, ch
     prompt = b.seq_segment == 0
     assert torch.equal(b.position_ids[0, prompt], torch.cat([torch.arange(int(p)) for p in b.prompt_len]))
 
-    # Tokenisation and truncation rules, query by query.
+    # Tokenisation and truncation rules, query by query: untruncated, prompt + response is the joint
+    # tokenisation of the whole text; truncated, BOS stays first and a plain response ends in EOS.
     responses = [r for e in examples for r in e.responses]
-    for i, (resp, n) in enumerate(zip(responses, b.response_len.tolist(), strict=True)):
-        full = TOK(resp, add_special_tokens=False, split_special_tokens=True).input_ids + [EOS]
-        expected = full if max_response_len is None else full[:max_response_len]
-        assert b.targets[b.token_response == i].tolist() == expected and n == len(expected)
+    for i, n in enumerate(b.response_len.tolist()):
+        got = b.targets[b.token_response == i].tolist()
+        assert max_response_len is None or n <= max_response_len
+        assert chat or got[-1] == EOS
+    k = 0
     for gi, e in enumerate(examples):
         ids = b.input_ids[0, prompt & (b.seq_group == gi)].tolist()
+        assert max_prompt_len is None or len(ids) <= max_prompt_len
         # A chat template reads special-token strings in the query as markup, as generation will.
-        assert ids.count(BOS) <= 1 or chat and "<s>" in e.query
-        full = tokenize_example(e, TOK, chat_template=chat).prompt_ids
-        assert ids == (full if max_prompt_len is None else full[-max_prompt_len:])
-        assert chat or full[0] == BOS and full[1:] == TOK(e.query, split_special_tokens=True).input_ids[1:]
+        assert chat or ids[0] == BOS and ids.count(BOS) == 1
+        for resp in e.responses:
+            if max_prompt_len is None and max_response_len is None:
+                got = ids + b.targets[b.token_response == k].tolist()
+                assert got == joint(e.query, resp, chat)
+            k += 1
+    assert k == len(responses)
 
     # varlen metadata: each segment's queries see the allowed keys, bottom-right aligned.
     assert torch.equal(varlen_mask(b), rule_mask(b))
+
+
+def joint(query: str, response: str, chat: bool) -> list[int]:
+    """The tokenizer's own tokens for the whole text (TRL's DPOTrainer tokenize_fn)."""
+    if not chat:
+        return TOK(query + response, split_special_tokens=True).input_ids + [EOS]
+    turns = [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    return TOK(TOK.apply_chat_template(turns, tokenize=False), add_special_tokens=False).input_ids
 
 
 def rule_mask(b: PackedBatch) -> torch.Tensor:
@@ -126,7 +148,8 @@ def test_small_layout_by_hand():
     assert b.targets.tolist() == [1, 2, 3, 4, 4, 4]
     assert b.token_response.tolist() == [0, 0, 1, 2, 2, 2]
     assert b.response_query.tolist() == [0, 0, 1]
-    assert b.scores.dtype == torch.float32 and b.scores.tolist() == [0.5, 1.0, 2.0]
+    assert b.scores.dtype == torch.float64 and b.scores.tolist() == [0.5, 1.0, 2.0]
+    assert b.ranks.dtype == torch.float32 and b.ranks.tolist() == [0.0, 1.0, 0.0]
     assert b.response_len.tolist() == [2, 1, 3] and b.prompt_len.tolist() == [3, 1]
     assert b.cu_seqlens_q.tolist() == [0, 3, 5, 6, 7, 10]
     assert b.cu_seqlens_k.tolist() == [0, 3, 8, 12, 13, 17]
@@ -140,10 +163,11 @@ def test_small_layout_by_hand():
 def test_truncation_by_hand():
     ex = Example("abcdef", ["xyz", "pq"], [1.0, 0.0])
     t = tokenize_example(ex, TOK, max_prompt_len=3, max_response_len=3)
-    assert t.prompt_ids == TOK("def", add_special_tokens=False).input_ids  # the last 3 tokens: no BOS
-    x, y, z, p, q = (TOK(c, add_special_tokens=False).input_ids[0] for c in "xyzpq")
-    assert t.response_ids == [[x, y, z], [p, q, EOS]]  # cut: no EOS; fits: EOS kept
-    assert tokenize_example(ex, TOK).prompt_ids[0] == BOS
+    d, e, f, x, y, p, q = (TOK(c, add_special_tokens=False).input_ids[0] for c in "defxypq")
+    assert t.prompt_ids == [BOS, e, f]  # BOS kept, the text cut from the left
+    assert t.response_ids == [[x, y, EOS], [p, q, EOS]]  # cut before the EOS, which stays
+    with pytest.raises(UserError, match="--max-prompt-len 1 leaves no room .* beside its 1 special"):
+        tokenize_example(ex, TOK, max_prompt_len=1)
 
 
 def test_chat_template_keeps_one_bos():

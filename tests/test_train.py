@@ -289,7 +289,7 @@ def test_ranking_counts_by_hand():
     r = torch.tensor([1.0, 0.0, 2.0, 0.0, 1.0])
     counts = ranking_counts(p, r, torch.tensor([0, 0, 0, 1, 1]), 2)
     assert (counts.correct_pairs, counts.pairs, counts.top1) == (3, 4, 1)
-    assert counts.summary() == {"accuracy": 0.75, "top1": 0.5, "best_reward": 1.0}
+    assert counts.summary() == {"accuracy": 0.75, "top1": 0.5, "best_reward": 1.0, "tied_queries": 0}
 
 
 def test_gradient_checkpointing_matches(tmp_path, model_dir):

@@ -1,8 +1,13 @@
 """Shared-prompt packing: each query's prompt once, its k responses after it, one unpadded row.
 
-docs/DESIGN.md §3 is the contract for `PackedBatch`. Tokenisation (§2) is split from
-packing so that a trainer can tokenise a dataset once and pack micro-batches from the token ids:
-`tokenize_example` -> `TokenizedExample`, `pack_tokenized` -> `PackedBatch`; `pack` composes both.
+docs/DESIGN.md §3 is the contract for `PackedBatch`. Tokenisation (§2; tokenize.py, re-exported
+here) is split from packing so that a trainer can tokenise a dataset once and pack micro-batches
+from the token ids: `tokenize_example` -> `TokenizedExample`, `pack_tokenized` -> `PackedBatch`;
+`pack` composes both.
+
+Scores stay float64 (`PackedBatch.scores`, for metrics); the losses read `PackedBatch.ranks`, each
+response's rank within its query computed exactly from the float64 scores: a float32 cast would
+tie 1.0 and 1.0 + 1e-12, and every score beyond 3.4e38 (inf).
 `plan_microbatches` groups queries into micro-batches under a token budget.
 
 A record may carry `ref_logps` (one number per response: a reference model's sum of the response's
@@ -12,30 +17,18 @@ token log-probs, what `--loss dpo` needs; see dpo.py); it travels to `PackedBatc
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from rrhf_fast.data.records import Example
+from rrhf_fast.data.tokenize import TokenizedExample, tokenize_example, tokenize_prompt
 from rrhf_fast.errors import UserError
 
-
-@dataclass
-class TokenizedExample:
-    """Token ids of one query: the prompt (with its special tokens) and each response (+ EOS)."""
-
-    prompt_ids: list[int]
-    response_ids: list[list[int]]
-    scores: list[float]  # [] when unscored: PackedBatch.scores is then NaN
-    ref_logps: list[float] = field(default_factory=list)  # [] when absent: PackedBatch.ref_logps is NaN
-
-    @property
-    def packed_len(self) -> int:
-        """Tokens this query takes in a packed row: the prompt once plus every response."""
-        return len(self.prompt_ids) + sum(len(r) for r in self.response_ids)
+__all__ = ["PackedBatch", "TokenizedExample", "pack", "pack_tokenized", "plan_microbatches", "score_ranks",
+           "tokenize_example", "tokenize_prompt"]  # fmt: skip
 
 
 @dataclass
@@ -60,7 +53,7 @@ class PackedBatch:
     targets: torch.Tensor  # [M] long
     token_response: torch.Tensor  # [M] long, global response index
     response_query: torch.Tensor  # [R] long, non-decreasing
-    scores: torch.Tensor  # [R] float32
+    scores: torch.Tensor  # [R] float64, the rewards as given (NaN when unscored)
     response_len: torch.Tensor  # [R] long
     prompt_len: torch.Tensor  # [G] long
     cu_seqlens_q: torch.Tensor  # [G + R + 1] int32
@@ -70,6 +63,7 @@ class PackedBatch:
     max_seqlen_k: int
     max_responses: int  # the most responses of one query (rrhf_loss's k_max: no device read for it)
     ref_logps: torch.Tensor  # [R] float32, reference log-prob sum per response (NaN when absent)
+    ranks: torch.Tensor  # [R] float32, dense rank of the score in its query (0 = lowest; NaN if unscored)
 
     @property
     def num_queries(self) -> int:
@@ -92,89 +86,6 @@ class PackedBatch:
                 value = value.to(device, non_blocking=non_blocking)
             moved[f.name] = value
         return PackedBatch(**moved)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenisation (docs/DESIGN.md §2)
-
-
-def tokenize_example(
-    example: Example,
-    tokenizer: Any,
-    *,
-    max_prompt_len: int | None = None,
-    max_response_len: int | None = None,
-    chat_template: bool = False,
-    where: str | None = None,
-) -> TokenizedExample:
-    """Prompt = the query with the tokenizer's special tokens; each response = its tokens + EOS.
-
-    The prompt keeps its last `max_prompt_len` tokens; a response keeps its first
-    `max_response_len` tokens (EOS included), so a truncated response has no EOS. Text is text:
-    a literal "</s>" inside a query or response is not read as a special token (except inside
-    a chat template, whose markup needs them). `where` (e.g. "FILE:LINE" of the record) starts the
-    message of an error about this example.
-    """
-    for name, value in (("max_prompt_len", max_prompt_len), ("max_response_len", max_response_len)):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive number of tokens, got {value}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserError("the tokenizer has no EOS token; set tokenizer.eos_token before packing")
-    prompt = tokenize_prompt(example.query, tokenizer, chat_template)
-    if max_prompt_len is not None:
-        prompt = prompt[-max_prompt_len:]
-    if not prompt:
-        raise UserError(
-            f"{_where(where, example)}: the query tokenises to no tokens and the tokenizer adds no BOS: "
-            "the first response token would have nothing to condition on; give a non-empty query"
-        )
-    encoded = tokenizer(list(example.responses), add_special_tokens=False, split_special_tokens=True)
-    responses = [list(ids) + [eos] for ids in encoded["input_ids"]]
-    if max_response_len is not None:
-        responses = [r[:max_response_len] for r in responses]
-    scores = [float(s) for s in example.scores]
-    return TokenizedExample(prompt, responses, scores, _ref_logps(example, where))
-
-
-def _ref_logps(example: Example, where: str | None) -> list[float]:
-    """The record's `ref_logps` (one finite number per response), or [] when it has none."""
-    value = example.meta.get("ref_logps")
-    if value is None:
-        return []
-    ok = isinstance(value, list) and len(value) == len(example.responses)
-    ok = ok and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value
-    )
-    if not ok:
-        raise UserError(
-            f"{_where(where, example)}: field 'ref_logps' must be a list of one finite number per "
-            f"response ({len(example.responses)}), got {str(value)[:80]}"
-        )
-    return [float(v) for v in value]
-
-
-def _where(where: str | None, example: Example) -> str:
-    """How an error names the example: its location when known, else its query."""
-    return where or f"query {example.query[:60]!r}"
-
-
-def tokenize_prompt(query: str, tokenizer: Any, chat_template: bool = False) -> list[int]:
-    """The prompt's token ids, untruncated: what sampling should feed the model for this query."""
-    if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError("chat_template=True but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": query}], add_generation_prompt=True, tokenize=False
-        )
-        # The template writes its own special tokens (BOS included) as text.
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = list(tokenizer(query, split_special_tokens=True)["input_ids"])
-    bos = tokenizer.bos_token_id
-    while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]  # a template that writes BOS plus a tokenizer that adds one: keep one
-    return ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +137,9 @@ def pack_tokenized(items: Sequence[TokenizedExample]) -> PackedBatch:
 def _token_layout(items: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
     ids, pos, group, segment = [], [], [], []
     rows, targets, token_response, response_query, scores, response_len = [], [], [], [], [], []
-    ref_logps = []
+    ref_logps, ranks = [], []
     for g, item in enumerate(items):
+        ranks += score_ranks(item.scores) if item.scores else [float("nan")] * len(item.response_ids)
         plen = len(item.prompt_ids)
         last_prompt_row = len(ids) + plen - 1
         ids += item.prompt_ids
@@ -257,10 +169,19 @@ def _token_layout(items: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
         targets=torch.tensor(targets, **as_long),
         token_response=torch.tensor(token_response, **as_long),
         response_query=torch.tensor(response_query, **as_long),
-        scores=torch.tensor(scores, dtype=torch.float32),
+        scores=torch.tensor(scores, dtype=torch.float64),
         response_len=torch.tensor(response_len, **as_long),
         ref_logps=torch.tensor(ref_logps, dtype=torch.float32),
+        ranks=torch.tensor(ranks, dtype=torch.float32),
     )
+
+
+def score_ranks(scores: Sequence[float]) -> list[float]:
+    """Each score's dense rank among its query's (0 = lowest, equal scores equal rank), compared as
+    Python floats (float64). What the losses need is only this order (RRHF's pairs r_i < r_j, the SFT
+    and DPO picks of the best and worst), and small integers are exact in float32."""
+    order = {s: float(i) for i, s in enumerate(sorted(set(scores)))}
+    return [order[s] for s in scores]
 
 
 def _varlen_segments(items: Sequence[TokenizedExample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,3 +251,53 @@ def plan_microbatches(lengths: Sequence[int], max_tokens: int) -> list[list[int]
     if current:
         plan.append(current)
     return plan
+
+
+def check_positions(items: Sequence[TokenizedExample], where: Sequence[str], limit: int | None) -> None:
+    """Every response's last position (prompt + response - 1) must be one the model has: beyond
+    max_position_embeddings, learned position tables index out of range and RoPE models run on
+    positions they never saw, silently."""
+    if not limit:
+        return
+    for item, loc in zip(items, where, strict=True):
+        longest = len(item.prompt_ids) + max(map(len, item.response_ids))
+        if longest > limit:
+            raise UserError(
+                f"{loc}: the prompt and its longest response take {longest} positions, over the model's "
+                f"max_position_embeddings of {limit}; shorten the record or truncate with --max-prompt-len / "
+                "--max-response-len"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# What packing saves
+
+
+def packing_summary(items: Sequence[TokenizedExample]) -> dict[str, Any]:
+    """Token counts of the data three ways: packed (each prompt once), unshared (each response with
+    its own copy of the prompt), padded (each query's k sequences padded to its longest, as a
+    collator that pads the k responses of a query does), and the packed/unshared, packed/padded
+    ratios."""
+    packed = sum(it.packed_len for it in items)
+    unshared = sum(len(it.prompt_ids) * len(it.response_ids) + sum(map(len, it.response_ids)) for it in items)
+    padded = sum(len(it.response_ids) * (len(it.prompt_ids) + max(map(len, it.response_ids))) for it in items)
+    return {
+        "queries": len(items),
+        "responses": sum(len(it.response_ids) for it in items),
+        "tokens_packed": packed,
+        "tokens_unshared": unshared,
+        "tokens_padded": padded,
+        "packed_over_unshared": round(packed / unshared, 4) if unshared else None,
+        "packed_over_padded": round(packed / padded, 4) if padded else None,
+    }
+
+
+def describe_packing(summary: dict[str, Any]) -> str:
+    """One line for a person: what `packing_summary` found."""
+    s = summary
+    return (
+        f"packing: {s['queries']:,} queries, {s['responses']:,} responses; {s['tokens_packed']:,} tokens "
+        f"packed, {s['tokens_unshared']:,} if each response carried its own prompt "
+        f"(packed/unshared {s['packed_over_unshared']}), {s['tokens_padded']:,} padded to each query's "
+        f"longest, k copies per query (packed/padded {s['packed_over_padded']})"
+    )

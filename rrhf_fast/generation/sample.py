@@ -148,6 +148,11 @@ def _parse_prompt(text: str, path: Path, lineno: int) -> str:
     return record["query"]
 
 
+def _query_key(query: Any) -> str:
+    """A query as a dict key: its text, or its messages as JSON (a conversation)."""
+    return query if isinstance(query, str) else json.dumps(query, sort_keys=True)
+
+
 def merge_responses(examples: list[Example], path: str | os.PathLike) -> int:
     """Append the responses of `path` (training format, scores ignored) to the examples with the
     same query; their source is the record's own `sources` or else the file's stem. Returns the
@@ -155,10 +160,10 @@ def merge_responses(examples: list[Example], path: str | os.PathLike) -> int:
     stats = load_examples_with_stats(path, require_scores=False)
     by_query: dict[str, list[Example]] = {}
     for ex in examples:
-        by_query.setdefault(ex.query, []).append(ex)
+        by_query.setdefault(_query_key(ex.query), []).append(ex)
     added = 0
     for extra, where in zip(stats.examples, stats.locations(), strict=True):
-        targets = by_query.get(extra.query)
+        targets = by_query.get(_query_key(extra.query))
         if targets is None:
             raise UserError(
                 f"{where}: query {_short(extra.query)} is not among the prompts; merge files must use "

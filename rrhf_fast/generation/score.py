@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
@@ -40,6 +41,7 @@ from rrhf_fast import config as config_module
 from rrhf_fast.config import config_from_args, opt
 from rrhf_fast.data.packing import pack_tokenized, plan_microbatches, tokenize_example
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.data.schemas import as_messages
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.labelers import (
     DirectScorer,
@@ -125,10 +127,14 @@ class RewardModelScorer:
         self.pad_id = model.config.pad_token_id
         self.packed, self.micro_batch_tokens = packed, micro_batch_tokens
 
-    def encode(self, query: str, response: str) -> list[int]:
+    def encode(self, query: Any, response: Any) -> list[int]:
+        """The reward model's tokens of query + response; a conversation (a list of messages, or a
+        response that is one) always goes through the chat template."""
         tok = self.tokenizer
-        if self.chat_template:
-            turns = [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+        if self.chat_template or isinstance(query, list) or isinstance(response, list):
+            require_chat_template(tok, True)
+            turns, (reply,) = as_messages(query, [response])
+            turns = turns + reply
             ids = tok(tok.apply_chat_template(turns, tokenize=False), add_special_tokens=False)["input_ids"]
         else:
             ids = tok(query + response, split_special_tokens=True)["input_ids"]
@@ -218,6 +224,15 @@ def load_function(target: str) -> Callable[[str, str], Any]:
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise UserError(f"python scorer: module {module_name!r} has no function {func_name!r}")
+    try:
+        inspect.signature(fn).bind("query", "response")
+    except TypeError:
+        raise UserError(
+            f"python scorer {target!r}: {func_name}{inspect.signature(fn)} cannot be called as "
+            f"{func_name}(query, response); define it with those two arguments"
+        ) from None
+    except ValueError:  # a builtin without a signature: its call will tell
+        pass
     return fn
 
 

@@ -129,6 +129,11 @@ def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") 
             f"--model {config.model}: cannot load {what} ({first_line(err)}); give a directory "
             "saved with save_pretrained or a hub id this machine can download"
         ) from None
+    except Exception as err:  # a bad weights file: one sentence, not the reader's traceback
+        if not _unreadable_weights(err):
+            raise
+        raise UserError(f"--model {config.model}: its weights cannot be read ({_unreadable_weights(err)}); "
+                        "save the model again with save_pretrained (safetensors)") from None  # fmt: skip
     if task_type == "SEQ_CLS":
         model, info = model
         _report_new_weights(config.model, info)
@@ -318,6 +323,20 @@ def _check_model_path(model: str) -> None:
     )
     if looks_local and not Path(model).expanduser().is_dir():
         raise UserError(f"--model {model}: no such directory; give a save_pretrained directory or a hub id")
+
+
+def _unreadable_weights(err: BaseException) -> str | None:
+    """What a corrupt, truncated or empty safetensors file (SafetensorError) or a pickle that
+    `torch.load(weights_only=True)` refuses (UnpicklingError: it is never run) raise, in words."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(err, SafetensorError):
+        return f"a corrupt, truncated or empty .safetensors file: {first_line(err)}"
+    if isinstance(err, pickle.UnpicklingError):
+        return "a pickled .bin file holding more than tensors, refused without running it"
+    return None
 
 
 @contextlib.contextmanager

@@ -27,6 +27,15 @@ ARCHS = ("llama", "qwen2", "mistral", "gemma2")
 # Architectures whose head scales the logits (rrhf_fast.models.logprobs applies the factor): tested too.
 SCALED_LOGIT_ARCHS = ("cohere", "granite")
 
+# ChatML (Qwen's, OpenHermes'): each turn "<|im_start|>ROLE\nCONTENT<|im_end|>\n"; the end-of-turn
+# token <|im_end|> is also the EOS, as in Qwen2-Instruct.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A few merges, so that tokens cross word boundaries as real BPEs' do: " yes" -> "Ġy" "es".
+MERGES = [("Ġ", "y"), ("e", "s"), ("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "s")]
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -50,6 +59,59 @@ def build_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_bpe_tokenizer(chatml: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with MERGES (GPT-2 / Llama 3 style), BOS added; with `chatml`, ChatML's
+    special tokens and template (<|im_end|> the EOS). Vocabulary: len(tokenizer)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for a, b in MERGES:
+        vocab[a + b] = len(vocab)
+    specials = ["<s>", "</s>", "<pad>"] + (["<|im_start|>", "<|im_end|>"] if chatml else [])
+    for special in specials:
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=MERGES))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    if not chatml:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>" if chatml else "</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"] if chatml else None,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE if chatml else CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-style (Llama 2, Mistral): a Metaspace pre-tokenizer ("▁" for spaces, one
+    prepended to the text), BPE over printable ASCII with a few word merges, <s> added, <unk>."""
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    merges = [("▁", "y"), ("e", "s"), ("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁y", "es")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -69,8 +69,15 @@ class Objective(abc.ABC):
             check_logit_parity(model, attn=self.config.attn, impl=self.config.kernels)
         return model
 
-    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:  # noqa: B027 (optional)
-        """Raise UserError, naming `path`, if the tokenised data lacks a field this objective needs."""
+    def check_data(  # noqa: B027 (optional)
+        self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
+    ) -> None:
+        """Raise UserError, naming `path` (or the record's `where`, "FILE:LINE"), if the tokenised data
+        lacks a field this objective needs."""
+
+    def normalizer(self, items: Sequence[TokenizedExample]) -> float:
+        """What the loss sums of a step (or an evaluation) over `items` are divided by: its queries."""
+        return float(len(items))
 
     def zero_metrics(self) -> Metrics:
         return Metrics.zeros(self.terms)

@@ -6,10 +6,19 @@ log-probs under the policy and S_ref the same under the reference model:
 
     loss_q = -log sigmoid(beta * ((S_w - S_ref_w) - (S_l - S_ref_l)))
 
-summed over queries and divided by `normalizer` (the global query count, as rrhf_loss does), or
-averaged over the batch's queries without one. S_ref is computed ONCE, before training, by the
-same fused path (packed_logprobs over packed batches) and stored in each JSONL record as
-`ref_logps` (one number per response), so only the policy is in memory while training.
+summed over the queries with a pair and divided by `normalizer` (the step's count of queries with
+a pair, `paired_queries`), or averaged over the batch's paired queries without one: TRL's
+`loss_type="sigmoid"` mean over pairs (trl/trainer/dpo_trainer.py, `_compute_loss`). S_ref is
+computed ONCE, before training, by the same fused path (packed_logprobs over packed batches) and
+stored in each record as `ref_logps` (one number per response), so only the policy is in memory
+while training.
+
+Beside them, `ref_logps_from` records what produced them: the tokenising flags and each response's
+token count. `train --loss dpo` refuses a record whose provenance differs from the run's (other
+flags or tokenizer: the numbers belong to other tokens; step 1 of a policy that is its own
+reference read 7.06 instead of ln 2). Records with bare `ref_logps` (written before the
+provenance existed) are used unchecked, with one warning: their numbers may be right, and a
+re-run of `ref-logps` makes them checkable.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -25,20 +35,17 @@ import torch.nn.functional as F
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import (
-    PackedBatch,
-    TokenizedExample,
-    pack_tokenized,
-    plan_microbatches,
-    tokenize_example,
-)
+from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized, plan_microbatches
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.kernels.reference import best_response
 from rrhf_fast.models.logprobs import packed_logprobs
 from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
 from rrhf_fast.objectives.metrics import Metrics
+
+logger = logging.getLogger(__name__)
 
 
 class DPOOutput(NamedTuple):
@@ -48,6 +55,11 @@ class DPOOutput(NamedTuple):
     rank_loss: torch.Tensor
     sft_loss: torch.Tensor
     response_scores: torch.Tensor  # [R] the implicit reward beta * (S - S_ref)
+
+
+def paired_queries(items: Sequence[TokenizedExample]) -> int:
+    """How many of the queries have a best and a worst response (rewards not all equal)."""
+    return sum(1 for it in items if it.scores and min(it.scores) < max(it.scores))
 
 
 def response_sums(logp: torch.Tensor, token_response: torch.Tensor, num_responses: int) -> torch.Tensor:
@@ -75,7 +87,9 @@ def dpo_loss(
     per_query = -F.logsigmoid(implicit[best] - implicit[worst])
     has_pair = scores[best] > scores[worst]  # else all rewards of the query tie
     per_query = torch.where(has_pair, per_query, torch.zeros_like(per_query))
-    loss = per_query.sum() / (normalizer if normalizer is not None else max(num_queries, 1))
+    if normalizer is None:
+        normalizer = has_pair.sum().clamp(min=1)
+    loss = per_query.sum() / normalizer
     return DPOOutput(loss, loss, torch.zeros_like(loss), implicit.detach())
 
 
@@ -104,7 +118,7 @@ class DPO(Objective):
             logp,
             batch.token_response.to(device),
             batch.response_query.to(device),
-            batch.scores.to(device),
+            batch.ranks.to(device),  # the exact order of the float64 scores (packing.score_ranks)
             batch.ref_logps.to(device),
             num_queries=batch.num_queries,
             beta=self.config.dpo_beta,
@@ -114,8 +128,15 @@ class DPO(Objective):
         metrics = Metrics.of_batch(self.terms, terms, out.response_scores, batch)
         return ObjectiveOutput(out.loss, metrics)
 
-    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:
-        require_ref_logps(items, path)
+    def check_data(
+        self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
+    ) -> None:
+        require_ref_logps(items, path, where, self.config.tokenizing())
+
+    def normalizer(self, items: Sequence[TokenizedExample]) -> float:
+        """The queries that form a pair: a query whose rewards all tie adds nothing to the sum, so it
+        must not dilute the mean (1.5363 -> 1.2803 with one tied query among six)."""
+        return float(max(paired_queries(items), 1))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -149,28 +170,69 @@ def reference_logps(
 
 
 def add_reference_logps(model: Any, tokenizer: Any, examples: list[Example], config: TrainConfig) -> None:
-    """Set each example's meta["ref_logps"], tokenised exactly as training with `config` will."""
-    items = [
-        tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
-                         max_response_len=config.max_response_len, chat_template=config.chat_template)
-        for ex in examples
-    ]  # fmt: skip
+    """Set each example's meta["ref_logps"], tokenised exactly as training with `config` will, and
+    meta["ref_logps_from"], what produced them (`provenance`)."""
+    items = tokenize_examples(examples, tokenizer, **config.tokenizing())
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     sums = reference_logps(model, items, micro_batch_tokens=config.micro_batch_tokens, attn=config.attn,
                            impl=config.kernels, autocast=autocast)  # fmt: skip
-    for ex, row in zip(examples, sums, strict=True):
+    for ex, item, row in zip(examples, items, sums, strict=True):
         ex.meta["ref_logps"] = row
+        ex.meta["ref_logps_from"] = provenance(item, config.tokenizing())
 
 
-def require_ref_logps(items: Sequence[TokenizedExample], path: str) -> None:
-    """--loss dpo: every training example must carry its reference log-probs."""
+def provenance(item: TokenizedExample, tokenizing: dict[str, Any]) -> dict[str, Any]:
+    """What decides a record's reference log-probs besides the reference model: the tokenising
+    flags, and the token count of the prompt and of each response (another tokenizer shows there)."""
+    return {**tokenizing, "prompt_tokens": len(item.prompt_ids),
+            "response_tokens": [len(r) for r in item.response_ids]}  # fmt: skip
+
+
+def require_ref_logps(
+    items: Sequence[TokenizedExample],
+    path: str,
+    where: Sequence[str] | None = None,
+    tokenizing: dict[str, Any] | None = None,
+) -> None:
+    """--loss dpo: every training example must carry its reference log-probs, computed from the
+    tokens this run trains (when `tokenizing`, the run's flags, is given)."""
     missing = [i for i, it in enumerate(items) if not it.ref_logps]
     if missing:
         raise UserError(
             f'{path}: --loss dpo needs a "ref_logps" list (the reference model\'s log-prob sum of each '
             f"response) in every record, but {len(missing)} of {len(items)} have none (the first is record "
             f"{missing[0] + 1}); add them with `rrhf-fast ref-logps --model REF --in {path} --out FILE`"
+        )
+    if tokenizing is None:
+        return
+    where = list(where) if where is not None else [f"{path} record {i + 1}" for i in range(len(items))]
+    bare = [loc for it, loc in zip(items, where, strict=True) if it.ref_logps_from is None]
+    if bare:
+        logger.warning(
+            "%d of %d records carry ref_logps without ref_logps_from (the first: %s): they cannot be "
+            "checked against this run's tokens and are used as they are; re-run `rrhf-fast ref-logps` "
+            "to have them checked",
+            len(bare), len(items), bare[0],
+        )  # fmt: skip
+    for it, loc in zip(items, where, strict=True):
+        if it.ref_logps_from is not None:
+            _same_tokens(it.ref_logps_from, provenance(it, tokenizing), loc)
+
+
+def _same_tokens(stored: Any, now: dict[str, Any], where: str) -> None:
+    if not isinstance(stored, dict):
+        raise UserError(
+            f"{where}: field 'ref_logps_from' must be an object, as `rrhf-fast ref-logps` writes it"
+        )
+    differ = [k for k in now if stored.get(k) != now[k]]
+    if differ:
+        was = ", ".join(f"{k} {stored.get(k)!r}" for k in differ)
+        is_ = ", ".join(f"{k} {now[k]!r}" for k in differ)
+        raise UserError(
+            f"{where}: its ref_logps were computed from other tokens ({was}) than this run trains ({is_}); "
+            "recompute them with `rrhf-fast ref-logps` and the same --max-prompt-len / --max-response-len / "
+            "--chat-template and tokenizer as this run"
         )
 
 
@@ -179,11 +241,18 @@ def require_ref_logps(items: Sequence[TokenizedExample], path: str) -> None:
 
 # The TrainConfig flags that decide the tokens and the numerics of the log-probs.
 _FLAGS = ("model", "max_prompt_len", "max_response_len", "chat_template", "micro_batch_tokens", "attn",
-          "kernels", "dtype", "device")  # fmt: skip
+          "kernels", "dtype", "device", "data_split", "query_field", "responses_field",
+          "scores_field")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="in_path", required=True, metavar="FILE", help="scored training JSONL")
+    parser.add_argument(
+        "--in",
+        dest="in_path",
+        required=True,
+        metavar="FILE",
+        help="scored training data (any format of `train --data`)",
+    )
     parser.add_argument("--out", required=True, metavar="FILE", help="the same records with ref_logps added")
     skip = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in _FLAGS]
     config_module.add_arguments(parser, TrainConfig, skip=skip)
@@ -201,7 +270,7 @@ def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     from rrhf_fast.models.loading import load_pretrained, load_tokenizer, resolve_device, weight_dtype
 
     config.validate()
-    examples = load_examples_with_stats(config.data, require_scores=False).examples
+    examples = load_examples_with_stats(config.data, require_scores=False, **config.data_options()).examples
     if not examples:
         raise UserError(f"{config.data}: holds no examples")
     device = resolve_device(config.device)

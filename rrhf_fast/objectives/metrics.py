@@ -31,6 +31,7 @@ class RankingCounts:
     top1: int = 0
     best_reward: float = 0.0
     queries: int = 0
+    tied: int = 0  # queries whose rewards all tie: no pair to rank (DPO leaves them out of its mean)
 
     def __iadd__(self, other: RankingCounts) -> RankingCounts:
         self.correct_pairs += other.correct_pairs
@@ -38,6 +39,7 @@ class RankingCounts:
         self.top1 += other.top1
         self.best_reward += other.best_reward
         self.queries += other.queries
+        self.tied += other.tied
         return self
 
     def summary(self, prefix: str = "") -> dict[str, float | None]:
@@ -46,18 +48,22 @@ class RankingCounts:
             f"{prefix}accuracy": self.correct_pairs / self.pairs if self.pairs else None,
             f"{prefix}top1": self.top1 / q,
             f"{prefix}best_reward": self.best_reward / q,
+            f"{prefix}tied_queries": self.tied,
         }
 
 
 def ranking_counts(
     p: torch.Tensor, r: torch.Tensor, response_query: torch.Tensor, num_queries: int
 ) -> RankingCounts:
-    """Pairwise and top-1 agreement of model scores `p` [R] with rewards `r` [R], per query."""
-    p, r, rq = p.detach().float().cpu(), r.detach().float().cpu(), response_query.cpu()
+    """Pairwise and top-1 agreement of model scores `p` [R] with rewards `r` [R], per query.
+
+    The rewards are compared in float64 (PackedBatch.scores): a float32 cast ties rewards that differ."""
+    p, r, rq = p.detach().double().cpu(), r.detach().double().cpu(), response_query.cpu()
     pairs = (rq[:, None] == rq[None, :]) & (r[:, None] < r[None, :])
     correct = pairs & (p[:, None] < p[None, :])
     first = _first_argmax(p, rq, num_queries)
-    r_max = torch.full((num_queries,), -torch.inf).scatter_reduce(0, rq, r, "amax")
+    r_max = torch.full((num_queries,), -torch.inf, dtype=r.dtype).scatter_reduce(0, rq, r, "amax")
+    r_min = torch.full((num_queries,), torch.inf, dtype=r.dtype).scatter_reduce(0, rq, r, "amin")
     chosen = r[first]
     return RankingCounts(
         correct_pairs=int(correct.sum()),
@@ -65,6 +71,7 @@ def ranking_counts(
         top1=int((chosen == r_max).sum()),
         best_reward=float(chosen.sum()),
         queries=num_queries,
+        tied=int((r_max == r_min).sum()),
     )
 
 
@@ -122,11 +129,11 @@ class Metrics:
     def to_list(self) -> list[float]:
         """Every sum as one flat list (what an all-reduce over ranks adds up); from_list reads it back."""
         c = self.counts
-        return [*self.terms.tolist(), c.correct_pairs, c.pairs, c.top1, c.best_reward, c.queries]
+        return [*self.terms.tolist(), c.correct_pairs, c.pairs, c.top1, c.best_reward, c.queries, c.tied]
 
     @classmethod
     def from_list(cls, names: tuple[str, ...], values: list[float]) -> Metrics:
         n = len(names)
-        correct, pairs, top1, best, queries = values[n : n + 5]
-        counts = RankingCounts(int(correct), int(pairs), int(top1), best, int(queries))
+        correct, pairs, top1, best, queries, tied = values[n : n + 6]
+        counts = RankingCounts(int(correct), int(pairs), int(top1), best, int(queries), int(tied))
         return cls(names, torch.tensor(values[:n], dtype=torch.float64), counts)

@@ -137,7 +137,9 @@ class RewardModel(Objective):
     ) -> Any:
         return load_reward_model(self.config, device, tokenizer, autocast)
 
-    def check_data(self, items: Sequence[TokenizedExample], path: str) -> None:
+    def check_data(
+        self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
+    ) -> None:
         """At least one query must hold two responses of different scores: no pair, nothing to learn."""
         if not any(len(set(it.scores)) > 1 for it in items):
             raise UserError(

@@ -34,7 +34,7 @@ class RRHF(Objective):
             logp,
             batch.token_response.to(device),
             batch.response_query.to(device),
-            batch.scores.to(device),
+            batch.ranks.to(device),  # the exact order of the float64 scores (packing.score_ranks)
             prompt_len=batch.prompt_len.to(device),
             length_penalty=config.length_penalty,
             rank_weight=config.rank_weight,

@@ -9,6 +9,8 @@
    - online: `--rounds` rounds of `--steps / --rounds` steps, each sampling from the policy the
      previous round left: the same prompts, total steps and seed.
    With `--sft-baseline`, both again with `--rank-weight 0` (SFT on each prompt's best candidate).
+   With `--reward-model` (demo_rm.py), online RRHF once more, scored by a reward model that
+   `train-rm` learned from the function's labels; its held-out reward is still the function's.
 
 Why this design (measured, see the README): a random model's candidates all score 0, so there is
 nothing to rank without the warm-up; temperature-1 samples of the tiny model score far below its
@@ -29,6 +31,7 @@ from typing import Any
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.generation.sample import SampleConfig
 from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.pipelines.demo_rm import train_reward_model, true_rewards
 from rrhf_fast.pipelines.demo_task import DemoConfig, distinct_queries, gold_of, prompt_of, train_config
 from rrhf_fast.pipelines.iterate import IterateConfig, Settings, iterate
 
@@ -39,6 +42,7 @@ RUNS = {
     "online": ("online RRHF", True, 1.0),
     "offline-sft": ("offline SFT-only", False, 0.0),
     "online-sft": ("online SFT-only", True, 0.0),
+    "online-rm": ("online RRHF (RM)", True, 1.0),
 }
 
 
@@ -53,7 +57,7 @@ def run_online_demo(config: DemoConfig) -> dict[str, Any]:
           f"{config.samples} {config.strategy} candidates per prompt from the policy, {config.steps} "
           f"steps per run: offline in 1 round, online in {config.rounds}")  # fmt: skip
     results: dict[str, Any] = {}
-    names = list(RUNS) if config.sft_baseline else ["offline", "online"]
+    names = ["offline", "online", *(["offline-sft", "online-sft"] if config.sft_baseline else [])]
     for name in names:
         label, online, rank_weight = RUNS[name]
         t0 = time.perf_counter()
@@ -61,6 +65,9 @@ def run_online_demo(config: DemoConfig) -> dict[str, Any]:
             _settings(config, policy, files, out / name, config.rounds if online else 1, rank_weight)
         )
         results[name] = {"rewards": [row["eval_reward"] for row in rows], "seconds": time.perf_counter() - t0}
+    if config.reward_model:
+        results["reward_model"] = _reward_model_run(config, policy, files, out)
+        results["online-rm"] = results["reward_model"].pop("run")
     results["seconds"] = time.perf_counter() - started
     _print_summary(config, results, out)
     offline, online = results["offline"]["rewards"], results["online"]["rewards"]
@@ -93,8 +100,30 @@ def _warmup(config: DemoConfig, model_dir: Path, out: Path, demos: list[str]) ->
     return train(cfg).checkpoint
 
 
+def _reward_model_run(config: DemoConfig, policy: Path, files: dict[str, Path], out: Path) -> dict[str, Any]:
+    """train-rm on the function's labels, then the online run scored by the reward model; the run's
+    held-out rewards are its greedy answers scored again by the function."""
+    t0 = time.perf_counter()
+    rm = train_reward_model(config, policy, files, out, _sample_config(config))
+    rm["seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run_dir = out / "online-rm"
+    rows = iterate(
+        _settings(config, policy, files, run_dir, config.rounds, 1.0, f"reward-model:{rm['checkpoint']}")
+    )
+    rm["run"] = {"rewards": true_rewards(run_dir, rows), "rm_rewards": [row["eval_reward"] for row in rows],
+                 "seconds": time.perf_counter() - t0}  # fmt: skip
+    return rm
+
+
 def _settings(
-    config: DemoConfig, policy: Path, files: dict[str, Path], run_dir: Path, rounds: int, rank_weight: float
+    config: DemoConfig,
+    policy: Path,
+    files: dict[str, Path],
+    run_dir: Path,
+    rounds: int,
+    rank_weight: float,
+    scorer: str = SCORER,
 ) -> Settings:
     if run_dir.exists():  # the demo always starts over
         shutil.rmtree(run_dir)
@@ -104,12 +133,16 @@ def _settings(
         data="", output_dir="", eval_data=None, eval_every=0, max_steps=steps,
         warmup_steps=max(1, steps // 20), plot=False,
     )  # fmt: skip
-    run = IterateConfig(output_dir=str(run_dir), prompts=str(files["prompts"]), scorer=SCORER,
+    run = IterateConfig(output_dir=str(run_dir), prompts=str(files["prompts"]), scorer=scorer,
                         eval_prompts=str(files["eval_prompts"]), rounds=rounds, num_candidates=config.samples,
                         dedup=True)  # fmt: skip
-    sample = SampleConfig(strategy=config.strategy, temperature=config.temperature, batch_size=64,
-                          seed=config.seed, max_new_tokens=config.max_digits + 2)  # fmt: skip
-    return Settings(run, train, sample)
+    return Settings(run, train, _sample_config(config))
+
+
+def _sample_config(config: DemoConfig) -> SampleConfig:
+    """How every run, and the reward model's labelled data, draws candidates from the policy."""
+    return SampleConfig(strategy=config.strategy, temperature=config.temperature, batch_size=64,
+                        seed=config.seed, max_new_tokens=config.max_digits + 2)  # fmt: skip
 
 
 def _print_summary(config: DemoConfig, results: dict[str, Any], out: Path) -> None:
@@ -127,3 +160,19 @@ def _print_summary(config: DemoConfig, results: dict[str, Any], out: Path) -> No
                  final["online"] - final["online-sft"])  # fmt: skip
         line += ", SFT-only {:+.3f}; RRHF minus SFT-only: offline {:+.3f}, online {:+.3f}".format(*gains)
     print(line + f"; total time {results['seconds']:.0f} s")
+    if "reward_model" in results:
+        _print_reward_model(results, final, out)
+
+
+def _print_reward_model(results: dict[str, Any], final: dict[str, float], out: Path) -> None:
+    rm, own = results["reward_model"], results["online-rm"]["rm_rewards"]
+    print(
+        f"  reward model ({out / 'reward-model'}, train-rm, {rm['steps']} steps on the function's labels of "
+        f"{rm['train_prompts']} prompts' candidates, {rm['seconds']:.0f} s): held-out pairwise accuracy "
+        f"{rm['accuracy_start']:.3f} -> {rm['accuracy']:.3f} ({rm['eval_pairs']} pairs)"
+    )
+    print(
+        f"  final held-out reward (by the function) of online RRHF scored by the reward model "
+        f"{final['online-rm']:.3f}, scored by the function {final['online']:.3f}; the reward model's own "
+        f"score of the RM run's answers by round: {'  '.join(f'{r:.3f}' for r in own)}"
+    )

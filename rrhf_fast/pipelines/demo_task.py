@@ -54,6 +54,10 @@ class DemoConfig:
     demo_fraction: float = field(
         default=0.2, metadata={"help": "--online: share of prompts with a gold answer"}
     )
+    reward_model: bool = field(default=False, metadata={
+        "help": "--online: also train a reward model on the reward function's labels and run online RRHF "
+                "scored by it"})  # fmt: skip
+    rm_steps: int = field(default=100, metadata={"help": "--online --reward-model: train-rm steps"})
 
 
 # -------------------------------------------------------------------------------------------------
@@ -80,12 +84,17 @@ def reward(digits: str, response: str) -> float:
     return hits / max(len(target), len(response), 1)
 
 
-def query_reward(query: str, response: str) -> float:
-    """`reward` of a response to a demo prompt ("sort 4193:"); the scorer of `demo --online`."""
+def digits_of(query: str) -> str:
+    """The digits of a demo prompt ("sort 4193:" -> "4193")."""
     digits = query.removeprefix("sort ").removesuffix(":")
     if prompt_of(digits) != query:
         raise ValueError(f"not a demo prompt: {query!r}")
-    return reward(digits, response)
+    return digits
+
+
+def query_reward(query: str, response: str) -> float:
+    """`reward` of a response to a demo prompt ("sort 4193:"); the scorer of `demo --online`."""
+    return reward(digits_of(query), response)
 
 
 def corrupt(rng: random.Random, text: str, edits: int) -> str:
@@ -243,5 +252,7 @@ def check_config(config: DemoConfig) -> None:
         raise UserError("--max-digits must be between --min-digits and 10 (the digits are distinct)")
     if config.rounds < 1 or config.samples < 1 or not config.temperature > 0:
         raise UserError("--rounds and --samples must be at least 1 and --temperature above 0")
+    if config.reward_model and (not config.online or config.rm_steps < 1):
+        raise UserError("--reward-model belongs to --online and needs --rm-steps of at least 1")
     if not 0 <= config.gold_fraction <= 1:
         raise UserError("--gold-fraction must be between 0 and 1")

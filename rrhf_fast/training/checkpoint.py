@@ -8,12 +8,16 @@ Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps it
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
 temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
-(the size of every file) written last, and only then renamed into place: a crash or Ctrl-C at any
-moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed at the
-next start. A re-save of an existing step parks the old copy as `.parked-checkpoint-STEP` for the
-moment between two renames; the next start puts it back if the new copy never arrived. Loading
-never unpickles arbitrary objects: safetensors for the weights and `torch.load(weights_only=True)`
-for the rest.
+(the size of every file, and the files every checkpoint of this run must hold: a checkpoint
+lacking one is never complete) written last, and only then renamed into place: a crash or Ctrl-C
+at any moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed
+at the next start. A re-save of an existing step parks the old copy as `.parked-checkpoint-STEP`
+for the moment between two renames; the next start puts it back if the new copy never arrived.
+Rotation (and any other delete of a checkpoint) first renames it to `.deleting-checkpoint-STEP`, so
+a kill during the delete never leaves a part of a checkpoint under a checkpoint's name. Loading
+never unpickles arbitrary objects: safetensors for the weights, `torch.load(weights_only=True)`
+for the rest, and an FSDP2 run's sharded optimizer through safe_dcp (JSON metadata, not DCP's
+pickle).
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes bes
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _PARKED_PREFIX = ".parked-"  # + checkpoint-STEP; must not match _TMP_PREFIX: it may be the only copy
+_DELETING_PREFIX = ".deleting-"  # + a directory being deleted (rotation, a replaced parked copy)
+# What a checkpoint directory may hold (save_pretrained's files, the tokenizer's, ours): a
+# `checkpoint-N` without a marker is removed at start only if it holds nothing else, so that, e.g.,
+# a Hugging Face Trainer checkpoint (trainer_state.json, scheduler.pt) is never deleted.
+_OWN_FILES = re.compile(
+    r"^(COMPLETE\.json|trainer_state\.pt|train_config\.json|run\.json|optimizer\.pt|rng-rank\d+\.pt|"
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+    r"adapter_config\.json|adapter_model\.safetensors|README\.md|tokenizer(_config)?\.json|"
+    r"special_tokens_map\.json|chat_template\.(jinja|json)|vocab\.json|merges\.txt|tokenizer\.model|"
+    r"added_tokens\.json|optimizer/.*)$"
+)
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -66,7 +81,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: Any,
     keep: int | None = None,
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
     run_info: dict[str, Any] | None = None,
 ) -> Path:
@@ -77,46 +92,106 @@ def save_checkpoint(
     state; every other rank its RNG state. Rank 0 renames the directory once all have written.
     `run_info` (JSON-able: the run's resolved settings) is written as run.json.
     """
-    here = here or Dist()
+    dist = dist or Dist()
     output_dir = Path(output_dir)
     final = checkpoint_path(output_dir, step)
-    made = tempfile.mkdtemp(dir=output_dir, prefix=f"{_TMP_PREFIX}{step}-") if here.main else None
+    made = _make_tmp_dir(output_dir, step) if dist.main else None
     tmp = Path(distributed.broadcast(made))
     try:
-        _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here, sharded)
-        if here.main and run_info is not None:
+        _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist, sharded)
+        if dist.main and run_info is not None:
             write_run_info(tmp / RUN_FILE, run_info)
         distributed.barrier()  # every rank's files are written
-        if here.main:
-            _write_marker(tmp, step)
+        if dist.main:
+            _write_marker(tmp, step, _required_files(tmp, dist.world, sharded, run_info is not None))
             _fsync_tree(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(output_dir)
     except BaseException:
-        if here.main:  # the directory is shared; a failed save is removed once (or at the next start)
+        if dist.main:  # the directory is shared; a failed save is removed once (or at the next start)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     distributed.barrier()  # no rank reads or rotates checkpoints before this one is in place
-    if keep is not None and here.main:
+    if keep is not None and dist.main:
         for old in complete_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
     return final
 
 
-def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, here: Dist, sharded: bool):
-    weights = distributed.gather_weights(model, here) if sharded else None  # collective
-    if here.main:
+def _make_tmp_dir(output_dir: Path, step: int) -> str:
+    """mkdtemp's directory (mode 0700), opened up to what the umask allows, as mkdir would make it:
+    the checkpoint's files follow the umask, and a team sharing the output directory reads both."""
+    made = tempfile.mkdtemp(dir=output_dir, prefix=f"{_TMP_PREFIX}{step}-")
+    os.chmod(made, 0o777 & ~_umask())
+    return made
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a checkpoint directory without ever leaving a part of it under its own name: renamed
+    aside first (atomic), the rest deleted; a kill during the delete leaves a `.deleting-*`
+    directory that the next start removes (remove_partial_saves)."""
+    aside = path.with_name(f"{_DELETING_PREFIX}{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    _fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+class NonFiniteWeights(UserError):
+    """Weights holding NaN or inf: never saved as a checkpoint."""
+
+
+def check_finite_weights(
+    model: torch.nn.Module, step: int, device: torch.device, last: Path | None, skipped_at_end: int = 0
+) -> None:
+    """Refuse to save weights that hold NaN or inf, or (`skipped_at_end`: the run's last steps were
+    skipped as non-finite) that gave a non-finite loss or gradient norm in the run's last step.
+
+    A skipped step never writes NaN, but a finite step can overflow the model (--lr 1e30 leaves
+    finite weights near 1e30 whose logits are inf): every later step is skipped, and saving those
+    weights as the final model would report a broken model as trained. Under torchrun every rank
+    calls it (each counts its own FSDP2 shards)."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not _local(p).isfinite().all()]
+    total = int(distributed.sum_over_ranks([float(len(bad))], device)[0])
+    where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved"
+    if total:
+        example = bad[0] if bad else "on another rank"
+        raise NonFiniteWeights(
+            f"the weights hold NaN or inf after step {step} ({total} tensor(s), e.g. {example}); they were "
+            f"not saved; lower --lr and start again; {where}"
+        )
+    if skipped_at_end:
+        raise NonFiniteWeights(
+            f"the loss or gradient norm was not finite with the final weights (steps "
+            f"{step - skipped_at_end + 1}-{step}, all skipped); they were not saved as the final model; "
+            f"lower --lr or check the data; {where}"
+        )
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param  # FSDP2: this rank's shard
+
+
+def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist: Dist, sharded: bool):
+    weights = distributed.gather_weights(model, dist) if sharded else None  # collective
+    if dist.main:
         with quiet_progress_bars():
             model.save_pretrained(tmp, **({"state_dict": weights} if sharded else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not sharded:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": here.world,
+        torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": dist.world,
                     "sharded": sharded}, tmp / STATE_FILE)  # fmt: skip
         config.save(tmp / CONFIG_FILE)
     else:
-        torch.save(rng_state(), tmp / _rng_file(here.rank))
+        torch.save(rng_state(), tmp / _rng_file(dist.rank))
     if sharded:
         distributed.save_sharded_optimizer(model, optimizer, tmp / OPTIMIZER_DIR)  # collective
 
@@ -144,22 +219,34 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 def remove_partial_saves(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete the `.tmp-*` directories of saves that a crash interrupted (returned), and settle the
-    copies a re-save parked: put back where its checkpoint never arrived, else deleted."""
+    """What interrupted saves and rotations left, deleted (returned): `.tmp-*` saves, `.deleting-*`
+    directories, and `checkpoint-N` directories without a marker that hold only files a checkpoint
+    holds; a copy a re-save parked is put back where its checkpoint never arrived, else deleted.
+    Run under the output directory's lock only (rundir.claim_output_dir): another run's save in
+    progress looks the same."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
     for parked in sorted(root.glob(f"{_PARKED_PREFIX}checkpoint-*")):
         final = root / parked.name.removeprefix(_PARKED_PREFIX)
         if (parked / MARKER).is_file() and not (final / MARKER).is_file():
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():
+                _remove_dir(final)
             os.rename(parked, final)
         else:
-            shutil.rmtree(parked, ignore_errors=True)
-    stale = [p for p in root.glob(f"{_TMP_PREFIX}*") if p.is_dir()]
+            _remove_dir(parked)
+    stale = [p for p in root.iterdir() if p.is_dir() and _is_leftover(p)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    return stale
+    return sorted(stale)
+
+
+def _is_leftover(path: Path) -> bool:
+    if path.name.startswith((_TMP_PREFIX, _DELETING_PREFIX)):
+        return True
+    if not _NAME.match(path.name) or (path / MARKER).is_file():
+        return False
+    return all(_OWN_FILES.match(str(f.relative_to(path))) for f in path.rglob("*") if not f.is_dir())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +258,7 @@ def load_checkpoint(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | Callable[[], torch.optim.Optimizer],
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
 ) -> dict[str, Any]:
     """Verify `path`, copy its weights into `model`, then restore the optimizer and this rank's RNGs;
@@ -186,7 +273,7 @@ def load_checkpoint(
     load_weights(model, path)
     if callable(optimizer):
         optimizer = optimizer()
-    return load_training_state(path, model=model, optimizer=optimizer, here=here, sharded=sharded)
+    return load_training_state(path, model=model, optimizer=optimizer, dist=dist, sharded=sharded)
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -209,12 +296,12 @@ def load_training_state(
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    here: Dist | None = None,
+    dist: Dist | None = None,
     sharded: bool = False,
 ) -> dict[str, Any]:
     """Everything but the weights: optimizer (FSDP2 `sharded`: resharded to this world size), this
     rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state."""
-    here = here or Dist()
+    dist = dist or Dist()
     state = _read_state(path)
     if state.get("sharded", False) != sharded:
         was, now = ("with", "without") if state.get("sharded") else ("without", "with")
@@ -224,8 +311,8 @@ def load_training_state(
         distributed.load_sharded_optimizer(model, optimizer, path / OPTIMIZER_DIR)
     else:
         _load_optimizer(path, optimizer)
-    own = path / _rng_file(here.rank)
-    set_rng_state(_torch_load(own) if here.rank > 0 and own.is_file() else state["rng"])
+    own = path / _rng_file(dist.rank)
+    set_rng_state(_torch_load(own) if dist.rank > 0 and own.is_file() else state["rng"])
     return state
 
 
@@ -254,7 +341,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path}: checkpoint format version {marker.get('version')}, this rrhf-fast reads {VERSION}"
         )
-    for name, size in marker.get("files", {}).items():
+    files = marker.get("files", {})
+    missing = [name for name in _minimum(files) + list(marker.get("required", [])) if name not in files]
+    if missing:
+        raise UserError(
+            f"{path}: lacks {missing[0]}, which every checkpoint holds (an incomplete save marked complete); "
+            "delete this checkpoint to resume from the one before"
+        )
+    for name, size in files.items():
         file = path / name
         actual = file.stat().st_size if file.is_file() else None
         if actual != size:
@@ -264,6 +358,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
                 "delete this checkpoint to resume from the one before"
             )
     return marker
+
+
+def _minimum(files: dict[str, int]) -> list[str]:
+    """What any checkpoint holds, whatever its marker lists (one written before markers listed their
+    required files included): the trainer state, the flags, weights and the optimizer."""
+    needed = [STATE_FILE, CONFIG_FILE]
+    if not any(name.endswith(".safetensors") for name in files):
+        needed.append("model.safetensors")
+    if OPTIMIZER_FILE not in files and not any(name.startswith(f"{OPTIMIZER_DIR}/") for name in files):
+        needed.append(OPTIMIZER_FILE)
+    return needed
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -383,11 +488,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Durable writes
 
 
-def _write_marker(directory: Path, step: int) -> None:
+def _required_files(directory: Path, world: int, sharded: bool, run_info: bool) -> list[str]:
+    """The files checkpoint `directory` must hold, known before looking at what it holds (a file
+    deleted under a save is then missing, never left out of the marker)."""
+    required = [STATE_FILE, CONFIG_FILE, *(_rng_file(r) for r in range(1, world))]
+    required += [RUN_FILE] if run_info else []
+    if (directory / ADAPTER_CONFIG).is_file():
+        required += [ADAPTER_CONFIG, "adapter_model.safetensors"]
+    else:
+        required += ["config.json"]
+        index = directory / "model.safetensors.index.json"  # weights save_pretrained split in shards
+        if index.is_file():
+            shards = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()
+            required += [index.name, *sorted(set(shards))]
+        else:
+            required += ["model.safetensors"]
+    if sharded:
+        from rrhf_fast.training.safe_dcp import METADATA_JSON, shard_files
+
+        required += [f"{OPTIMIZER_DIR}/{METADATA_JSON}"]
+        required += [f"{OPTIMIZER_DIR}/{name}" for name in shard_files(directory / OPTIMIZER_DIR)]
+    else:
+        required += [OPTIMIZER_FILE]
+    return required
+
+
+def _write_marker(directory: Path, step: int, required: list[str]) -> None:
     files = {
         str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
     }
-    marker = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+    missing = [name for name in required if name not in files]
+    if missing:
+        raise UserError(
+            f"{directory}: {missing[0]} vanished while the checkpoint was written (is another program "
+            "deleting files in this --output-dir?); the checkpoint was not completed"
+        )
+    marker = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "required": required}
     (directory / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
@@ -422,8 +558,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     # Between the two renames the parked copy is the only complete one: remove_partial_saves
     # puts it back after a crash there, and never deletes it as a partial save.
     parked = final.with_name(f"{_PARKED_PREFIX}{final.name}")
-    shutil.rmtree(parked, ignore_errors=True)
+    if parked.exists():
+        _remove_dir(parked)
     os.rename(final, parked)
     _fsync_dir(final.parent)
     os.rename(tmp, final)
-    shutil.rmtree(parked, ignore_errors=True)
+    _remove_dir(parked)

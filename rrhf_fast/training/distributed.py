@@ -191,18 +191,30 @@ def save_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directo
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    from rrhf_fast.training.safe_dcp import write_metadata
+
+    metadata = dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
+    if not tdist.is_initialized() or tdist.get_rank() == 0:
+        write_metadata(metadata, directory)  # what loading reads instead of the pickled .metadata
 
 
 def load_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directory: Any) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from rrhf_fast.training.safe_dcp import SafePlanner, SafeReader
+
     target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    reader = SafeReader(directory)  # never DCP's default reader and planner: both unpickle
     try:
-        dcp.load(target, checkpoint_id=directory)
-    except Exception as err:  # DCP raises CheckpointException wrapping each rank's failure
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        dcp.load(target, storage_reader=reader, planner=SafePlanner())
+    except (Exception, dcp.api.CheckpointException) as err:  # a BaseException wrapping each rank's error
+        causes = [pair[0] for pair in getattr(err, "failures", {}).values()] or [err]
+        ours = [e for e in causes if isinstance(e, UserError)]
+        if ours:
+            raise ours[0] from None
+        text = str(causes[0]).strip()
+        first = text.splitlines()[0][:200] if text else type(causes[0]).__name__
         raise UserError(
             f"{directory}: the sharded optimizer state does not fit this model and --optim ({first}); "
             "resume with the flags of the run that wrote it"

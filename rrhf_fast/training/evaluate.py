@@ -36,5 +36,6 @@ def evaluate(
     with eval_mode(model):
         for group in plan:
             batch = pack_tokenized([items[i] for i in group])
-            metrics += objective(model, batch, normalizer=float(len(items)), autocast=autocast).metrics
+            normalizer = objective.normalizer(items)
+            metrics += objective(model, batch, normalizer=normalizer, autocast=autocast).metrics
     return metrics.summary("eval_")

@@ -12,7 +12,7 @@ import functools
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import TokenizedExample, tokenize_example
+from rrhf_fast.data.packing import TokenizedExample, check_positions, describe_packing, packing_summary
 from rrhf_fast.data.records import load_examples_with_stats
+from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
@@ -31,7 +32,6 @@ from rrhf_fast.training.checkpoint import (
     latest_checkpoint,
     load_training_state,
     read_trainer_state,
-    remove_partial_saves,
 )
 from rrhf_fast.training.optim import build_optimizer, default_warmup
 from rrhf_fast.training.plot import METRICS_FILE
@@ -48,28 +48,6 @@ from rrhf_fast.training.steps import StepPlanner
 
 # -------------------------------------------------------------------------------------------------
 # the run directory, the device, the seeds
-
-
-def prepare_output_dir(config: TrainConfig, dist: distributed.Dist) -> Path:
-    """Checks on every rank (each raises the same error), changes by rank 0 alone."""
-    out_dir = Path(config.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--output-dir {out_dir} is a file; give a directory")
-    if dist.main and out_dir.is_dir():
-        remove_partial_saves(out_dir)  # first: it puts back a checkpoint a crashed re-save had parked
-    distributed.barrier()
-    found = latest_checkpoint(out_dir)
-    if found is not None and not config.resume:
-        raise UserError(
-            f"--output-dir {out_dir} already holds {found.name}; pass --resume to continue that run "
-            "or choose a new --output-dir"
-        )
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if found is None and (out_dir / METRICS_FILE).exists():
-            (out_dir / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
-    distributed.barrier()
-    return out_dir
 
 
 def checkpoint_to_resume(config: TrainConfig, out_dir: Path, log: Callable[[str], None]) -> Path | None:
@@ -109,32 +87,34 @@ class TrainData:
     eval_items: list[TokenizedExample] | None
     eval_where: list[str]
     fingerprint: dict[str, Any]
+    packing: dict[str, Any]  # packing.packing_summary of the training data (run.json "packing")
 
 
-def load_data(config: TrainConfig, tokenizer: Any, objective: Objective) -> TrainData:
-    """The training (and held-out) examples, tokenised once, each checked to fit a micro-batch."""
+def load_data(
+    config: TrainConfig, tokenizer: Any, objective: Objective, log: Callable[[str], None] | None = None
+) -> TrainData:
+    """The training (and held-out) examples, tokenised once, each checked to fit a micro-batch; `log`
+    gets the packing summary."""
     items, where = _tokenize(config.data, tokenizer, config, objective)
     eval_items, eval_where = None, []
     if config.eval_data:
-        eval_items, eval_where = _tokenize(config.eval_data, tokenizer, config, objective)
-    return TrainData(items, where, eval_items, eval_where, data_fingerprint(items))
+        eval_items, eval_where = _tokenize(config.eval_data, tokenizer, config, objective, config.eval_split)
+    packing = packing_summary(items)
+    if log is not None:
+        log(describe_packing(packing))
+    return TrainData(items, where, eval_items, eval_where, data_fingerprint(items), packing)
 
 
 def _tokenize(
-    path: str, tokenizer: Any, config: TrainConfig, objective: Objective
+    path: str, tokenizer: Any, config: TrainConfig, objective: Objective, split: str | None = None
 ) -> tuple[list[TokenizedExample], list[str]]:
     """The tokenised examples of `path` and where each one is ("FILE:LINE"), every one checked to fit
     a micro-batch: an error names the record, not its index in a shuffled step."""
-    stats = load_examples_with_stats(path)
+    stats = load_examples_with_stats(path, **config.data_options(split))
     if not stats.examples:
-        raise UserError(f"{path}: no examples; give a JSONL file with one query per line")
+        raise UserError(f"{path}: no examples; give a file with one query per record")
     where = stats.locations()
-    items = [
-        tokenize_example(ex, tokenizer, max_prompt_len=config.max_prompt_len,
-                         max_response_len=config.max_response_len, chat_template=config.chat_template,
-                         where=loc)
-        for ex, loc in zip(stats.examples, where, strict=True)
-    ]  # fmt: skip
+    items = tokenize_examples(stats.examples, tokenizer, locations=where, **config.tokenizing())
     budget = config.micro_batch_tokens
     for item, loc in zip(items, where, strict=True):
         if item.packed_len > budget:
@@ -144,7 +124,7 @@ def _tokenize(
                 f"{budget}; raise --micro-batch-tokens, or truncate with --max-prompt-len / "
                 "--max-response-len"
             )
-    objective.check_data(items, path)
+    objective.check_data(items, path, where)
     return items, where
 
 
@@ -160,6 +140,9 @@ def plan_schedule(
     total_steps = planner.total_steps()
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total_steps)
     schedule = dict(lr=config.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=config.min_lr)
+    if warmup > total_steps:  # a note, not an error: a short trial run of a long setup is legitimate
+        log(f"note: --warmup-steps {warmup} is beyond the run's {total_steps} steps: the learning rate "
+            f"never reaches --lr {config.lr}")  # fmt: skip
     if checkpoint is None:
         return schedule, None
     saved_state, saved_config = read_trainer_state(checkpoint), TrainConfig.load(checkpoint / CONFIG_FILE)
@@ -186,6 +169,9 @@ def build_model(
     switched to packed attention; refused if the data or the packing do not fit it."""
     model = objective.load_model(device, tokenizer, autocast)
     _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for items, where in [(data.items, data.where), (data.eval_items or [], data.eval_where)]:
+        check_positions(items, where, positions)
     return model
 
 
@@ -231,6 +217,7 @@ class Job:
     out_dir: Path
     schedule: dict[str, Any]  # lr_at's arguments
     fingerprint: dict[str, Any]  # of the training data (resume.data_fingerprint)
+    packing: dict[str, Any] = field(default_factory=dict)  # TrainData.packing, for run.json
 
     @functools.cached_property
     def params(self) -> list[torch.nn.Parameter]:
@@ -242,7 +229,7 @@ def resume(
     job: Job, checkpoint: Path, planner: StepPlanner, saved_config: TrainConfig, log: Callable[[str], None]
 ) -> RunState:
     """Restore a checkpoint's optimizer state, RNGs, data position and counters (its weights are in)."""
-    saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, here=job.dist,
+    saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, dist=job.dist,
                                 sharded=job.config.fsdp)  # fmt: skip
     state = RunState.from_trainer_state(saved, planner.steps_of_epoch, where=str(checkpoint))
     if job.dist.main:
@@ -257,6 +244,7 @@ def write_run_files(job: Job) -> dict[str, Any]:
     checkpoint, returned for save()."""
     config, dist = job.config, job.dist
     resolved = resolved_settings(config, job.model, job.device, dist.world, job.schedule, job.fingerprint)
+    resolved["packing"] = dict(job.packing)
     if dist.main:
         config.save(job.out_dir / "config.json")
         write_run_info(job.out_dir / RUN_FILE, resolved)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,14 +76,17 @@ class RankStep:
 
     batches: list[PackedBatch]
     own: int
-    queries: int  # the whole step's query count, over every rank: what its losses are divided by
+    queries: int  # the whole step's query count, over every rank
+    normalizer: float  # what its losses are divided by (Objective.normalizer of the whole step)
 
     @property
     def tokens(self) -> int:
         return sum(b.num_tokens for b in self.batches[: self.own])
 
 
-def rank_share(step: Step, items: Sequence[TokenizedExample], dist: Dist) -> RankStep:
+def rank_share(step: Step, items: Sequence[TokenizedExample], dist: Dist, objective: Any = None) -> RankStep:
     groups, own = distributed.my_microbatches(step, dist)
     batches = [pack_tokenized([items[i] for i in group]) for group in groups]
-    return RankStep(batches, own, queries_in([step]))
+    queries = queries_in([step])
+    mine = [items[i] for group in step for i in group]
+    return RankStep(batches, own, queries, objective.normalizer(mine) if objective else float(queries))

@@ -35,12 +35,18 @@ from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_tokenizer
 from rrhf_fast.objectives import Metrics, Objective, build_objective
 from rrhf_fast.training import distributed
-from rrhf_fast.training.checkpoint import latest_checkpoint, load_weights, save_checkpoint
+from rrhf_fast.training.checkpoint import (
+    check_finite_weights,
+    latest_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from rrhf_fast.training.evaluate import evaluate
 from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
 from rrhf_fast.training.optim import lr_at, set_lr
 from rrhf_fast.training.plot import METRICS_FILE, plot_run
 from rrhf_fast.training.run_state import RunState
+from rrhf_fast.training.rundir import claim_output_dir
 from rrhf_fast.training.setup import (
     Job,
     autocast_for,
@@ -50,7 +56,6 @@ from rrhf_fast.training.setup import (
     load_data,
     make_optimizer,
     plan_schedule,
-    prepare_output_dir,
     resume,
     seed_everything,
     write_run_files,
@@ -83,12 +88,19 @@ class NonFiniteTraining(UserError):
 
 
 def train(config: TrainConfig) -> TrainResult:
-    # ---------------------------------------------------------------------------------------------
-    # setup
     config.validate()
     dist, device = distributed.init(config.device, config.fsdp)  # torchrun: this rank; else rank 0 of 1
+    run_dir = claim_output_dir(config.output_dir, config.resume, dist)  # locked, before the model loads
+    try:
+        return _train(config, dist, device, run_dir.path)
+    finally:
+        run_dir.release()
+
+
+def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, out_dir: Path) -> TrainResult:
+    # ---------------------------------------------------------------------------------------------
+    # setup
     log = tqdm.write if dist.main else _quiet
-    out_dir = prepare_output_dir(config, dist)
     checkpoint = checkpoint_to_resume(config, out_dir, log)
     check_device_flags(config, device)
     autocast = autocast_for(device)
@@ -98,7 +110,7 @@ def train(config: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------------------------------------
     # data: tokenised once; each epoch a seeded permutation, cut into steps of micro-batches
     tokenizer = load_tokenizer(config.model)
-    data = load_data(config, tokenizer, objective)
+    data = load_data(config, tokenizer, objective, log)
     planner = StepPlanner([it.packed_len for it in data.items], config)
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
     if config.optim_in_backward:  # each step must be one micro-batch per rank
@@ -115,7 +127,7 @@ def train(config: TrainConfig) -> TrainResult:
     optimizer = make_optimizer(model, config)
     job = Job(config=config, dist=dist, device=device, autocast=autocast, objective=objective,
               tokenizer=tokenizer, model=model, module=module, optimizer=optimizer, out_dir=out_dir,
-              schedule=schedule, fingerprint=data.fingerprint)  # fmt: skip
+              schedule=schedule, fingerprint=data.fingerprint, packing=data.packing)  # fmt: skip
     state = RunState() if checkpoint is None else resume(job, checkpoint, planner, saved_config, log)
     run_info = write_run_files(job)
 
@@ -134,7 +146,7 @@ def train(config: TrainConfig) -> TrainResult:
             if not remaining:  # the epoch is over
                 state.start_epoch()
                 remaining = planner.steps_of_epoch(state.epoch)
-            work = rank_share(remaining.pop(0), data.items, dist)
+            work = rank_share(remaining.pop(0), data.items, dist, objective)
             lr = lr_at(state.step, **schedule)
             set_lr(job.optimizer, lr)
             result = train_step(job, work)
@@ -162,7 +174,8 @@ def train(config: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------------------------------------
     # the end
     _draw_curves(config, dist, out_dir, log)
-    log(f"done: step {state.step}, model in {checkpoint}")
+    skipped = f"; {state.skipped_steps} of {state.step} steps skipped (non-finite loss or gradient norm)"
+    log(f"done: step {state.step}, model in {checkpoint}" + (skipped if state.skipped_steps else ""))
     return TrainResult(step=state.step, checkpoint=checkpoint, last=row, model=model)
 
 
@@ -188,7 +201,7 @@ def train_step(job: Job, work: RankStep) -> StepResult:
         torch.cuda.reset_peak_memory_stats(job.device)
     t0 = time.perf_counter()
     run = functools.partial(forward_backward, job.module, job.objective, work.batches, job.autocast,
-                            queries=work.queries, own=work.own, world=job.dist.world)  # fmt: skip
+                            queries=work.normalizer, own=work.own, world=job.dist.world)  # fmt: skip
     # --optim-in-backward: the update happens in backward_step (then step() finds no gradient)
     metrics, grad_norm = backward_step(job.optimizer, run, job.params, job.config.max_grad_norm)
     metrics, tokens = _sum_over_ranks(metrics, work.tokens, job.device, job.dist.world)
@@ -261,10 +274,12 @@ def held_out(job: Job, items: list[TokenizedExample]) -> dict[str, float | None]
 def save(job: Job, state: RunState, run_info: dict[str, Any]) -> Path:
     """checkpoint-STEP, atomically (training/checkpoint.py); every rank calls it."""
     config = job.config
+    skipped_at_end = state.bad_in_row if state.step == job.schedule["total_steps"] else 0  # a broken model
+    check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir), skipped_at_end)
     trainer_state = state.to_trainer_state(data_seed=config.seed, schedule=job.schedule, data=job.fingerprint)
     return save_checkpoint(job.out_dir, state.step, model=job.model, tokenizer=job.tokenizer,
                            optimizer=job.optimizer, trainer_state=trainer_state, config=config,
-                           keep=config.keep_checkpoints, here=job.dist, sharded=config.fsdp,
+                           keep=config.keep_checkpoints, dist=job.dist, sharded=config.fsdp,
                            run_info=run_info)  # fmt: skip
 
 
