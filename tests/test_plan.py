@@ -62,6 +62,21 @@ def test_extrapolation_matches_the_whole_simulation(kw):
         assert planned.by_category[category] == pytest.approx(value, rel=0.01, abs=4096), category
 
 
+@pytest.mark.slow  # 15-35 s: a 12-layer simulation
+def test_extrapolation_follows_each_phase():
+    """With 2 and 4 layers this step peaks in backward (the embedding and lm_head weigh most); with
+    12, in forward (autocast's bf16 copies of every layer's fp32 weights): plan_step extrapolates
+    each phase's peak, so it lands on the whole simulation's peak and phase."""
+    hf = tiny_config("qwen2", num_layers=12, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=3000)
+    config = flags(attn="auto", kernels="auto", optim="adamw8bit", optim_in_backward=True,
+                   gradient_checkpointing=True)  # fmt: skip
+    shape = batch_shape(256)
+    assert simulate(hf, config, shape, layers=4).peak_phase == "backward"
+    whole, planned = simulate(hf, config, shape), plan_step(hf, config, shape)
+    assert whole.peak_phase == planned.peak_phase == "forward"
+    assert planned.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.01)
+
+
 def test_adamw8bit_states_are_bitsandbytes_layout():
     bnb = pytest.importorskip("bitsandbytes")
     params = [torch.nn.Parameter(torch.randn(77, 130)), torch.nn.Parameter(torch.randn(300)),
@@ -159,3 +174,72 @@ def test_cli_text_and_errors(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "peak:" in text and "fits in 22.4 GiB: yes" in text and "activations" in text
     assert cli.main(["plan", "--model", str(tmp_path), "--search"]) == 2
+    argv = ["plan", "--model", str(tmp_path), "--optim-in-backward", "--grad-accum", "2"]
+    assert cli.main(argv) == 2
+    assert "--optim-in-backward" in capsys.readouterr().err
+
+
+IN_BACKWARD = [
+    pytest.param(dict(dtype="bfloat16", gradient_checkpointing=True, max_grad_norm=0.0),
+                 id="bf16-ckpt-one-pass"),
+    pytest.param(dict(bf16_update="stochastic", dtype="bfloat16"), id="bf16-stochastic-two-passes",
+                 marks=pytest.mark.slow),
+    pytest.param(dict(), id="fp32-two-passes", marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kw", IN_BACKWARD)
+def test_planned_peak_with_optim_in_backward_is_the_real_steps(launches_unseen, kw):  # noqa: F811
+    """--optim-in-backward: each parameter stepped inside the backward (one pass, or LOMO's two with
+    clipping), planned on fake tensors vs the live tensor bytes of the real CPU steps."""
+    hf = tiny_config("llama", num_layers=6, hidden_size=128, num_heads=4, num_kv_heads=2)
+    config, shape = flags(optim_in_backward=True, **kw), batch_shape(64)
+    real = simulate(hf, config, shape, fake=False, cuda=False)
+    planned = plan_step(hf, config, shape, cuda=False)
+    assert planned.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+    assert planned.peak_phase == real.peak_phase
+    for category in ("weights", "gradients", "optimizer"):
+        assert planned.by_category[category] == pytest.approx(real.by_category[category], rel=0.02)
+
+
+def _tiny_bf16_plan(**kw):
+    """(plan, trainable weights, largest tensor's numel) of a small bf16 full fine-tune."""
+    hf = tiny_config("llama", num_layers=4, hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=64)
+    config = flags(dtype="bfloat16", gradient_checkpointing=True, max_grad_norm=0.0, **kw)
+    sizes = [p.numel() for p in _meta_model(hf).parameters()]
+    return plan_step(hf, config, batch_shape(64), cuda=False), sum(sizes), max(sizes)
+
+
+def _meta_model(hf):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf)
+
+
+def test_optim_in_backward_saves_the_gradient_buffer():
+    """Without the flag the whole-model gradient (2 bytes a bf16 weight) lives at the peak; with it,
+    only the gradient of the tensor being stepped, and the peak drops by about the gradient bytes."""
+    plain, n, _ = _tiny_bf16_plan()
+    hooked, _, _ = _tiny_bf16_plan(optim_in_backward=True)
+    grads = plain.by_category["gradients"]
+    assert grads == pytest.approx(2 * n, rel=0.01)
+    assert hooked.by_category["gradients"] < 0.15 * grads
+    assert 0.7 * grads <= plain.peak_bytes - hooked.peak_bytes <= 1.05 * grads
+    assert hooked.by_category["optimizer"] == pytest.approx(plain.by_category["optimizer"], rel=0.05)
+
+
+def test_bf16_update_is_accounted():
+    """--bf16-update: nearest keeps torch AdamW's moments in bf16 (4 bytes a weight); stochastic
+    steps through fp32 (8 bytes of moments); kahan adds its bf16 compensation (2 bytes a weight).
+    On top, each update's transients for one tensor at a time (fp32 copies of weight and gradient,
+    AdamW's temporaries, the rounding's noise: under 32 bytes a value)."""
+    nearest, n, largest = _tiny_bf16_plan(optim_in_backward=True)
+    stochastic, _, _ = _tiny_bf16_plan(optim_in_backward=True, bf16_update="stochastic")
+    kahan, _, _ = _tiny_bf16_plan(optim_in_backward=True, bf16_update="kahan")
+    transient = 32 * largest
+    assert 4 * n < nearest.by_category["optimizer"] < 4 * n + transient
+    assert 8 * n < stochastic.by_category["optimizer"] < 8 * n + transient
+    extra = kahan.by_category["optimizer"] - stochastic.by_category["optimizer"]
+    assert 2 * n <= extra < 2 * n + transient
+    assert 2 * n <= kahan.peak_bytes - stochastic.peak_bytes < 2 * n + transient

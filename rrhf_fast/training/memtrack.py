@@ -35,6 +35,7 @@ PHASE_CATEGORY = {
     "backward": "temporaries",
     "clip": "temporaries",
     "optimizer": "optimizer",
+    "optimizer in backward": "optimizer",  # --optim-in-backward: a parameter's update inside backward
 }
 
 
@@ -53,6 +54,8 @@ class MemoryReport:
     by_category: dict[str, int]  # each category's largest value over the step
     at_peak: dict[str, int]  # the categories' values at the peak
     allocations: list[Allocation] = field(default_factory=list)
+    # each phase's own peak and the categories there: plan_step extrapolates them one by one
+    phase_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -71,6 +74,7 @@ class MemoryTracker(TorchDispatchMode):
         self.total = self.peak = 0
         self.peak_phase = "setup"
         self.at_peak: dict[str, int] = {}
+        self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.allocations: list[Allocation] = []
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -108,6 +112,8 @@ class MemoryTracker(TorchDispatchMode):
         self.current[cat] += nbytes
         self.total += nbytes
         self.largest[cat] = max(self.largest[cat], self.current[cat])
+        if self.total > self.phase_peaks.get(self.phase, (-1,))[0]:
+            self.phase_peaks[self.phase] = (self.total, {c: self.current[c] for c in CATEGORIES})
         if self.total > self.peak:
             self.peak, self.peak_phase = self.total, self.phase
             self.at_peak = {c: self.current[c] for c in CATEGORIES}
@@ -126,6 +132,7 @@ class MemoryTracker(TorchDispatchMode):
             by_category={c: int(self.largest[c]) for c in CATEGORIES},
             at_peak={c: int(self.at_peak.get(c, 0)) for c in CATEGORIES},
             allocations=list(self.allocations),
+            phase_peaks=dict(self.phase_peaks),
         )
 
     # -- dispatch --------------------------------------------------------------------------------

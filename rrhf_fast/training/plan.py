@@ -19,6 +19,7 @@ from typing import Any
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
+from rrhf_fast.training.in_backward import check_one_microbatch
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
 from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
 
@@ -57,6 +58,8 @@ def main(args: argparse.Namespace) -> int:
     fixed = {f.name: f.default for f in fields if not hasattr(args, f.name)}
     fixed.update(data="-", output_dir="-")
     config = config_module.config_from_args(args, TrainConfig, **fixed).validate()
+    if config.optim_in_backward:  # what train refuses, with the same sentence
+        check_one_microbatch(config, lambda epoch: [], 0, world=1)
     if args.search and not args.gpu_memory:
         raise UserError("--search needs --gpu-memory (the memory to fit in)")
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
@@ -194,8 +197,10 @@ def method(config: TrainConfig) -> str:
         kind = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
     weights = "bf16 weights" if config.dtype == "bfloat16" else "fp32 weights"
     extras = [kind, f"{weights}, bf16 autocast", f"--optim {config.optim}"]
-    if getattr(config, "optim_in_backward", False):
-        extras.append("in backward")
+    if config.bf16_update != "nearest":
+        extras.append(f"--bf16-update {config.bf16_update}")
+    if config.optim_in_backward:
+        extras.append("in backward" + (" (two passes: clipping)" if config.max_grad_norm else ""))
     extras.append("gradient checkpointing" if config.gradient_checkpointing else "no checkpointing")
     return ", ".join(extras)
 

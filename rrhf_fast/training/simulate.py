@@ -1,14 +1,17 @@
-"""One training step on fake tensors: the memory `rrhf-fast plan` reports, by category and phase.
+"""Two training steps on fake tensors: the memory `rrhf-fast plan` reports, by category and phase.
 
 The model is built from its config alone inside `FakeTensorMode` (no weights, no memory, no
 compute) and goes through the trainer's own pieces: `finish_model` (checkpointing, LoRA),
 `prepare_model`, `packed_logprobs` (our attention function and the fused kernels, as custom ops
-with fake kernels), `loss_of`, backward, gradient clipping and `build_optimizer`'s first step, which
-creates the optimizer state. The tensors are fake *CPU* tensors under CPU bf16 autocast: on a
-CPU-only torch, autograd on fake `cuda` tensors aborts the process (no CUDA device guard; measured
-on torch 2.13), and the sizes are the same. What runs only on CUDA is given a stand-in that
-allocates what it allocates there (plan_cuda.py). `cuda=False` keeps the CPU's own paths instead:
-the same step a real CPU run takes, which the tests measure for real and compare.
+with fake kernels), `loss_of`, backward, gradient clipping and `build_optimizer`'s step; with
+--optim-in-backward, in_backward.backward_step's pass(es), each parameter updated inside the
+backward (those allocations count as the phase "optimizer in backward"). Two steps, because the
+first creates the optimizer state in its update, and from the second on that state lives through
+forward and backward too: the peak is the larger of the two. The tensors are fake *CPU* tensors
+under CPU bf16 autocast: on a CPU-only torch, autograd on fake `cuda` tensors aborts the process
+(no CUDA device guard; measured on torch 2.13), and the sizes are the same. What runs only on CUDA
+is given a stand-in that allocates what it allocates there (plan_cuda.py). `cuda=False` keeps the
+CPU's own paths instead: the same steps a real CPU run takes, which the tests measure and compare.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from rrhf_fast.models import attention
 from rrhf_fast.models.loading import finish_model, weight_dtype
 from rrhf_fast.models.logprobs import prepare_model
 from rrhf_fast.objectives import Metrics, build_objective
-from rrhf_fast.training import plan_cuda
+from rrhf_fast.training import optim, plan_cuda
+from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
 from rrhf_fast.training.setup import make_optimizer
 from rrhf_fast.training.train import forward_backward
@@ -109,11 +113,13 @@ def simulate(
         for b in model.buffers():
             tracker.track(b, "weights")
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = _optimizer(model, config, fake, cuda)
+        # before the optimizer's: --optim-in-backward's hooks free each gradient they step
         hooks = watch_gradients(tracker, params)
+        optimizer = _optimizer(model, config, fake, cuda)
         try:
-            with tracker:
-                _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer)
+            with tracker:  # two steps: from the second on, the optimizer state lives through the
+                for _ in range(2):  # forward and backward (the first creates it in its update)
+                    _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -122,8 +128,9 @@ def simulate(
 
 def _step(model, batches, config, tracker, params, optimizer) -> None:
     """train.py's step on fake tensors: its forward_backward (the objective's forward and backward
-    for each micro-batch), clipping, the optimizer step; without the host reads of loss values and
-    ranking metrics, which fake tensors do not have."""
+    for each micro-batch), clipping, the optimizer step, or with --optim-in-backward its
+    backward_step (one or two passes, the updates inside the backward); without the host reads of
+    loss values and ranking metrics, which fake tensors do not have."""
     objective = build_objective(config)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -142,12 +149,30 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         mock.patch.object(Metrics, "of_batch", no_metrics),
         mock.patch.object(torch.Tensor, "backward", tracked_backward),
     ):
-        forward_backward(model, forward, batches, autocast)
-    tracker.phase = "clip"
-    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+        if isinstance(optimizer, InBackwardOptimizer):
+            with mock.patch.object(optimizer, "step_param", _in_phase(tracker, optimizer.step_param)):
+                backward_step(optimizer, lambda: forward_backward(model, forward, batches, autocast),
+                              params, config.max_grad_norm)  # fmt: skip
+        else:  # backward_step's own, without its read of the norm's value
+            forward_backward(model, forward, batches, autocast)
+            tracker.phase = "clip"
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     tracker.phase = "optimizer"
-    optimizer.step()
+    optimizer.step()  # after an update in backward: no gradient is left, nothing happens
     optimizer.zero_grad(set_to_none=True)
+
+
+def _in_phase(tracker: MemoryTracker, step_param: Any) -> Any:
+    """One parameter's update during the backward, its allocations counted as the optimizer's."""
+
+    def step(slot: Any) -> None:
+        phase, tracker.phase = tracker.phase, "optimizer in backward"
+        try:
+            step_param(slot)
+        finally:
+            tracker.phase = phase
+
+    return step
 
 
 def build_model(hf_config: Any, config: TrainConfig) -> torch.nn.Module:
@@ -199,11 +224,20 @@ def _as_quantized(model: torch.nn.Module, config: TrainConfig) -> None:
 
 
 def _optimizer(model, config, fake: bool, cuda: bool) -> torch.optim.Optimizer:
-    if config.optim in ("adamw8bit", "paged-adamw8bit") and fake:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return plan_cuda.PlannedAdamW8bit(params, lr=config.lr)
-    optimizer = make_optimizer(model, config)
-    if cuda:  # on CUDA tensors torch's AdamW defaults to its foreach path, with its temporaries
+    """make_optimizer's, with bitsandbytes' 8-bit AdamW (CUDA kernels) replaced on fake tensors by
+    PlannedAdamW8bit: one over all parameters, or with --optim-in-backward / --bf16-update
+    stochastic|kahan one per parameter, as build_optimizer makes them."""
+    planned = config.optim in ("adamw8bit", "paged-adamw8bit") and fake
+    build = optim._build
+
+    def planned_build(name: str, groups: list[dict[str, Any]], lr: float, *rest: Any) -> Any:
+        return plan_cuda.PlannedAdamW8bit(groups, lr=lr) if planned else build(name, groups, lr, *rest)
+
+    with mock.patch.object(optim, "_build", planned_build):
+        optimizer = make_optimizer(model, config)
+    if isinstance(optimizer, InBackwardOptimizer) and fake:
+        optimizer.assume_finite = True  # fake tensors have no values to check
+    if cuda and not planned:  # on CUDA tensors torch's AdamW defaults to its foreach path
         for group in optimizer.param_groups:
             if group.get("foreach") is None and not group.get("fused"):
                 group["foreach"] = True
@@ -266,9 +300,16 @@ def plan_step(
     def line(x: int, y: int) -> int:
         return int(round(y + (y - x) * scale))
 
+    # Each phase's peak on its own line: phases grow at different rates per layer (the forward
+    # keeps autocast's bf16 copy of every fp32 weight, the backward does not), so the phase that
+    # peaks with 2 and 4 layers need not be the one that peaks with all of them.
+    phases = {ph: line(a.phase_peaks[ph][0], b.phase_peaks[ph][0])
+              for ph in a.phase_peaks.keys() & b.phase_peaks.keys()}  # fmt: skip
+    phase = max(phases, key=phases.__getitem__)
     return MemoryReport(
-        peak_bytes=line(a.peak_bytes, b.peak_bytes),
-        peak_phase=b.peak_phase,
+        peak_bytes=phases[phase],
+        peak_phase=phase,
         by_category={c: line(a.by_category[c], b.by_category[c]) for c in CATEGORIES},
-        at_peak={c: line(a.at_peak[c], b.at_peak[c]) for c in CATEGORIES},
+        at_peak={c: line(a.phase_peaks[phase][1][c], b.phase_peaks[phase][1][c]) for c in CATEGORIES},
+        phase_peaks={ph: (phases[ph], {}) for ph in phases},
     )
