@@ -29,7 +29,7 @@ try:
     import pytest
 except ImportError:  # script mode without the dev extras: no pytest-benchmark tests
     pytest = None
-PROVIDERS = ("torch", "torch.compile", "triton", "liger", "cce")
+PROVIDERS = ("torch", "torch.compile", "triton", "triton/cublas-dlogits", "liger", "cce")
 MODES = ("fwd", "fwd_bwd")
 # Effective FLOPs: forward = the logits matmul; backward recomputes the logits and does
 # the two gradient matmuls (dhidden, dweight): 4 matmuls of 2*M*D*V in all.
@@ -97,6 +97,17 @@ def cce_logprobs(hidden, weight, rows, targets):
     return -loss.float()
 
 
+def cublas_dlogits_logprobs(hidden, weight, rows, targets):
+    """Our kernels with the backward variant that takes the logits from cuBLAS: the call records the
+    variant (token_logprobs.DLOGITS is read in forward), so only this provider's backward uses it."""
+    tlp = sys.modules["rrhf_fast.kernels.token_logprobs"]
+    before, tlp.DLOGITS = tlp.DLOGITS, "cublas"
+    try:
+        return token_logprobs(hidden, weight, rows, targets, impl="triton")
+    finally:
+        tlp.DLOGITS = before
+
+
 def build_provider(name: str, device: torch.device) -> LogprobFn:
     if name == "torch":
         return token_logprobs_torch
@@ -107,6 +118,10 @@ def build_provider(name: str, device: torch.device) -> LogprobFn:
         return torch.compile(token_logprobs_torch, dynamic=False)
     if name == "triton":
         return functools.partial(token_logprobs, impl="triton")
+    if name == "triton/cublas-dlogits":  # the backward's logits from cuBLAS + a Triton epilogue
+        if device.type != "cuda":
+            raise Unavailable("needs CUDA's fp32-output GEMM (torch >= 2.8) for half inputs")
+        return cublas_dlogits_logprobs
     if name in ("liger", "cce"):
         if device.type != "cuda":
             raise Unavailable(f"{name} runs on CUDA only")

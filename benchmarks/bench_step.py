@@ -62,6 +62,7 @@ def ours_step(model, optimizer, items, plan, device, attn: str, impl: str) -> Ca
                 batch.ranks,
                 prompt_len=batch.prompt_len,
                 normalizer=num_queries,  # the mean over every query of the step
+                k_max=batch.max_responses,
                 impl=impl,
             )
             out.loss.backward()

@@ -5,10 +5,12 @@ p_i = S_i / denom_i ** length_penalty, the pairwise hinge over ordered pairs wit
 term of the best-scored response, and dL/dS_i for the rank and SFT parts. The backward is one
 gather: dlogp[m] = dL/dS[token_response[m]].
 
-The Triton path relies on the packed order that `rrhf_fast.packing.pack` produces: the tokens of a
-response are contiguous, responses are numbered in token order, and the responses of a query are
-contiguous (`token_response` and `response_query` non-decreasing). The launcher checks this on the
-device without a host sync; the torch reference accepts any order.
+The Triton path relies on the packed order that `rrhf_fast.data.packing.pack` produces: the tokens
+of a response are contiguous, responses are numbered in token order, and the responses of a query
+are contiguous (`token_response` and `response_query` non-decreasing). It is checked on the host
+where the indices are (one sentence per error); on CUDA the kernel checks each query's layout
+itself and answers NaN, with no host sync and no device assert (which would kill the CUDA
+context). The torch reference accepts any order.
 """
 
 from __future__ import annotations
@@ -19,42 +21,52 @@ import triton.language as tl
 
 from .constants import MODES, SFT_REDUCTIONS
 from .reference import RRHFOutput, rrhf_loss_torch
-from .utils import next_power_of_2, resolve_impl
+from .utils import next_power_of_2, on_host, resolve_impl
 
 
 @triton.jit
 def _rrhf_fwd_kernel(
-    LOGP, TOKEN_RESPONSE, RESP_START, TOK_START, SCORES, PROMPT_LEN,
-    P_OUT, COEF_RANK, COEF_SFT, RANK_Q, SFT_Q, length_penalty,
+    LOGP, TOKEN_RESPONSE, RESPONSE_QUERY, RESP_START, TOK_START, SCORES, PROMPT_LEN,
+    P_OUT, COEF_RANK, COEF_SFT, RANK_Q, SFT_Q, M, R, length_penalty,
     OFFICIAL: tl.constexpr, SFT_SUM: tl.constexpr, LP_ONE: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     q = tl.program_id(0)
+    not_last = q < tl.num_programs(0) - 1
     r0 = tl.load(RESP_START + q)
     k = tl.load(RESP_START + q + 1) - r0
     offs_k = tl.arange(0, BLOCK_K)
     valid = offs_k < k
-    t_lo = tl.load(TOK_START + r0 + offs_k, mask=valid, other=0)
-    t_hi = tl.load(TOK_START + r0 + offs_k + 1, mask=valid, other=0)
-    n = (t_hi - t_lo).to(tl.float32)
-
-    # Per-response sums: stream the query's tokens, one-hot them onto the k responses.
-    sums = tl.zeros((BLOCK_K,), dtype=tl.float32)
     q_lo = tl.load(TOK_START + r0)
     q_hi = tl.load(TOK_START + r0 + k)
+    # The layout checks, on the device without a host sync or an assert: a query whose responses or
+    # tokens are not where the packed order puts them gets NaN losses. Together, the first/last
+    # program's bounds and "every response / token in my range is mine" make the ranges a partition.
+    resp_q = tl.load(RESPONSE_QUERY + r0 + offs_k, mask=valid, other=0)
+    ok = (k >= 1) & (k <= BLOCK_K) & (tl.sum((valid & (resp_q != q)).to(tl.int32), axis=0) == 0)
+    ok = ok & ((q > 0) | ((r0 == 0) & (q_lo == 0))) & (not_last | ((r0 + k == R) & (q_hi == M)))
+
+    # Per-response sums and lengths: stream the query's tokens, one-hot them onto the k responses.
+    sums = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    n = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    stray = tl.zeros((BLOCK_T,), dtype=tl.int32)
     for t0 in range(q_lo, q_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < q_hi
         lp = tl.load(LOGP + offs_t, mask=t_mask, other=0.0)
-        resp = tl.load(TOKEN_RESPONSE + offs_t, mask=t_mask, other=-1) - r0
-        sums += tl.sum(tl.where(resp[:, None] == offs_k[None, :], lp[:, None], 0.0), axis=0)
+        resp = tl.load(TOKEN_RESPONSE + offs_t, mask=t_mask, other=r0).to(tl.int32) - r0
+        stray += (t_mask & ((resp < 0) | (resp >= k))).to(tl.int32)
+        onehot = (resp[:, None] == offs_k[None, :]) & t_mask[:, None]
+        sums += tl.sum(tl.where(onehot, lp[:, None], 0.0), axis=0)
+        n += tl.sum(onehot.to(tl.float32), axis=0)
+    ok = ok & (tl.sum(stray, axis=0) == 0) & (tl.sum((valid & (n == 0)).to(tl.int32), axis=0) == 0)
 
     if OFFICIAL:
         # The authors' train.py divides by the padded label length P + max_i n_i.
         longest = tl.max(tl.where(valid, n, 0.0), axis=0)
         denom = tl.load(PROMPT_LEN + q).to(tl.float32) + longest + tl.zeros((BLOCK_K,), dtype=tl.float32)
     else:
-        denom = tl.where(valid, n, 1.0)
+        denom = tl.where(valid, tl.maximum(n, 1.0), 1.0)
     if LP_ONE:
         scale = 1.0 / denom
     else:
@@ -63,6 +75,8 @@ def _rrhf_fwd_kernel(
 
     # Hinge over ordered pairs (i, j) with r_i < r_j; ties and padding lanes add nothing.
     r = tl.load(SCORES + r0 + offs_k, mask=valid, other=0.0)
+    non_finite = (r != r) | (tl.abs(r) == float("inf"))
+    ok = ok & (tl.sum((valid & non_finite).to(tl.int32), axis=0) == 0)
     pair = (r[:, None] < r[None, :]) & valid[:, None] & valid[None, :]
     diff = p[:, None] - p[None, :]
     active = pair & (diff > 0)
@@ -80,41 +94,42 @@ def _rrhf_fwd_kernel(
         sft_scale = 1.0 / denom
     sft = -tl.sum(tl.where(is_best, sums * sft_scale, 0.0), axis=0)
 
-    tl.store(P_OUT + r0 + offs_k, p, mask=valid)
-    tl.store(COEF_RANK + r0 + offs_k, dp * scale, mask=valid)
-    tl.store(COEF_SFT + r0 + offs_k, tl.where(is_best, -sft_scale, 0.0), mask=valid)
-    tl.store(RANK_Q + q, rank)
-    tl.store(SFT_Q + q, sft)
+    bad = tl.where(ok, 0.0, float("nan"))
+    tl.store(P_OUT + r0 + offs_k, p + bad, mask=valid)
+    tl.store(COEF_RANK + r0 + offs_k, dp * scale + bad, mask=valid)
+    tl.store(COEF_SFT + r0 + offs_k, tl.where(is_best, -sft_scale, 0.0) + bad, mask=valid)
+    tl.store(RANK_Q + q, rank + bad)
+    tl.store(SFT_Q + q, sft + bad)
 
 
 @triton.jit
-def _rrhf_bwd_kernel(TOKEN_RESPONSE, COEF, GRAD_LOGP, M, BLOCK: tl.constexpr):
+def _rrhf_bwd_kernel(TOKEN_RESPONSE, COEF, GRAD_LOGP, M, R, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     resp = tl.load(TOKEN_RESPONSE + offs, mask=mask, other=0)
-    tl.store(GRAD_LOGP + offs, tl.load(COEF + resp, mask=mask, other=0.0), mask=mask)
+    inside = (resp >= 0) & (resp < R)  # outside: the forward's loss is NaN already; never read there
+    coef = tl.load(COEF + resp, mask=mask & inside, other=float("nan"))
+    tl.store(GRAD_LOGP + offs, coef, mask=mask)
 
 
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-    out[1:] = counts.cumsum(0)
-    return out
+def _starts(index: torch.Tensor, count: int) -> torch.Tensor:
+    """[count + 1] int32: where each id 0..count starts in a sorted `index`, without a host sync
+    (bincount sizes its output from the data, so it syncs on CUDA)."""
+    ids = torch.arange(count + 1, dtype=index.dtype, device=index.device)
+    return torch.searchsorted(index, ids, out_int32=True)
 
 
-def _forward(logp, token_response, response_query, scores, prompt_len, num_queries, options):
+def _forward(logp, token_response, response_query, scores, prompt_len, num_queries, k_max, options):
     length_penalty, rank_weight, sft_weight, official, sft_sum, norm = options
-    R, G = response_query.numel(), num_queries
-    tok_counts = torch.bincount(token_response, minlength=R)
-    resp_counts = torch.bincount(response_query, minlength=G)
-    _check_layout(token_response, response_query, tok_counts, resp_counts, R, G)
+    R, G, M = response_query.numel(), num_queries, logp.numel()
     f32 = dict(dtype=torch.float32, device=logp.device)
     p, coef_rank, coef_sft = (torch.empty(R, **f32) for _ in range(3))
     rank_q, sft_q = torch.empty(G, **f32), torch.empty(G, **f32)
-    block_k = max(2, next_power_of_2(int(resp_counts.max())))
     _rrhf_fwd_kernel[(G,)](
-        logp, token_response, _offsets(resp_counts), _offsets(tok_counts), scores,
-        prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, float(length_penalty),
-        OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1, BLOCK_K=block_k, BLOCK_T=64,
+        logp, token_response, response_query, _starts(response_query, G), _starts(token_response, R),
+        scores, prompt_len if official else scores, p, coef_rank, coef_sft, rank_q, sft_q, M, R,
+        float(length_penalty), OFFICIAL=official, SFT_SUM=sft_sum, LP_ONE=length_penalty == 1,
+        BLOCK_K=max(2, next_power_of_2(k_max)), BLOCK_T=64,
     )  # fmt: skip
     rank_loss, sft_loss = rank_q.sum() / norm, sft_q.sum() / norm
     loss = rank_weight * rank_loss + sft_weight * sft_loss
@@ -122,25 +137,12 @@ def _forward(logp, token_response, response_query, scores, prompt_len, num_queri
 
 
 def _backward(token_response, coef):
-    """dlogp[m] = coef[token_response[m]] (fp32)."""
+    """dlogp[m] = coef[token_response[m]] (fp32); NaN for a response id outside [0, R)."""
     M = token_response.numel()
     grad = torch.empty(M, dtype=torch.float32, device=coef.device)
     if M:
-        _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, BLOCK=1024)
+        _rrhf_bwd_kernel[(triton.cdiv(M, 1024),)](token_response, coef, grad, M, coef.numel(), BLOCK=1024)
     return grad
-
-
-def _check_layout(token_response, response_query, tok_counts, resp_counts, R, G) -> None:
-    """Device-side checks of the packed order (no host sync)."""
-    for name, t in (("token_response", token_response), ("response_query", response_query)):
-        if t.numel() > 1:
-            torch._assert_async((t[1:] >= t[:-1]).all(), f"rrhf_loss(triton): {name} must be non-decreasing")
-    torch._assert_async((tok_counts[:R] > 0).all(), "rrhf_loss: every response needs at least one token")
-    torch._assert_async((resp_counts[:G] > 0).all(), "rrhf_loss: every query needs at least one response")
-    if response_query.numel():
-        torch._assert_async(response_query.max() < G, "rrhf_loss: response_query >= number of queries")
-    if token_response.numel():
-        torch._assert_async(token_response.max() < R, "rrhf_loss: token_response >= number of responses")
 
 
 def rrhf_loss(
@@ -156,6 +158,7 @@ def rrhf_loss(
     mode: str = "paper",
     sft_reduction: str = "mean",
     normalizer: float | torch.Tensor | None = None,
+    k_max: int | None = None,
     impl: str = "auto",
 ) -> RRHFOutput:
     """RRHF loss of a packed batch: `rank_weight * rank + sft_weight * sft`, averaged over queries.
@@ -164,25 +167,28 @@ def rrhf_loss(
     query index of each response; scores [R]: rewards; prompt_len [G]: prompt lengths (needed for
     mode="official", which also fixes the number of queries G). With `normalizer` (e.g. the global
     number of queries under gradient accumulation or data parallel) the losses are sums divided by
-    it instead of means. Returns RRHFOutput(loss, rank_loss, sft_loss, response_scores [R] detached).
+    it instead of means. `k_max`, the most responses of one query (`PackedBatch.max_responses`),
+    spares the Triton path its one host sync (reading it off device tensors). Returns
+    RRHFOutput(loss, rank_loss, sft_loss, response_scores [R] detached).
+
+    Index tensors and scores on the host are checked there, each error one sentence. On CUDA the
+    Triton path checks on the device instead, without a sync: a query whose layout is not the
+    packed order, or whose scores are not finite, makes the losses NaN.
     """
-    if mode not in MODES:
-        raise ValueError(f"rrhf_loss: mode must be one of {MODES}, got {mode!r}")
-    if sft_reduction not in SFT_REDUCTIONS:
-        raise ValueError(f"rrhf_loss: sft_reduction must be one of {SFT_REDUCTIONS}, got {sft_reduction!r}")
-    if mode == "official" and prompt_len is None:
-        raise ValueError("rrhf_loss: mode='official' needs prompt_len (the per-query prompt lengths)")
-    if logp.shape != token_response.shape or response_query.shape != scores.shape:
-        raise ValueError(
-            f"rrhf_loss: logp {tuple(logp.shape)} must match token_response {tuple(token_response.shape)} "
-            f"and response_query {tuple(response_query.shape)} must match scores {tuple(scores.shape)}"
-        )
-    if resolve_impl(impl, logp.device) == "torch":
+    _check_options(logp, token_response, response_query, scores, prompt_len, mode, sft_reduction)
+    impl = resolve_impl(impl, logp.device)
+    if on_host(scores):
+        check_scores(scores)
+    if impl == "torch":
         return rrhf_loss_torch(
             logp, token_response, response_query, scores, prompt_len, length_penalty,
             rank_weight, sft_weight, mode, sft_reduction, normalizer,
         )  # fmt: skip
     num_queries = prompt_len.numel() if prompt_len is not None else int(response_query.max()) + 1
+    if on_host(token_response) and on_host(response_query):
+        check_packed_order(token_response, response_query, num_queries)
+    if k_max is None:
+        k_max = int((_starts(response_query, num_queries).diff()).max()) if num_queries else 1
     norm = num_queries if normalizer is None else normalizer
     # A tensor normalizer (a count summed over ranks) divides outside the op, whose arguments are
     # plain numbers: the losses are linear in 1 / normalizer.
@@ -194,6 +200,7 @@ def rrhf_loss(
         scores.float().contiguous(),
         None if prompt_len is None else prompt_len.contiguous(),
         int(num_queries),
+        int(k_max),
         float(length_penalty),
         float(rank_weight),
         float(sft_weight),
@@ -204,6 +211,57 @@ def rrhf_loss(
     if divide:
         loss, rank_loss, sft_loss = loss / norm, rank_loss / norm, sft_loss / norm
     return RRHFOutput(loss, rank_loss, sft_loss, p)
+
+
+def _check_options(logp, token_response, response_query, scores, prompt_len, mode, sft_reduction) -> None:
+    if mode not in MODES:
+        raise ValueError(f"rrhf_loss: mode must be one of {MODES}, got {mode!r}")
+    if sft_reduction not in SFT_REDUCTIONS:
+        raise ValueError(f"rrhf_loss: sft_reduction must be one of {SFT_REDUCTIONS}, got {sft_reduction!r}")
+    if mode == "official" and prompt_len is None:
+        raise ValueError("rrhf_loss: mode='official' needs prompt_len (the per-query prompt lengths)")
+    if logp.shape != token_response.shape or response_query.shape != scores.shape:
+        raise ValueError(
+            f"rrhf_loss: logp {tuple(logp.shape)} must match token_response {tuple(token_response.shape)} "
+            f"and response_query {tuple(response_query.shape)} must match scores {tuple(scores.shape)}"
+        )
+
+
+def check_scores(scores: torch.Tensor) -> None:
+    """Host check: every score finite (a NaN or inf reward would rank nothing, or everything)."""
+    bad = (~torch.isfinite(scores)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"rrhf_loss: scores must be finite, but response {i} has score {float(scores[i])}; "
+            "drop or rescore that response"
+        )
+
+
+def check_packed_order(token_response: torch.Tensor, response_query: torch.Tensor, num_queries: int) -> None:
+    """Host check of the order the fused kernel takes (rrhf_fast.data.packing.pack's): responses
+    numbered in token order with contiguous tokens, queries' responses contiguous, none empty."""
+    for name, t, count, what in (
+        ("token_response", token_response, response_query.numel(), "token"),
+        ("response_query", response_query, num_queries, "response"),
+    ):
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= count):
+            lo, hi = int(t.min()), int(t.max())
+            raise ValueError(f"rrhf_loss: {name} must lie in [0, {count}), but its values span {lo}..{hi}")
+        down = (t[1:] < t[:-1]).nonzero()
+        if down.numel():
+            i = int(down[0]) + 1
+            raise ValueError(
+                f"rrhf_loss(triton): {name} must be non-decreasing (the packed order of "
+                f"rrhf_fast.data.packing.pack), but {what} {i} has {int(t[i])} after {int(t[i - 1])}; "
+                "pack the batch in that order or use impl='torch'"
+            )
+        empty = (torch.bincount(t.long(), minlength=count) == 0).nonzero()
+        if empty.numel():
+            owner = "response" if name == "token_response" else "query"
+            raise ValueError(
+                f"rrhf_loss: every {owner} needs at least one {what}, but {owner} {int(empty[0])} has none"
+            )
 
 
 # The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.

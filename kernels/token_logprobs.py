@@ -1,43 +1,55 @@
 """token_logprobs: log_softmax(hidden[rows] @ weight.T)[m, targets[m]] without the [M, V] logits.
 
 Forward: one fused kernel streams vocabulary blocks through an online log-sum-exp in fp32 and keeps
-only the per-row LSE and the target logit; programs split the vocabulary when there are too few row
-blocks to fill the GPU, and their partial LSEs are merged afterwards.
+only the per-row LSE and the target logit; programs split the vocabulary so that the grid is close
+to a whole number of waves, run in L2-sized groups of row blocks (`utils.forward_grid` has the
+arithmetic), and their partial LSEs are merged afterwards.
 
 Backward, for any per-token upstream gradient g: dlogits = g * (onehot(target) - softmax), times the
 soft-cap derivative. The vocabulary is processed in chunks of at most VOCAB_CHUNK columns; for each
-chunk one kernel recomputes the logits tile by tile and writes only dlogits [M, chunk] (input dtype,
-like autograd's bf16 backward), then dweight[chunk] = dlogits^T @ hidden[rows] (one GEMM, fp32
-accumulation) and dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 in a Triton GEMM.
-Peak extra memory is M x VOCAB_CHUNK + M x D, never M x V. Exact: no gradient filtering.
+chunk one kernel recomputes the logits tile by tile and writes onehot - softmax [M, chunk] (input
+dtype, like autograd's bf16 backward; without g, whose product with p underflows in fp16), then
+dweight[chunk] = dlogits^T @ (g * hidden[rows]) (one GEMM, fp32 accumulation) and
+dhidden[rows] += dlogits @ weight[chunk] accumulates in fp32 (`accumulate_dh`: cuBLAS with an fp32
+output where torch has it, a Triton GEMM elsewhere), scaled by g once at the end.
+Peak extra memory is M x VOCAB_CHUNK (rows padded to 64 elements) + M x D, never M x V. Exact: no
+gradient filtering.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dlogits_cublas import _dz_from_logits, _tanh, dlogits_cublas
 from .reference import token_logprobs_torch
-from .utils import interpreting, resolve_impl
+from .utils import (
+    autotune_bench,
+    forward_grid,
+    has_out_dtype_mm,
+    interpreting,
+    m_bucket,
+    on_host,
+    resolve_impl,
+    round_up,
+)
 
 # Columns of dlogits materialised at once in backward. 8192 keeps the buffer (M x 8192) comparable to
 # the hidden states (M x D) while each dweight GEMM stays large enough to run near peak.
 VOCAB_CHUNK = 8192
 VOCAB_CHUNK_BYTES = 1 << 30
+# How the backward recomputes the logits: "fused" (tl.dot and the softmax in one Triton kernel) or
+# "cublas" (cuBLAS fp32 logits + a Triton epilogue; CUDA with torch >= 2.8 for half inputs, plus an
+# [M, chunk] fp32 buffer). Which is faster is for the GPU to say (benchmarks/README.md).
+DLOGITS = os.environ.get("RRHF_FAST_DLOGITS", "fused")
 
 
 # ---------------------------------------------------------------------------------------------
 # Triton device functions and kernels
-
-
-@triton.jit
-def _tanh(x):
-    # From exp rather than libdevice: portable across Triton 3.6-3.9 and the CPU interpreter.
-    # exp overflows to inf for x > 44, which gives exactly 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
 @triton.jit
@@ -55,18 +67,19 @@ def _logits_tile(
         d_mask = offs_d < D
         h = tl.load(h_ptrs + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         w = tl.load(w_ptrs + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+        # An fp32 weight under autocast is rounded here, tile by tile (a no-op for equal dtypes).
+        acc = tl.dot(h, tl.trans(w.to(h.dtype)), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
 def _fwd_kernel(
-    H, W, ROWS, TGT, LSE_PART, TGT_LOGIT, M, V, NUM_SPLITS, stride_h, stride_w, softcap,
+    H, W, ROWS, TGT, LSE_PART, TGT_LOGIT, M, V, NUM_SPLITS, group_m, M_BUCKET, stride_h, stride_w, softcap,
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    """One program per (row block, vocabulary split), in groups of group_m row blocks (utils.forward_grid)."""
+    pid_m, pid_s = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), NUM_SPLITS, group_m)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     h_rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
@@ -98,11 +111,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _dlogits_kernel(
-    H, W, TGT, LSE, GRAD, DZ, M, VC, v_offset, stride_h, stride_w, stride_dz, softcap,
+    H, W, TGT, LSE, DZ, M, VC, v_offset, M_BUCKET, stride_h, stride_w, stride_dz, softcap,
     D: tl.constexpr, SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """DZ[:, :VC] = dlogp/dlogits for vocabulary columns v_offset .. v_offset + VC.
+    """DZ[:, :VC] = (onehot(target) - softmax) * dsoftcap for vocabulary columns v_offset .. + VC.
 
     W points at the chunk's first row already: v_offset * stride_w can pass 2**31 (V = 256k,
     D = 8192), and scalar kernel arguments are 32-bit, so the launcher offsets the pointer.
@@ -116,17 +129,11 @@ def _dlogits_kernel(
         H, W, offs_m.to(tl.int64), offs_v, m_mask, v_mask, stride_h, stride_w,
         D, BLOCK_M, BLOCK_V, BLOCK_D, PRECISION,
     )  # fmt: skip
-    if SOFTCAP:
-        z = softcap * _tanh(z / softcap)
     lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
-    g = tl.load(GRAD + offs_m, mask=m_mask, other=0.0)
     tgt = tl.load(TGT + offs_m, mask=m_mask, other=-1).to(tl.int32) - v_offset
-    dz = tl.where(offs_v[None, :] == tgt[:, None], g[:, None], 0.0) - g[:, None] * tl.exp(z - lse[:, None])
-    if SOFTCAP:
-        c = z / softcap
-        dz = dz * (1.0 - c * c)
+    dz = _dz_from_logits(z, offs_v, v_mask, tgt, lse, softcap, SOFTCAP)
     dz_ptrs = DZ + offs_m[:, None].to(tl.int64) * stride_dz + offs_v[None, :]
-    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & v_mask[None, :])
+    tl.store(dz_ptrs, dz.to(DZ.dtype.element_ty), mask=m_mask[:, None] & (offs_v < stride_dz)[None, :])
 
 
 @triton.jit
@@ -156,7 +163,7 @@ def _mm_acc_kernel(
 
 
 @triton.jit
-def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+def _grouped_tile(pid, num_m, num_n, GROUP_M):
     """Tile order that walks GROUP_M row blocks per column block, so weight tiles are reused in L2."""
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
@@ -176,15 +183,21 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+# Registers and spills of each config, compiled for sm_90 (bf16, Triton 3.9; benchmarks/README.md,
+# "Compile evidence"): a 128 x 256 tile at 8 warps needs 255 registers and spills (forward 16 bytes
+# of stack, dlogits 248); at 16 warps the forward's fits in 128 registers without a spill. The
+# dlogits epilogue holds more live values: every tile larger than 128 x 128 spilled (256 x 128:
+# 576 bytes), so its configs are 128 x 128 (3 and 4 stages) and 64 x 128, none spilling.
 FWD_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
+    _cfg(16, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
 ]
 DLOGITS_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
 ]
 MM_CONFIGS = [
@@ -192,18 +205,23 @@ MM_CONFIGS = [
     _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 ]
-# The number of M rows decides how many programs the forward has; the split count is derived from a
-# fixed assumed tile height so that it does not depend on the autotuner's choice.
-_FWD_SPLIT_ROWS = 128
 
-_fwd_tuned = triton.autotune(FWD_CONFIGS, key=["D", "V"])(_fwd_kernel)
-_dlogits_tuned = triton.autotune(DLOGITS_CONFIGS, key=["D"])(_dlogits_kernel)
-_mm_acc_tuned = triton.autotune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
+# Keyed on the row-count bucket too (M_BUCKET, unused by the kernels): the first batch's M no longer
+# picks the config of every later batch. autotune_bench tunes without Triton's 256 MiB flush buffer,
+# so the first step's peak memory is the steady state's.
+_tune = functools.partial(triton.autotune, do_bench=autotune_bench)
+_fwd_tuned = _tune(FWD_CONFIGS, key=["D", "V", "M_BUCKET"])(_fwd_kernel)
+_dlogits_tuned = _tune(DLOGITS_CONFIGS, key=["D", "M_BUCKET"])(_dlogits_kernel)
+# Only the fallback of accumulate_dh (torch < 2.8): restore_value clones C (M x D fp32) per config.
+_mm_acc_tuned = _tune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_shape(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, L2 bytes): one forward program per SM at a time (the 128-row configs use
+    most of the shared memory), so the SM count is the number of programs in a wave."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, props.L2_cache_size
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -222,11 +240,7 @@ def _forward(hidden, weight, rows, targets, softcap):
     lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
     if M == 0:
         return logp, lse
-    if hidden.is_cuda:
-        blocks = triton.cdiv(M, _FWD_SPLIT_ROWS)
-        splits = max(1, min(64, triton.cdiv(2 * _num_sms(hidden.device.index or 0), blocks)))
-    else:
-        splits = 2  # exercises the split merge in the CPU tests
+    splits, group = _forward_grid(hidden, M, V, D)
     lse_part = torch.empty(splits, M, dtype=torch.float32, device=hidden.device)
     tgt_logit = torch.empty(M, dtype=torch.float32, device=hidden.device)
     args = (
@@ -239,6 +253,8 @@ def _forward(hidden, weight, rows, targets, softcap):
         M,
         V,
         splits,
+        group,
+        m_bucket(M),
         hidden.stride(0),
         weight.stride(0),
     )
@@ -246,12 +262,31 @@ def _forward(hidden, weight, rows, targets, softcap):
         softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(hidden.dtype)
     )
     if interpreting():
-        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]), splits)](*args, **common, **_SMALL)
+        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]) * splits,)](*args, **common, **_SMALL)
     else:
-        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args, **common)
+        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * splits,)](*args, **common)
     torch.logsumexp(lse_part, dim=0, out=lse)
     torch.sub(tgt_logit, lse, out=logp)
     return logp, lse
+
+
+def _forward_grid(hidden: torch.Tensor, M: int, V: int, D: int) -> tuple[int, int]:
+    """(vocabulary splits, row blocks per group) of the forward; the splits size `lse_part`."""
+    if hidden.is_cuda:
+        sms, l2 = _device_shape(hidden.device.index or 0)
+        return forward_grid(M, V, D, hidden.element_size(), sms, l2)
+    return 2, 2  # exercises the split merge and the grouped order in the CPU tests
+
+
+def dz_row_stride(chunk: int) -> int:
+    """Row stride of the dlogits buffer: the chunk rounded up to 64 elements (128 bytes in bf16).
+
+    A ragged vocabulary (32001, 50257, 250680) left the last chunk's rows at an odd stride, which
+    makes the buffer's rows 2-byte aligned: Triton drops cp.async / vector stores on that operand
+    and cuBLAS gets a leading dimension that is not a multiple of 8 (its fast kernels need 16-byte
+    aligned rows). Every chunk now views the same [M, stride] buffer, so the stride never changes.
+    """
+    return round_up(chunk, 64)
 
 
 def _vocab_chunk(M: int, V: int, elem_bytes: int) -> int:
@@ -259,7 +294,7 @@ def _vocab_chunk(M: int, V: int, elem_bytes: int) -> int:
     return min(V, VOCAB_CHUNK, by_bytes)
 
 
-def _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap):
+def _dlogits(h_rows, weight, targets, lse, dz, v0, softcap):
     M, D = h_rows.shape
     VC = dz.shape[1]
     args = (
@@ -267,11 +302,11 @@ def _dlogits(h_rows, weight, targets, lse, grad, dz, v0, softcap):
         weight,
         targets,
         lse,
-        grad,
         dz,
         M,
         VC,
         v0,
+        m_bucket(M),
         h_rows.stride(0),
         weight.stride(0),
         dz.stride(0),
@@ -301,7 +336,33 @@ def mm_accumulate(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         _mm_acc_tuned[grid](*args, PRECISION=_precision(a.dtype))
 
 
-def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw):
+def accumulate_dh(dh_rows: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor) -> None:
+    """dh_rows (fp32) += dz @ w_chunk: cuBLAS with fp32 output where torch has it, else Triton.
+
+    fp32 operands: a plain addmm (IEEE fp32, like the "ieee" kernels). Half operands on CUDA with
+    torch >= 2.8: addmm with out_dtype=fp32 writes the fp32 accumulator in cuBLAS's epilogue (no
+    fp32 copy of dz or the weight). Elsewhere (older torch; the CPU interpreter): the Triton
+    split-K `mm_accumulate`, which reads and writes dh_rows once per vocabulary chunk.
+    """
+    if dz.dtype == torch.float32:
+        dh_rows.addmm_(dz, w_chunk)
+    elif has_out_dtype_mm(dz.device):
+        torch.addmm(dh_rows, dz, w_chunk, out_dtype=torch.float32, out=dh_rows)
+    else:
+        mm_accumulate(dh_rows, dz, w_chunk)
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b; out may be fp32 with half a and b (dweight of an fp32 weight under autocast)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    elif has_out_dtype_mm(a.device):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_dw, dlogits="fused"):
     M = rows.numel()
     V, D = weight.shape
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_dh else None
@@ -310,20 +371,52 @@ def _backward(hidden, weight, rows, targets, lse, grad, softcap, need_dh, need_d
         return (dh.to(hidden.dtype) if need_dh else None), (dw.zero_() if need_dw else None)
     h_rows = hidden.index_select(0, rows)
     dh_rows = torch.zeros(M, D, dtype=torch.float32, device=hidden.device) if need_dh else None
+    gh, dw_scale = _grad_rows(h_rows, grad) if need_dw else (None, None)
     chunk = _vocab_chunk(M, V, hidden.element_size())
-    buffer = torch.empty(M * chunk, dtype=hidden.dtype, device=hidden.device)
+    buffer = torch.empty(M, dz_row_stride(chunk), dtype=hidden.dtype, device=hidden.device)
+    split, mixed = _backward_variant(hidden, weight, need_dh, dlogits)
+    w_half = torch.empty(chunk, D, dtype=hidden.dtype, device=hidden.device) if mixed else None
+    z = torch.empty(buffer.shape, dtype=torch.float32, device=hidden.device) if split else None
     for v0 in range(0, V, chunk):
         vc = min(chunk, V - v0)
-        dz = buffer[: M * vc].view(M, vc)
-        _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, grad, dz, v0, softcap)
+        dz = buffer[:, :vc]
+        w_chunk = w_half[:vc].copy_(weight[v0 : v0 + vc]) if mixed else weight[v0 : v0 + vc]
+        if split:
+            dlogits_cublas(h_rows, w_chunk, targets, lse, dz, v0, softcap, z[:, :vc])
+        else:
+            _dlogits(h_rows, weight[v0 : v0 + vc], targets, lse, dz, v0, softcap)
         if need_dw:
-            torch.mm(dz.t(), h_rows, out=dw[v0 : v0 + vc])
+            mm_into(dw[v0 : v0 + vc], dz.t(), gh)
         if need_dh:
-            mm_accumulate(dh_rows, dz, weight[v0 : v0 + vc])
+            accumulate_dh(dh_rows, dz, w_chunk)
+    if dw_scale is not None:
+        dw.mul_(dw_scale)
     if need_dh:
-        dh.index_add_(0, rows, dh_rows)
+        dh.index_add_(0, rows, dh_rows.mul_(grad[:, None]))
         dh = dh.to(hidden.dtype)
     return dh, dw
+
+
+def _backward_variant(hidden, weight, need_dh: bool, dlogits: str) -> tuple[bool, bool]:
+    """(split, mixed). split: the cuBLAS-logits variant runs (fp32, or half where torch has the
+    fp32-output GEMM), with its [M, stride] fp32 logits buffer. mixed: an fp32 weight under autocast
+    feeds a cuBLAS GEMM, which needs one dtype, so each chunk is rounded into a [chunk, D] buffer
+    (never a [V, D] copy)."""
+    split = dlogits == "cublas" and (hidden.dtype == torch.float32 or has_out_dtype_mm(hidden.device))
+    return split, weight.dtype != hidden.dtype and (need_dh or split)
+
+
+def _grad_rows(h_rows: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """g[m] * hidden[rows[m]], the dweight GEMM's operand, and the factor dweight still needs.
+
+    fp16: g ~ 1e-6 (RRHF's 1 / (tokens x queries)) makes g * h subnormal (fp16's smallest normal is
+    6.1e-5, so only a few bits survive); g is divided by max|g| (a device scalar: no host sync)
+    and dweight multiplied by it afterwards. bf16 and fp32 have fp32's exponent range: no scale.
+    """
+    if h_rows.dtype != torch.float16:
+        return h_rows * grad.to(h_rows.dtype)[:, None], None
+    scale = grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    return h_rows * (grad / scale).to(torch.float16)[:, None], scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,27 +435,43 @@ def token_logprobs(
     """log_softmax(hidden[rows] @ weight.T)[m, targets[m]] as fp32 [M].
 
     hidden [N, D] and weight [V, D] (the lm_head or tied embedding) in fp32, fp16 or bf16; rows [M]
-    indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V). `softcap`
+    indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V) (checked on the
+    host for CPU tensors; on CUDA an index out of range gives a NaN log-prob, never a sync). `softcap`
     applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
     the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
-    Under torch.autocast, hidden and weight are cast to the autocast dtype, as a Linear would be.
+    Under torch.autocast, hidden is cast to the autocast dtype and the logits are computed as a
+    Linear would (weight rounded to that dtype); an fp32 weight is rounded tile by tile inside the
+    kernels rather than copied, and its gradient is fp32.
     """
     _check_inputs(hidden, weight, rows, targets)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"token_logprobs: softcap must be positive or None, got {softcap}")
     device_type = hidden.device.type
+    impl = resolve_impl(impl, hidden.device)
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(dtype)
+        # weight.to(dtype) would be a fresh [V, D] copy at every call, held from forward to backward
+        # (autocast caches its casts only inside its own ops): 1 GiB at V = 128256, D = 4096. The
+        # fused kernels read the fp32 weight and round each tile as they load it instead.
+        if impl == "torch" or weight.dtype != torch.float32:
+            weight = weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
         raise ValueError(f"token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if resolve_impl(impl, hidden.device) == "torch":
+    if impl == "torch":
         # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
         return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"token_logprobs: triton supports fp32, fp16 and bf16, not {hidden.dtype}")
-    torch._assert_async(((targets >= 0) & (targets < weight.shape[0])).all(), "targets out of range [0, V)")
-    torch._assert_async(((rows >= 0) & (rows < hidden.shape[0])).all(), "rows out of range [0, N)")
+    (N, _), (V, _) = hidden.shape, weight.shape
+    valid = None
+    if on_host(rows) and on_host(targets):
+        check_indices(rows, targets, N, V)
+    else:
+        # No device assert (it kills the CUDA context) and no host sync: out-of-range indices are
+        # clamped for the kernels' loads and their log-probs are NaN.
+        valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
+        rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
     with torch.autocast(device_type, enabled=False):
         logp, _lse = _ops.token_logprobs_op(
             hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
@@ -371,7 +480,21 @@ def token_logprobs(
             targets.contiguous(),
             None if softcap is None else float(softcap),
         )
-        return logp
+    return logp if valid is None else logp.where(valid, float("nan"))
+
+
+def check_indices(rows: torch.Tensor, targets: torch.Tensor, N: int, V: int) -> None:
+    """Host check of rows in [0, N) and targets in [0, V), one sentence per error."""
+    for name, t, n, hint in (
+        ("targets", targets, V, "; leave masked positions (-100) out of rows and targets instead"),
+        ("rows", rows, N, ""),
+    ):
+        bad = ((t < 0) | (t >= n)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"token_logprobs: {name} must lie in [0, {n}), but position {i} holds {int(t[i])}{hint}"
+            )
 
 
 def _check_inputs(hidden, weight, rows, targets) -> None:

@@ -2,13 +2,18 @@
 
 Run as a script with TRITON_INTERPRET unset (the interpreter replaces @triton.jit functions):
 `python tests/aot_compile.py CASES...` where a case is `kernel:config_index:dtype:cc`, prints a JSON
-object case -> {"shared": bytes, "ptx_mma": bool, "pipelined": bool, "cubin_bytes": int} or
-{"error": message}, then the Triton version on the last line.
+object case -> {"shared": bytes, "ptx_mma": bool, "pipelined": bool, "cubin_bytes": int, "regs": int,
+"stack": bytes, "local": bytes, "sass": {opcode: count}} or {"error": message}, then the Triton
+version on the last line.
 """
 
 import importlib
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -16,20 +21,30 @@ from triton.compiler import ASTSource
 
 tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
 rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
+dlc = importlib.import_module("rrhf_fast.kernels.dlogits_cublas")
 
 MMA_MARK = {90: "wgmma.mma_async", 80: "mma.sync"}
 ALIGNED_SIZES = ("M", "N", "K", "VC")
 
 
+def _dtypes(dt):
+    """(hidden, weight) dtypes of a case's dtype token; bf16w32: bf16 hidden, fp32 weight (autocast)."""
+    return ("bf16", "fp32") if dt == "bf16w32" else (dt, dt)
+
+
 def _fwd(dt):
-    sig = dict(H=f"*{dt}", W=f"*{dt}", ROWS="*i64", TGT="*i64", LSE_PART="*fp32", TGT_LOGIT="*fp32")
-    sig.update(M="i32", V="i32", NUM_SPLITS="i32", stride_h="i32", stride_w="i32", softcap="fp32")
+    dt, wt = _dtypes(dt)
+    sig = dict(H=f"*{dt}", W=f"*{wt}", ROWS="*i64", TGT="*i64", LSE_PART="*fp32", TGT_LOGIT="*fp32")
+    sig.update(M="i32", V="i32", NUM_SPLITS="i32", group_m="i32", M_BUCKET="i32")
+    sig.update(stride_h="i32", stride_w="i32", softcap="fp32")
     return tlp._fwd_kernel, sig, dict(D=4096, SOFTCAP=True), tlp.FWD_CONFIGS
 
 
 def _dlogits(dt):
-    sig = dict(H=f"*{dt}", W=f"*{dt}", TGT="*i64", LSE="*fp32", GRAD="*fp32", DZ=f"*{dt}", M="i32")
-    sig.update(VC="i32", v_offset="i32", stride_h="i32", stride_w="i32", stride_dz="i32", softcap="fp32")
+    dt, wt = _dtypes(dt)
+    sig = dict(H=f"*{dt}", W=f"*{wt}", TGT="*i64", LSE="*fp32", DZ=f"*{dt}", M="i32")
+    sig.update(VC="i32", v_offset="i32", M_BUCKET="i32", stride_h="i32", stride_w="i32", stride_dz="i32")
+    sig.update(softcap="fp32")
     return tlp._dlogits_kernel, sig, dict(D=4096, SOFTCAP=True), tlp.DLOGITS_CONFIGS
 
 
@@ -40,19 +55,28 @@ def _mm_acc(dt):
 
 
 def _rrhf_fwd(official):
-    sig = dict(LOGP="*fp32", TOKEN_RESPONSE="*i64", RESP_START="*i32", TOK_START="*i32", SCORES="*fp32",
-               PROMPT_LEN="*i64", P_OUT="*fp32", COEF_RANK="*fp32", COEF_SFT="*fp32", RANK_Q="*fp32",
-               SFT_Q="*fp32", length_penalty="fp32")  # fmt: skip
+    sig = dict(LOGP="*fp32", TOKEN_RESPONSE="*i64", RESPONSE_QUERY="*i64", RESP_START="*i32",
+               TOK_START="*i32", SCORES="*fp32", PROMPT_LEN="*i64", P_OUT="*fp32", COEF_RANK="*fp32",
+               COEF_SFT="*fp32", RANK_Q="*fp32", SFT_Q="*fp32", M="i32", R="i32",
+               length_penalty="fp32")  # fmt: skip
     const = dict(OFFICIAL=official == "official", SFT_SUM=False, LP_ONE=True, BLOCK_K=8, BLOCK_T=64)
     return rl._rrhf_fwd_kernel, sig, const, [triton.Config({}, num_warps=4)]
 
 
 def _rrhf_bwd(_):
-    sig = dict(TOKEN_RESPONSE="*i64", COEF="*fp32", GRAD_LOGP="*fp32", M="i32")
+    sig = dict(TOKEN_RESPONSE="*i64", COEF="*fp32", GRAD_LOGP="*fp32", M="i32", R="i32")
     return rl._rrhf_bwd_kernel, sig, dict(BLOCK=1024), [triton.Config({}, num_warps=4)]
 
 
-KERNELS = {"fwd": _fwd, "dlogits": _dlogits, "mm_acc": _mm_acc, "rrhf_fwd": _rrhf_fwd, "rrhf_bwd": _rrhf_bwd}
+def _epilogue(dt):
+    sig = dict(Z="*fp32", TGT="*i64", LSE="*fp32", DZ=f"*{dt}", M="i32", VC="i32", v_offset="i32",
+               stride_z="i32", stride_dz="i32", softcap="fp32")  # fmt: skip
+    const = dict(SOFTCAP=True, BLOCK_M=32, BLOCK_V=256)
+    return dlc._epilogue_kernel, sig, const, [triton.Config({}, num_warps=8)]
+
+
+KERNELS = {"fwd": _fwd, "dlogits": _dlogits, "mm_acc": _mm_acc, "epilogue": _epilogue}
+KERNELS.update(rrhf_fwd=_rrhf_fwd, rrhf_bwd=_rrhf_bwd)
 MATMUL_KERNELS = {"fwd", "dlogits", "mm_acc"}
 
 
@@ -81,7 +105,25 @@ def compile_case(case: str) -> dict:
         "ptx_mma": MMA_MARK[int(cc)] in compiled.asm["ptx"],
         "pipelined": "cp.async" in compiled.asm["ptx"],  # loads overlap the matmuls of earlier stages
         "cubin_bytes": len(compiled.asm["cubin"]),
+        **sass_summary(compiled.asm["cubin"]),
     }
+
+
+def sass_summary(cubin: bytes) -> dict:
+    """Registers, local memory (spills) and instruction counts read off the cubin with the cuobjdump
+    that ships with Triton: LDGSTS = cp.async, UTMALDG = TMA loads, HGMMA = Hopper wgmma, HMMA =
+    mma.sync, LDL/STL = local-memory (spill) traffic."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True).stdout
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", res))
+    opcodes = ("LDGSTS", "UTMALDG", "HGMMA", "HMMA", "LDL", "STL")
+    ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in opcodes}
+    return {"regs": int(usage.get("REG", -1)), "stack": int(usage.get("STACK", -1)),
+            "local": int(usage.get("LOCAL", -1)), "sass": ops}  # fmt: skip
 
 
 def main(cases: list[str]) -> None:

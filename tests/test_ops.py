@@ -14,6 +14,7 @@ from rrhf_fast.kernels import ops, rrhf_loss, token_logprobs
 from rrhf_fast.training.memtrack import MemoryTracker
 
 tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
+rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
 TORCH_THREADS = 1
 
 
@@ -32,13 +33,23 @@ def launches_unseen(monkeypatch):
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", quiet)
 
 
-def token_logprobs_step(N, D, V, M, dtype, softcap, frozen):
+@pytest.fixture
+def device_path(monkeypatch):
+    """Fake tensors take the CUDA path of the public functions (no host checks: they hold no values;
+    clamped indices and a validity mask instead): the real run takes it too, to be compared."""
+    monkeypatch.setattr(tlp, "on_host", lambda t: False)
+    monkeypatch.setattr(rl, "on_host", lambda t: False)
+
+
+def token_logprobs_step(N, D, V, M, dtype, softcap, frozen, autocast=None):
     torch.manual_seed(0)
+    w_dtype = torch.float32 if autocast else dtype  # autocast: an fp32 lm_head read as half
     hidden = torch.randn(N, D, dtype=dtype, requires_grad=frozen != "hidden")
-    weight = (torch.randn(V, D) * 0.1).to(dtype).requires_grad_(frozen != "weight")
+    weight = (torch.randn(V, D) * 0.1).to(w_dtype).requires_grad_(frozen != "weight")
     rows, targets = torch.randint(0, N, (M,)), torch.randint(0, V, (M,))
     with MemoryTracker(inline=ops.BODIES, record=True) as tracker:
-        logp = token_logprobs(hidden, weight, rows, targets, softcap=softcap, impl="triton")
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logp = token_logprobs(hidden, weight, rows, targets, softcap=softcap, impl="triton")
         tracker.phase = "backward"
         (logp * torch.linspace(-1, 1, M)).sum().backward()
     return tracker.report(), logp
@@ -52,49 +63,76 @@ def rrhf_step(official):
     mode = "official" if official else "paper"
     with MemoryTracker(inline=ops.BODIES, record=True) as tracker:
         out = rrhf_loss(logp, token_response, response_query, scores, prompt_len=prompt_len, mode=mode,
-                        rank_weight=0.7, impl="triton")  # fmt: skip
+                        rank_weight=0.7, k_max=3, impl="triton")  # fmt: skip
         tracker.phase = "backward"
         out.loss.backward()
     return tracker.report(), out
 
 
 TLP_CASES = [
-    pytest.param(37, 32, 300, 29, torch.float32, None, None, id="fp32-ragged"),
-    pytest.param(16, 24, 257, 40, torch.float16, 30.0, None, id="fp16-softcap-repeated-rows"),
-    pytest.param(9, 16, 100, 7, torch.float32, None, "weight", id="frozen-weight"),
-    pytest.param(9, 16, 100, 7, torch.float32, None, "hidden", id="frozen-hidden"),
+    pytest.param(37, 32, 300, 29, torch.float32, None, None, None, id="fp32-ragged"),
+    pytest.param(16, 24, 257, 40, torch.float16, 30.0, None, None, id="fp16-softcap-repeated-rows"),
+    pytest.param(9, 16, 100, 7, torch.float32, None, "weight", None, id="frozen-weight"),
+    pytest.param(9, 16, 100, 7, torch.float32, None, "hidden", None, id="frozen-hidden"),
+    pytest.param(12, 16, 300, 10, torch.float32, None, None, torch.float16, id="autocast-fp32-weight"),
 ]
 
 
-@pytest.mark.parametrize("N,D,V,M,dtype,softcap,frozen", TLP_CASES)
-def test_token_logprobs_fake_allocates_what_the_kernel_allocates(
-    launches_unseen, N, D, V, M, dtype, softcap, frozen
-):
-    real, _ = token_logprobs_step(N, D, V, M, dtype, softcap, frozen)
-    with FakeTensorMode():
-        fake, logp = token_logprobs_step(N, D, V, M, dtype, softcap, frozen)
-    assert isinstance(logp, FakeTensor)
+def assert_same_allocations(fake, real):
     assert [(a.shape, a.dtype, a.phase) for a in fake.allocations] == [
         (a.shape, a.dtype, a.phase) for a in real.allocations
     ]
     assert (fake.peak_bytes, fake.peak_phase) == (real.peak_bytes, real.peak_phase)
-    # The workspace is there: the dlogits chunk buffer [M, chunk] in the input dtype.
-    chunk = tlp._vocab_chunk(M, V, torch.tensor([], dtype=dtype).element_size())
-    assert (M * chunk,) in [a.shape for a in fake.allocations if a.phase == "backward"]
 
 
-def test_vocab_chunk_buffer_is_in_the_plan(launches_unseen, monkeypatch):
+@pytest.mark.parametrize("N,D,V,M,dtype,softcap,frozen,autocast", TLP_CASES)
+def test_token_logprobs_fake_allocates_what_the_kernel_allocates(
+    launches_unseen, device_path, monkeypatch, N, D, V, M, dtype, softcap, frozen, autocast
+):
+    if autocast:
+        monkeypatch.setattr(tlp, "VOCAB_CHUNK", 128)  # chunks of [128, D]: apart from [V, D]
+    real, _ = token_logprobs_step(N, D, V, M, dtype, softcap, frozen, autocast)
+    with FakeTensorMode():
+        fake, logp = token_logprobs_step(N, D, V, M, dtype, softcap, frozen, autocast)
+    assert isinstance(logp, FakeTensor)
+    assert_same_allocations(fake, real)
+    # The workspace is there: the dlogits buffer [M, chunk rounded up to 64] in the input dtype,
+    # the forward's [2, M] split LSEs (2 splits on the CPU).
+    half = autocast or dtype
+    chunk = tlp._vocab_chunk(M, V, torch.tensor([], dtype=half).element_size())
+    backward = [(a.shape, a.dtype) for a in fake.allocations if a.phase == "backward"]
+    assert ((M, tlp.dz_row_stride(chunk)), half) in backward
+    assert ((2, M), torch.float32) in [(a.shape, a.dtype) for a in fake.allocations if a.phase == "forward"]
+    if frozen != "weight":  # g * hidden[rows] for the dweight GEMM
+        assert ((M, D), half) in backward
+    if autocast:  # the [chunk, D] rounded weight rows; the weight's gradient in fp32, not [V, D] half
+        assert ((chunk, D), half) in backward and ((V, D), torch.float32) in backward
+        assert ((V, D), half) not in backward
+
+
+def test_cublas_variant_logits_buffer_is_in_the_plan(launches_unseen, device_path, monkeypatch):
+    """RRHF_FAST_DLOGITS=cublas adds the fp32 logits buffer [M, stride] (fp32 inputs on the CPU)."""
+    monkeypatch.setattr(tlp, "DLOGITS", "cublas")
+    real, _ = token_logprobs_step(20, 16, 300, 20, torch.float32, None, None)
+    with FakeTensorMode():
+        fake, _ = token_logprobs_step(20, 16, 300, 20, torch.float32, None, None)
+    assert_same_allocations(fake, real)
+    shapes = [a.shape for a in fake.allocations if a.phase == "backward"]
+    assert shapes.count((20, tlp.dz_row_stride(300))) == 2  # the dlogits buffer and the logits
+
+
+def test_vocab_chunk_buffer_is_in_the_plan(launches_unseen, device_path, monkeypatch):
     """A smaller chunk cap must show in both (the fake reads the launcher's own chunk rule)."""
     monkeypatch.setattr(tlp, "VOCAB_CHUNK", 256)
     real, _ = token_logprobs_step(20, 16, 600, 20, torch.float32, None, None)
     with FakeTensorMode():
         fake, _ = token_logprobs_step(20, 16, 600, 20, torch.float32, None, None)
-    assert (20 * 256,) in [a.shape for a in fake.allocations]
+    assert (20, 256) in [a.shape for a in fake.allocations]
     assert fake.peak_bytes == real.peak_bytes
 
 
 @pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
-def test_rrhf_loss_fake_allocates_what_the_kernel_allocates(launches_unseen, official):
+def test_rrhf_loss_fake_allocates_what_the_kernel_allocates(launches_unseen, device_path, official):
     real, out = rrhf_step(official)
     with FakeTensorMode():
         fake, _ = rrhf_step(official)
@@ -102,6 +140,7 @@ def test_rrhf_loss_fake_allocates_what_the_kernel_allocates(launches_unseen, off
         (a.shape, a.dtype, a.phase) for a in real.allocations
     ]
     assert fake.peak_bytes == real.peak_bytes
+    assert ((3,), torch.int32) in [(a.shape, a.dtype) for a in fake.allocations]  # offsets [G + 1]
     assert torch.isfinite(out.loss)
 
 

@@ -155,6 +155,7 @@ def test_small_layout_by_hand():
     assert b.cu_seqlens_k.tolist() == [0, 3, 8, 12, 13, 17]
     assert b.kv_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 6, 7, 8, 9]
     assert (b.max_seqlen_q, b.max_seqlen_k) == (3, 5)
+    assert b.max_responses == 2
     moved = b.to("cpu")
     assert moved.max_seqlen_k == 5 and torch.equal(moved.kv_index, b.kv_index)
 

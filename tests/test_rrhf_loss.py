@@ -1,13 +1,17 @@
 """rrhf_loss: Triton kernel vs fp64 reference, and the properties of the RRHF loss itself."""
 
+import importlib
 import itertools
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from op_probes import ScalarReads
 
 from rrhf_fast.kernels import rrhf_loss, rrhf_loss_torch
+
+rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
 
 
 def make_batch(ks, *, max_len=9, seed=0, score_levels=3):
@@ -191,10 +195,74 @@ def test_errors():
     missing[missing == 1] = 0  # response 1 has no tokens
     with pytest.raises(ValueError, match="at least one token"):
         rrhf_loss_torch(logp, missing, rq, scores)
-    with pytest.raises(RuntimeError, match="at least one token"):
+    with pytest.raises(ValueError, match="response 1 has none"):
         rrhf_loss(logp.float(), missing, rq, scores, impl="triton")
-    with pytest.raises(RuntimeError, match="non-decreasing"):
+    with pytest.raises(ValueError, match="non-decreasing"):
         rrhf_loss(logp.float(), tr.flip(0), rq, scores, impl="triton")
+    with pytest.raises(ValueError, match="response_query must lie in"):
+        rrhf_loss(logp.float(), tr, rq + 5, scores, prompt_len=pl, impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_scores_are_refused(impl, bad):
+    # Before: the triton path returned a finite loss, the torch path an IndexError (NaN) or a loss (inf).
+    logp, tr, rq, scores, _ = make_batch([2, 3])
+    scores[3] = bad
+    with pytest.raises(ValueError, match=f"response 3 has score {bad}"):
+        rrhf_loss(logp.float(), tr, rq, scores, impl=impl)
+
+
+def device_layouts():
+    """Layouts the fused kernel cannot take, built so that only the device-side checks see them."""
+    logp, tr, rq, scores, pl = make_batch([2, 3, 1], seed=6)
+    missing = tr.clone()
+    missing[missing == 1] = 0
+    swapped = tr.clone()
+    swapped[[0, -1]] = swapped[[-1, 0]]  # a token of the last response at the front
+    nan_score = scores.clone()
+    nan_score[4] = float("nan")
+    return {
+        "tokens-out-of-order": (logp, swapped, rq, scores, pl, 3),
+        "response-without-tokens": (logp, missing, rq, scores, pl, 3),
+        "responses-out-of-order": (logp, tr, rq.flip(0), scores, pl, 3),
+        "k-max-too-small": (logp, tr, rq, scores, pl, 1),
+        "nan-score": (logp, tr, rq, nan_score, pl, 3),
+        "query-id-too-large": (logp, tr, rq + 1, scores, pl, 3),
+    }
+
+
+@pytest.mark.parametrize("case", list(device_layouts()))
+def test_device_checks_answer_nan_without_sync_or_assert(monkeypatch, case):
+    """What CUDA tensors get (no host check there): the loss and the gradient are NaN, never an assert."""
+    monkeypatch.setattr(rl, "on_host", lambda t: False)
+    logp, tr, rq, scores, pl, k_max = device_layouts()[case]
+    x = logp.float().requires_grad_()
+    out = rrhf_loss(x, tr, rq, scores, prompt_len=pl, k_max=k_max, impl="triton")
+    out.loss.backward()
+    assert out.loss.isnan() and out.rank_loss.isnan() and out.sft_loss.isnan()
+    good = rrhf_loss(logp.float(), *make_batch([2, 3, 1], seed=6)[1:4], prompt_len=pl, k_max=3, impl="triton")
+    assert good.loss.isfinite()
+
+
+@pytest.mark.parametrize("official", [False, True], ids=["paper", "official"])
+def test_no_host_sync_with_k_max(monkeypatch, official):
+    """The CUDA path (host checks off) reads no tensor value on the host when given k_max (the old
+    one synced twice: bincount's output size and int(resp_counts.max()))."""
+    monkeypatch.setattr(rl, "on_host", lambda t: False)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() syncs"))
+    logp, tr, rq, scores, pl = make_batch([2, 5, 1, 3], seed=3)
+    x = logp.float().requires_grad_()
+    mode = "official" if official else "paper"
+    with ScalarReads() as reads:
+        out = rrhf_loss(x, tr, rq, scores, prompt_len=pl, mode=mode, k_max=5, impl="triton")
+        out.loss.backward()
+    assert reads.count == 0
+    ref = rrhf_loss_torch(logp, tr, rq, scores, pl, mode=mode)
+    assert abs(out.loss.item() - ref.loss.item()) < 1e-5
+    with ScalarReads() as reads:
+        rrhf_loss(x, tr, rq, scores, prompt_len=pl, mode=mode, impl="triton")
+    assert reads.count == 1  # without k_max: one read, documented
 
 
 @pytest.mark.gpu
@@ -208,3 +276,20 @@ def test_gpu_matches_reference():
     ref.loss.backward()
     assert abs(ours.loss.item() - ref.loss.item()) < 1e-5
     assert (a.grad.cpu().double() - b.grad).abs().max() < 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_with_k_max_and_nan_for_a_bad_layout():
+    logp, tr, rq, scores, pl = make_batch([8] * 64 + [1, 3, 30], seed=9)
+    a = logp.float().cuda().requires_grad_()
+    tr, rq, scores, pl = tr.cuda(), rq.cuda(), scores.cuda(), pl.cuda()
+    rrhf_loss(a, tr, rq, scores, prompt_len=pl, k_max=30).loss.backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rrhf_loss(a, tr, rq, scores, prompt_len=pl, mode="official", k_max=30)
+        out.loss.backward()
+        bad = rrhf_loss(a, tr.flip(0), rq, scores, prompt_len=pl, k_max=30)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.loss.isfinite() and bad.loss.isnan()  # no device assert: the context lives on

@@ -61,6 +61,7 @@ class PackedBatch:
     kv_index: torch.Tensor  # [sum of key lengths] long, rows of T
     max_seqlen_q: int
     max_seqlen_k: int
+    max_responses: int  # the most responses of one query (rrhf_loss's k_max: no device read for it)
     ref_logps: torch.Tensor  # [R] float32, reference log-prob sum per response (NaN when absent)
     ranks: torch.Tensor  # [R] float32, dense rank of the score in its query (0 = lowest; NaN if unscored)
 
@@ -129,6 +130,7 @@ def pack_tokenized(items: Sequence[TokenizedExample]) -> PackedBatch:
         kv_index=kv_index,
         max_seqlen_q=int(q_lens.max()),
         max_seqlen_k=int(kv_lens.max()),
+        max_responses=max(len(it.response_ids) for it in items),
     )
 
 

@@ -42,6 +42,7 @@ class RRHF(Objective):
             mode=config.length_norm,
             sft_reduction=config.sft_reduction,
             normalizer=normalizer,
+            k_max=batch.max_responses,
             impl=config.kernels,
         )
         terms = [out.loss, out.rank_loss, out.sft_loss]
