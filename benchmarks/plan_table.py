@@ -135,7 +135,7 @@ def main() -> None:
                 f"| {name} | {method} | {cell['peak at 4096'] / 2**30:.1f} GiB | " + " | ".join(sizes) + " |"
             )
             print(lines[-1], flush=True)
-    goals = ["| goal (issue 16) | plan |", "|---|---|", *goal_rows()]
+    goals = ["| goal | plan |", "|---|---|", *goal_rows()]
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -165,10 +165,10 @@ def refresh_goals(out: Path, readme: Path | None) -> None:
     goals = goal_rows()
     for path in [out] + ([readme] if readme else []):
         text = path.read_text(encoding="utf-8")
-        head, rest = text.split("| goal (issue 16) | plan |\n|---|---|\n", 1)
+        head, rest = text.split("| goal | plan |\n|---|---|\n", 1)
         old = [line for line in rest.splitlines(keepends=True) if line.startswith("| Llama-3.1-8B full, ")]
         tail = rest[len("".join(old)) :]
-        path.write_text(head + "| goal (issue 16) | plan |\n|---|---|\n" + "\n".join(goals) + "\n" + tail)
+        path.write_text(head + "| goal | plan |\n|---|---|\n" + "\n".join(goals) + "\n" + tail)
         print(f"updated {path}")
 
 
