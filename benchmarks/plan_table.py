@@ -38,7 +38,7 @@ METHODS = {  # every one with gradient checkpointing and 8-bit AdamW (the train 
 }
 LIMIT = 32768  # budgets above are not searched (shown as ">= 32768"): 2 shared CPU cores
 GPUS = {"24 GB": 24 << 30, "48 GB": 48 << 30, "80 GB": 80 << 30}
-GOALS = {  # issue 16 part 3: 8B full fine-tuning at 4096 tokens, with and without the flags
+GOALS = {  # the memory goals: 8B full fine-tuning at 4096 tokens, with and without the flags
     "fp32 master, AdamW8bit (no in-backward: today's default)": dict(),
     "bf16 weights, AdamW8bit (no in-backward, no stochastic rounding)": dict(dtype="bfloat16"),
     "fp32 master, AdamW8bit, in backward (clipping: two passes)": dict(optim_in_backward=True),

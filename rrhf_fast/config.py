@@ -223,7 +223,7 @@ class TrainConfig:
         return self
 
     def _validate_update(self) -> None:
-        """--optim-in-backward and --bf16-update (issue 16)."""
+        """--optim-in-backward and --bf16-update."""
         if self.optim_in_backward and self.fsdp and not self.max_grad_norm:
             raise UserError(
                 "--fsdp --optim-in-backward needs --max-grad-norm X: without the norm pass each rank "

@@ -1,6 +1,5 @@
-"""DPO on real preference data (issue 14): TRL parity on standard and conversational pairs, tied
-queries left out of the mean, ref_logps provenance; and scores ranked exactly in float64 (issue 13
-item 6)."""
+"""DPO on real preference data: TRL parity on standard and conversational pairs, tied
+queries left out of the mean, ref_logps provenance; and scores ranked exactly in float64."""
 
 import json
 import logging
@@ -135,7 +134,7 @@ def test_tied_queries_leave_the_mean_and_are_counted(monkeypatch):
 
 
 # -------------------------------------------------------------------------------------------------
-# scores ranked in float64 (issue 13 item 6)
+# scores ranked in float64
 
 
 def test_scores_that_tie_in_float32_keep_their_order(monkeypatch):

@@ -1,4 +1,4 @@
-"""rrhf_fast.data.formats and schemas: every file format and record shape of issue 14, and the
+"""rrhf_fast.data.formats and schemas: every file format and record shape, and the
 FILE:LINE / FILE:row N of their errors."""
 
 import json

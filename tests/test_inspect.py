@@ -1,5 +1,5 @@
 """`rrhf-fast inspect` (text and JSON), the packing summary that it, `train` and run.json give, and
-the refusal of a record longer than the model's positions (issue 13 item 7)."""
+the refusal of a record longer than the model's positions."""
 
 import json
 
