@@ -21,8 +21,6 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rrhf-fast demo
 
-# `pytest`, not `python -m pytest`: the latter puts the repository root on sys.path, where a bare
-# `import kernels` would find our folder (transformers probes that name).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -m "not slow"

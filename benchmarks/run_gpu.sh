@@ -61,13 +61,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# -P: no current directory on sys.path, where ./rrhf_fast (without its kernels) would shadow the package.
+# Not installed here: the repository root is the package's home (rrhf_fast/ with its kernels inside).
 if ! "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.models.logprobs" 2>/dev/null; then
-  # Not installed here: stage the package as it installs (kernels/ becomes rrhf_fast.kernels).
-  stage=/tmp/rrhf_fast_src
-  rm -rf "$stage" && mkdir -p "$stage"
-  cp -r rrhf_fast "$stage/" && rm -rf "$stage/rrhf_fast/kernels" && cp -r kernels "$stage/rrhf_fast/kernels"
-  export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   "$PYTHON" -P -c "import rrhf_fast.kernels, rrhf_fast.models.logprobs" || { say "cannot import rrhf_fast"; exit 1; }
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"

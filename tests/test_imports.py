@@ -22,13 +22,12 @@ BASE = ("config", "errors", "kernels")
 
 
 def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for rrhf_fast/ and kernels/ (installed as rrhf_fast.kernels)."""
+    """Dotted module name -> file, for everything under rrhf_fast/."""
     files = {}
-    for root, prefix in ((ROOT / "rrhf_fast", "rrhf_fast"), (ROOT / "kernels", "rrhf_fast.kernels")):
-        for path in root.rglob("*.py"):
-            parts = path.relative_to(root).with_suffix("").parts
-            parts = parts[:-1] if parts[-1] == "__init__" else parts
-            files[".".join((prefix, *parts))] = path
+    for path in (ROOT / "rrhf_fast").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        files[".".join(parts)] = path
     return files
 
 

@@ -1,47 +1,90 @@
-"""The kernels folder is importable only as rrhf_fast.kernels, never as a bare `kernels`.
+"""A bare `import kernels` is always Hugging Face's package; ours is only ever `rrhf_fast.kernels`.
 
-transformers probes for the Hugging Face `kernels` package under that bare name; if our folder were
-found instead, its checks (and model building) could break.
+transformers >= 5.25 depends on Hugging Face's `kernels` package and imports it by that bare name
+(`transformers.integrations.hub_kernels`). Our kernels live inside the package (rrhf_fast/kernels/),
+so no working directory, the repository root included, can put a folder of ours under that name.
+Each check runs in a fresh interpreter from the repository root, where `python -c`, `python -m` and
+torchrun put the root first on sys.path, and from elsewhere.
 """
 
+import importlib.metadata
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from rrhf_fast.data.records import Example, write_examples
+from rrhf_fast.models.tiny import save_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_python(code: str, cwd: Path) -> str:
+def run(args: list[str], cwd: Path, timeout: int = 300) -> str:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout.strip()
 
 
-def test_installed_environment_has_no_bare_kernels_package(tmp_path):
-    out = run_python(
-        "import importlib.util, rrhf_fast.kernels as k; "
-        "print(importlib.util.find_spec('kernels') is None, k.__file__)",
-        cwd=tmp_path,
+def test_nothing_of_ours_is_named_kernels_at_the_root():
+    assert not (ROOT / "kernels").exists() and not (ROOT / "kernels.py").exists()
+    text = (ROOT / "pyproject.toml").read_text()
+    packages = re.findall(r'^    "([\w.]+)",$', text.split("packages = [", 1)[1].split("]", 1)[0], re.M)
+    assert packages and all(p == "rrhf_fast" or p.startswith("rrhf_fast.") for p in packages), packages
+    assert "package-dir" not in text
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_bare_kernels_is_hugging_faces_package(where, tmp_path):
+    code = (
+        "import json, kernels, rrhf_fast.kernels as ours\n"
+        "import transformers.integrations.hub_kernels\n"
+        "from kernels import CUDAProperties\n"
+        "print(json.dumps([kernels.__file__, ours.__file__]))\n"
     )
-    absent, path = out.split()
-    assert absent == "True"
-    assert Path(path) == ROOT / "kernels" / "__init__.py"
+    theirs, ours = json.loads(run([sys.executable, "-c", code], cwd=ROOT if where == "root" else tmp_path))
+    dist = importlib.metadata.distribution("kernels")
+    assert Path(theirs).resolve() == Path(dist.locate_file("kernels/__init__.py")).resolve()
+    assert Path(ours).resolve() == ROOT / "rrhf_fast" / "kernels" / "__init__.py"
 
 
 def test_transformers_models_build_from_the_repository_root():
-    # `python -c` from the root puts the root on sys.path: `kernels` is then found as our folder.
     code = (
-        "import torch, transformers\n"
-        "from transformers.utils import import_utils\n"
+        "import torch\n"
         "from rrhf_fast.models.tiny import build_tiny_model\n"
-        "model = build_tiny_model('llama')\n"
-        "logits = model(torch.tensor([[1, 2, 3]])).logits\n"
-        "import kernels\n"
-        "print(import_utils.is_kernels_available(), tuple(logits.shape), kernels.__all__)\n"
+        "print(tuple(build_tiny_model('llama')(torch.tensor([[1, 2, 3]])).logits.shape))\n"
     )
-    out = run_python(code, cwd=ROOT)
-    assert out == "False (1, 3, 259) []"
+    assert run([sys.executable, "-c", code], cwd=ROOT) == "(1, 3, 259)"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root_cli")
+    examples = [Example(f"sort {d}:", ["".join(sorted(d)), d], [1.0, 0.0]) for d in ("312", "9750", "48")]
+    write_examples(root / "d.jsonl", examples)
+    return save_tiny_model(root / "model", seed=0), root / "d.jsonl", root
+
+
+def train_argv(model, data, out) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+            "--optim", "adamw", "--max-steps", "1", "--micro-batch-tokens", "64", "--device", "cpu",
+            "--log-every", "0", "--no-plot"]  # fmt: skip
+
+
+def test_python_m_cli_trains_from_the_repository_root(tiny_run):
+    model, data, root = tiny_run
+    run([sys.executable, "-m", "rrhf_fast.cli", *train_argv(model, data, root / "python_m")], cwd=ROOT)
+    assert (root / "python_m" / "run.json").is_file()
+
+
+def test_torchrun_two_processes_train_from_the_repository_root(tiny_run):
+    model, data, root = tiny_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rrhf_fast.cli", *train_argv(model, data, root / "torchrun")]  # fmt: skip
+    run(cmd, cwd=ROOT, timeout=600)
+    assert json.loads((root / "torchrun" / "run.json").read_text())["world_size"] == 2

@@ -21,7 +21,7 @@ import importlib
 
 import torch
 
-# The package attributes `rrhf_loss` and `token_logprobs` are the functions (kernels/__init__.py):
+# The package attributes `rrhf_loss` and `token_logprobs` are the functions (rrhf_fast/kernels/__init__.py):
 # the launcher modules come from the import system.
 _rl = importlib.import_module(f"{__package__}.rrhf_loss")
 _tl = importlib.import_module(f"{__package__}.token_logprobs")
