@@ -1,19 +1,26 @@
-# Two entry points for a fresh machine: `make demo` and `make test`. Each builds .venv first.
-# TORCH picks the torch build: the default pins a release so that a CPU-only machine whose pip
-# mirrors carry the CPU wheel gets it; on a GPU machine use e.g. `make test TORCH=torch`.
+# Two entry points for a fresh machine: `make demo` and `make test`. Each builds .venv first, with
+# the exact versions the suite last passed with (constraints.txt, the lock).
+# TORCH picks the torch build: the default pins the locked release so that a CPU-only machine whose
+# pip mirrors carry the CPU wheel gets it; on a GPU machine use e.g. `make test TORCH=torch==2.13.0`
+# from the CUDA index.
+# New releases are met on purpose: `make test-latest` runs the suite in .venv-latest on the newest
+# releases pip serves; when it is green, `make lock` rewrites constraints.txt from that environment.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+LOCK := constraints.txt
+TORCH ?= torch==$(shell sed -n 's/^torch==//p' $(LOCK))
+EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all test-latest lock lint format bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "$(TORCH)" -c $(LOCK)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" -c $(LOCK)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +35,25 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(VENV)/bin/pytest
 
+# The newest releases (within the machine's own pip caps), no lock: drift met on purpose.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q --upgrade torch
+	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//' > $(LATEST)/freeze.txt
+	$(LATEST)/bin/pytest -m "not slow"
+	touch $(LATEST)/.passed
+
+# Rewrite the lock from the environment `make test-latest` just passed in.
+lock:
+	@test -f $(LATEST)/.passed || { echo "run 'make test-latest' first: the lock records what passed"; exit 1; }
+	{ echo "# The exact versions the test suite last passed with (make test-latest, then make lock)."; \
+	  echo "# Installed as pip constraints by make install / demo / test; torch's local build tag"; \
+	  echo "# (+cpu, +cu128) is left out so that one lock serves CPU and CUDA builds."; \
+	  grep -v '^pip==' $(LATEST)/freeze.txt; } > $(LOCK)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -41,4 +67,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks build *.egg-info
+	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache .benchmarks build *.egg-info

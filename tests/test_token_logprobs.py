@@ -156,12 +156,15 @@ def test_input_errors(monkeypatch):
         token_logprobs(hidden, weight.bfloat16(), rows, targets, impl="triton")
     with pytest.raises(ValueError, match="softcap"):
         token_logprobs(hidden, weight, rows, targets, softcap=0.0)
-    masked = targets.clone()
-    masked[1] = -100
-    with pytest.raises(ValueError, match=r"targets must lie in \[0, 20\), but position 1 holds -100"):
-        token_logprobs(hidden, weight, rows, masked, impl="triton")
-    with pytest.raises(ValueError, match=r"rows must lie in \[0, 4\)"):
-        token_logprobs(hidden, weight, rows + 4, targets, impl="triton")
+    masked, beyond = targets.clone(), targets.clone()
+    masked[1], beyond[2] = -100, 20
+    for impl in ("triton", "torch"):  # the same sentence from both paths, not torch's gather error
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 20\), but position 1 holds -100"):
+            token_logprobs(hidden, weight, rows, masked, impl=impl)
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 20\), but position 2 holds 20"):
+            token_logprobs(hidden, weight, rows, beyond, impl=impl)
+        with pytest.raises(ValueError, match=r"rows must lie in \[0, 4\)"):
+            token_logprobs(hidden, weight, rows + 4, targets, impl=impl)
     with pytest.raises(ValueError, match="impl"):
         token_logprobs(hidden, weight, rows, targets, impl="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

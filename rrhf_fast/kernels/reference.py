@@ -26,7 +26,10 @@ def token_logprobs_torch(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """log_softmax(hidden[rows] @ weight.T)[m, targets[m]] in fp32 (fp64 for fp64 inputs)."""
-    logits = hidden[rows] @ weight.T  # in the input dtype, as the model's lm_head would
+    # index_select, not hidden[rows]: the indexing backward accumulates repeated rows (a prompt's last
+    # token predicts each response's first) in an order that varies run to run on a multi-threaded
+    # CPU; index_select's backward (index_add) is deterministic.
+    logits = hidden.index_select(0, rows) @ weight.T  # in the input dtype, as the model's lm_head would
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)

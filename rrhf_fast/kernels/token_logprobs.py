@@ -458,10 +458,7 @@ def token_logprobs(
             weight = weight.to(dtype)
     elif hidden.dtype != weight.dtype:
         raise ValueError(f"token_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if impl == "torch":
-        # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
-        return token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
-    if hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if impl != "torch" and hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"token_logprobs: triton supports fp32, fp16 and bf16, not {hidden.dtype}")
     (N, _), (V, _) = hidden.shape, weight.shape
     valid = None
@@ -469,9 +466,13 @@ def token_logprobs(
         check_indices(rows, targets, N, V)
     else:
         # No device assert (it kills the CUDA context) and no host sync: out-of-range indices are
-        # clamped for the kernels' loads and their log-probs are NaN.
+        # clamped for the loads (the kernels' and the reference's gather) and their log-probs are NaN.
         valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
         rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
+    if impl == "torch":
+        # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
+        logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
+        return logp if valid is None else logp.where(valid, float("nan"))
     with torch.autocast(device_type, enabled=False):
         logp, _lse = _ops.token_logprobs_op(
             hidden if hidden.stride(-1) == 1 else hidden.contiguous(),

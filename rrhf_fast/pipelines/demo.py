@@ -41,15 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_module.config_from_args(args, DemoConfig)
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     if config.online:
-        from rrhf_fast.pipelines.demo_online import run_online_demo
-
-        check_config(config)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        run_online_demo(config)
+        from rrhf_fast.pipelines.demo_online import run_online_demo as run
     else:
-        run_demo(config)
+        run = run_demo
+    if config.seeds:
+        from rrhf_fast.pipelines.demo_seeds import run_seeds
+
+        run_seeds(config, run)
+    else:
+        run(config)
     return 0
 
 

@@ -41,6 +41,9 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the task, the model and the training"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-only baseline"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    seeds: str = field(default="", metadata={
+        "help": "run once per seed ('0-4', '0,3,7') in OUTPUT_DIR/seed-N and print each figure per seed with "
+                "its mean, min and max (OUTPUT_DIR/seeds.json)", "metavar": "SEEDS"})  # fmt: skip
     # ---- --online (demo_online.py)
     online: bool = field(
         default=False, metadata={"help": "SFT warm-up, then offline vs online RRHF (iterate)"}

@@ -7,7 +7,8 @@ anything. A second run on the same directory is refused, naming the holder's pid
 lock when the holder exits, however it dies, so a crash never leaves a stale lock. Only then are
 the leftovers of interrupted saves and rotations removed (checkpoint.remove_partial_saves). Under
 torchrun rank 0 alone holds the lock (flock locks are per open file, so the ranks of one run
-would refuse each other) and every rank raises the error it broadcasts. A run that fails before it
+would refuse each other) and every rank raises the error it broadcasts, an unexpected one included
+(rank 0 re-raises it, the others exit with one sentence naming it). A run that fails before it
 wrote anything removes the directory it created (say, a data check that fails).
 """
 
@@ -53,7 +54,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     """Create and lock `output_dir` (rank 0), clean what interrupted saves left, and refuse a
     directory holding a checkpoint unless `resume`. Every rank gets the same error, if any."""
     run = RunDir(Path(output_dir))
-    error = None
+    error, unexpected = None, None
     if dist.main:
         try:
             run.created = _make_dir(run.path)
@@ -61,9 +62,14 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
             remove_partial_saves(run.path)  # first: it puts back a checkpoint a crashed re-save had parked
         except UserError as err:
             error = str(err)
+        except Exception as err:  # any other failure still reaches the broadcast: no rank waits forever
+            unexpected = err
+            error = f"--output-dir {run.path}: rank 0 failed while claiming it ({type(err).__name__}: {err})"
     error = distributed.broadcast(error)
     if error is not None:
         run.release()
+        if unexpected is not None:
+            raise unexpected  # rank 0 keeps its traceback; the other ranks exit with the sentence
         raise UserError(error)
     found = latest_checkpoint(run.path)
     if found is not None and not resume:

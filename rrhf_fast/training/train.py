@@ -92,9 +92,36 @@ def train(config: TrainConfig) -> TrainResult:
     dist, device = distributed.init(config.device, config.fsdp)  # torchrun: this rank; else rank 0 of 1
     run_dir = claim_output_dir(config.output_dir, config.resume, dist)  # locked, before the model loads
     try:
-        return _train(config, dist, device, run_dir.path)
+        with deterministic_on_cpu(device):
+            return _train(config, dist, device, run_dir.path)
     finally:
         run_dir.release()
+
+
+@contextlib.contextmanager
+def deterministic_on_cpu(device: torch.device):
+    """On a CPU, torch's deterministic algorithms for the run (restored after): the same flags, seed
+    and thread count give the same weights bit for bit. The known culprit, an indexing backward that
+    accumulates repeated rows in a thread-dependent order, is already written as index_select; this
+    keeps any other such op deterministic too (warn_only: an op without a deterministic CPU version
+    warns instead of failing). torch.empty is not filled with NaN (that costs time and changes no
+    result). On CUDA nothing changes: deterministic kernels there cost speed, and bitwise
+    reproducibility is only promised on the CPU."""
+    if device.type != "cpu":
+        yield
+        return
+    import torch.utils.deterministic
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)  # fmt: skip
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, out_dir: Path) -> TrainResult:
