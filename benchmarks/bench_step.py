@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     providers = common.selected(PROVIDERS, args.providers)
     # Two passes, the headline config first for every provider: a run cut short by its time limit
     # still compares them there. A fresh model and optimizer per provider and pass (same seed).
-    for pass_configs in ([headline], configs):
+    passes = ([] if args.sweep_only else [headline], [] if args.headline_only else configs)
+    for pass_configs in passes:
         for provider in providers:
             print(provider, flush=True)
             model = workload.build_llama("tiny" if smoke else "1b", device, dtype)

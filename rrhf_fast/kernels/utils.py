@@ -100,10 +100,11 @@ def probe_out_dtype_mm(device: torch.device) -> bool:
                     raise RuntimeError(f"wrong result in {dtype}")
         return True
     except Exception as exc:  # RuntimeError, NotImplementedError, TypeError: every refusal is one answer
+        reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:160]
         warnings.warn(
             f"torch.addmm / torch.mm with out_dtype=float32 do not run on {device} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): the backward "
-            "accumulates dhidden with its Triton GEMM instead (slower, same result)",
+            f"({type(exc).__name__}: {reason}): the backward accumulates dhidden with its Triton GEMM "
+            "instead (slower, same result)",
             stacklevel=2,
         )
         return False
