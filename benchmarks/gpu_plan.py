@@ -36,6 +36,8 @@ WORKERS = 15  # gpu_run1.sh's warm_compile --jobs: the GPU host's 16 cores less 
 KERNEL_ROW_S = 2.0
 STEP_PROVIDER_S = 12  # the 1B model built on the GPU, a warm-up step, 0.5 s timed, peak, profile
 ATTENTION_PROVIDER_S = 3
+# The GPU tests each pytest part selects (tests/test_gpu_runs.py's dry runs count them).
+TESTS = {"kernel-tests": 10, "gpu-tests": 14, "gpu-tests-flex": 7}
 
 
 @dataclass
@@ -51,7 +53,7 @@ def run1_parts(liger_cce: bool) -> list[Part]:
 
     compiles = warm_compile.compiles(warm_compile.WORKLOADS)
     rounds = math.ceil(compiles / WORKERS)
-    kernel_tests = 10  # tests -m gpu in test_token_logprobs, _backward, test_rrhf_loss (checked by a test)
+    kernel_tests = TESTS["kernel-tests"]
     rrhf_loss_compiles = 4  # its forward (official/paper) and backward kernels: not warmed, not tuned
     providers = 3 + (2 if liger_cce else 0)  # torch, triton, triton/cublas-dlogits (+ liger, cce)
     third_party = 8 if liger_cce else 0  # their Triton kernels, compiled at the gate shape and the headline
@@ -88,10 +90,10 @@ def run2_parts() -> list[Part]:
         Part("attention-headline", 150,
              START_S + 5 + 5 * ATTENTION_PROVIDER_S + flex_graphs_bench * INDUCTOR_S,
              f"5 providers (flash-attn absent), {flex_graphs_bench} flex graphs x {INDUCTOR_S:.0f} s"),
-        Part("gpu-tests", 90, START_S + 15 * 2 + 2 * INDUCTOR_S,
-             "trainer, model and attention tests but flex: 15, Triton configs cached; Gemma 2's flex"),
+        Part("gpu-tests", 90, START_S + TESTS["gpu-tests"] * 2 + 2 * INDUCTOR_S,
+             f"{TESTS['gpu-tests']} trainer, model, attention, QLoRA tests; Gemma 2's flex; Triton cached"),
         Part("gpu-tests-flex", 160, START_S + flex_graphs_tests * INDUCTOR_S,
-             f"the flex tests: {flex_graphs_tests} graphs x {INDUCTOR_S:.0f} s"),
+             f"{TESTS['gpu-tests-flex']} flex tests: {flex_graphs_tests} graphs x {INDUCTOR_S:.0f} s"),
         Part("sweeps", 0, 0, "the rest of the command: the step sweep (k, prompt length), the kernels'"),
     ]  # fmt: skip
 

@@ -110,7 +110,7 @@ def compiles(workloads: list[Workload]) -> int:
 def run_job(job: tuple[Workload, str, int], device_name: str) -> tuple[str, float, str]:
     """Launch one kernel with one config on the workload's shapes; (label, seconds, status)."""
     import torch
-    import triton
+    from triton.runtime.errors import OutOfResources
 
     from rrhf_fast.kernels import autotune
     from rrhf_fast.kernels import ops as kops
@@ -144,7 +144,7 @@ def run_job(job: tuple[Workload, str, int], device_name: str) -> tuple[str, floa
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         status = "ok"
-    except triton.runtime.errors.OutOfResources as exc:
+    except OutOfResources as exc:
         status = f"does not fit ({str(exc).splitlines()[0][:80]}): the autotuner skips it"
     except Exception as exc:  # reported per job; the run goes on
         status = f"ERROR {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"

@@ -127,4 +127,8 @@ def test_dry_run(tmp_path, run):
     for topic in topics:
         assert (results / f"{topic}_cpu_smoke.md").exists()
     assert "expected" in done.stdout and "provider" in done.stdout  # the plan, the headline table
+    for part, n in gpu_plan.TESTS.items():  # the plan's test counts are the tests each part selects
+        if part in script_parts(run):
+            section = done.stdout.split(f"] {part}: start")[1].split(f"] {part}: exit")[0]
+            assert re.search(rf"\b{n} skipped, \d+ deselected", section), (part, section[-500:])
     assert seconds < 180, f"the dry run took {seconds:.0f} s"
