@@ -12,9 +12,9 @@
 #   2. attention-headline: shared-prompt varlen / flex / dense vs k padded copies (SDPA, flex)
 #   3. gpu-tests: the trainer, model and attention GPU tests without flex attention (QLoRA skips
 #      without bitsandbytes); gpu-tests-flex: the flex ones (an inductor compile each)
-#   4. sweeps: the step's (k, prompt length) sweep in half the time left, then the kernels' (D, V, M)
-#      grid in the rest (the step sweep shows where the memory saved turns into throughput: more
-#      responses k sharing one prompt, longer prompts)
+#   4. sweeps: the step's in half the time left (rrhf-fast/packed with micro-batches of 4k-32k
+#      tokens, then k = 2, 4, 8 responses sharing prompts of 128-2048 tokens: where the memory
+#      saved turns into throughput), then the kernels' (D, V, M) grid in the rest
 #   5. the reports, the headline table, the copies into $OUT
 RUN=run2
 source "$(dirname "$0")/gpu_lib.sh"
@@ -27,7 +27,8 @@ run_part attention-headline "$PLAN_LIMIT_attention_headline" "$PYTHON" benchmark
 pytest_part gpu-tests "$PLAN_LIMIT_gpu_tests" -m gpu -k "not flex" \
   tests/test_train_gpu.py tests/test_model.py tests/test_attention.py tests/test_lora.py
 pytest_part gpu-tests-flex "$PLAN_LIMIT_gpu_tests_flex" -m gpu -k flex tests/test_attention.py tests/test_model.py
-run_part step-sweep half "$PYTHON" benchmarks/bench_step.py "${bench[@]}" --sweep-only
+run_part step-sweep half "$PYTHON" benchmarks/bench_step.py "${bench[@]}" --sweep-only \
+  --micro-batch-tokens 4096,8192,16384,32768
 run_part kernels-sweep "$PLAN_LIMIT_sweeps" "$PYTHON" benchmarks/bench_kernels.py "${bench[@]}" --sweep-only \
   --providers torch,triton,triton/cublas-dlogits,liger,cce
 finish_run step attention kernels
