@@ -34,7 +34,7 @@ WORKERS = 15  # gpu_run1.sh's warm_compile --jobs: the GPU host's 16 cores less 
 # One timed provider x mode at the headline: do_bench's estimate + 200 ms warm-up + 1 s timed +
 # the peak-memory call + the profiler call.
 KERNEL_ROW_S = 2.0
-STEP_PROVIDER_S = 12  # the 1B model built on the GPU, a warm-up step, 0.5 s timed, peak, profile
+STEP_PROVIDER_S = 14  # the 1B model built on the GPU, a warm-up step, 1.5 s timed, peak, profile
 ATTENTION_PROVIDER_S = 3
 # The GPU tests each pytest part selects (tests/test_gpu_runs.py's dry runs count them).
 TESTS = {"kernel-tests": 10, "gpu-tests": 14, "gpu-tests-flex": 7}
