@@ -236,3 +236,24 @@ def test_pinned_configs_restore_and_reject_unknown_kernels():
     with pytest.raises(ValueError, match="unknown kernel"):
         with autotune.pinned_configs(epilogue=tlp.FWD_CONFIGS[0]):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# On the GPU (run 1's kernel tests): the probe's answer there, and both branches on real bf16
+
+
+@pytest.mark.gpu
+def test_gpu_probe_and_both_branches_bf16(monkeypatch):
+    """Whatever the probe says on this GPU, the branch it picks passes the tolerance rule, and so
+    does the fallback (forced); where out_dtype runs, the two agree up to summation order."""
+    accepted = kutils.probe_out_dtype_mm(torch.device("cuda"))
+    inputs = make_inputs(1200, 1031, 1024, 32013, torch.bfloat16, device="cuda")
+    results = {}
+    for forced in ("1", "0") if accepted else ("0",):
+        monkeypatch.setenv("RRHF_FAST_OUT_DTYPE_MM", forced)
+        with autotune.pinned_configs(mm=tlp.MM_CONFIGS[0]):  # one fallback compile, not three
+            assert_tolerance_rule(*inputs, None)
+            results[forced] = run(token_logprobs, *inputs, None, impl="triton")
+    if accepted:
+        for name, a, b in zip(("logp", "dhidden", "dweight"), results["0"], results["1"], strict=True):
+            assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max(), name
