@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# First GPU command (about 5.5 minutes, estimated): the kernel headline. Run gpu_run2.sh right after it, while the
-# machine is warm and keeps its Triton cache (~/.triton/cache: run 1 compiles run 2's kernels too).
+# First GPU command (about 5.5 minutes, estimated): the kernel headline. Run gpu_run2.sh right after
+# it, while the machine is warm and keeps its Triton cache (~/.triton/cache: run 1 compiles run 2's
+# kernels too).
 #
 #   bash benchmarks/gpu_run1.sh             # on the GPU machine (device tool: RRHF_BENCH_COMMIT=<sha>)
 #   bash benchmarks/gpu_run1.sh --plan      # each part's limit and expected time, from the compile counts

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Second GPU command (about 6.6 minutes, estimated), right after gpu_run1.sh: the end-to-end step, the attention
-# backends, the remaining GPU tests, then sweeps with what is left of the 10 minutes.
+# Second GPU command (about 6.6 minutes, estimated), right after gpu_run1.sh: the end-to-end step,
+# the attention backends, the remaining GPU tests, then sweeps with what is left of the 10 minutes.
 #
 #   bash benchmarks/gpu_run2.sh             # on the GPU machine (device tool: RRHF_BENCH_COMMIT=<sha>)
 #   bash benchmarks/gpu_run2.sh --plan      # each part's limit and expected time, from the compile counts
