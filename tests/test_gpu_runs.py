@@ -132,3 +132,16 @@ def test_dry_run(tmp_path, run):
             section = done.stdout.split(f"] {part}: start")[1].split(f"] {part}: exit")[0]
             assert re.search(rf"\b{n} skipped, \d+ deselected", section), (part, section[-500:])
     assert seconds < 180, f"the dry run took {seconds:.0f} s"
+
+
+@pytest.mark.slow
+def test_gpu_run_needs_none_of_the_packages_the_gpu_machine_lacks(tmp_path):
+    """tests/gpu_machine_check.py: with datasets, bitsandbytes, trl, flash-attn, Liger and CCE
+    unimportable, every test file of both runs collects, every script they start imports, and the
+    trainer of the GPU trainer test trains (on the CPU)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "gpu_machine_check.py"), str(tmp_path)],
+        cwd=ROOT, env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"losses \[[0-9.]+, [0-9.]+\]", done.stdout), done.stdout[-1000:]
