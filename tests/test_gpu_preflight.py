@@ -143,9 +143,18 @@ def test_each_real_config_under_the_interpreter(monkeypatch, fwd, dlogits, mm, d
     monkeypatch.setattr(tlp, "VOCAB_CHUNK", 256)
     monkeypatch.setenv("RRHF_FAST_OUT_DTYPE_MM", "0")
     launched = count_calls(monkeypatch, "_launch")
+    metas = []  # the meta-parameters each launch's grid was computed with: the tiles that ran
+
+    def recorded(real):
+        return lambda *sizes: lambda meta: metas.append(meta) or real(*sizes)(meta)
+
+    for name in ("fwd_grid", "dlogits_grid", "mm_grid"):
+        monkeypatch.setattr(tlp, name, recorded(getattr(tlp, name)))
     with autotune.pinned_configs(fwd=fwd, dlogits=dlogits, mm=mm):
         assert_tolerance_rule(*make_inputs(150, 130, 80, 300, dtype, seed=5), None)
     assert {"fwd", "dlogits"} <= set(launched) and ("mm" in launched) == (dtype == torch.float16)
+    assert fwd.kwargs in metas and dlogits.kwargs in metas
+    assert all(m in (fwd.kwargs, dlogits.kwargs, mm.kwargs) for m in metas)  # never the small tiles
 
 
 # ---------------------------------------------------------------------------------------------
