@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.float32 if smoke else torch.bfloat16
     configs, response_len = (SMOKE_CONFIGS, SMOKE_RESPONSE_LEN) if smoke else (GPU_CONFIGS, RESPONSE_LEN)
     headline = configs[0] if smoke else HEADLINE
+    if args.headline_only or args.sweep_only:
+        configs = [c for c in configs if (c == headline) == args.headline_only]
     rec = common.Recorder("attention", args.out_dir, device, smoke)
     model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
     providers = common.selected(PROVIDERS, args.providers)

@@ -26,6 +26,7 @@ with 8-bit AdamW); the report's section heading says so (SETUP).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -42,6 +43,9 @@ PROVIDERS = ("rrhf-fast", "rrhf-fast/packed", "reference")
 RESPONSE_LEN = 128
 HEADLINE = (6, 512)  # the step target's shape: k = 6, prompt 512, responses 128
 GPU_CONFIGS = [(k, p) for p in (128, 512, 2048) for k in (2, 4, 8)]  # (k, prompt length)
+# do_bench's timed window (ms) at the headline: a step of ~16k tokens of a 1B model takes a few
+# hundred ms, so 500 ms timed it once or twice; 1.5 s times it several times.
+HEADLINE_REP_MS = 1500.0
 SMOKE_HEADLINE, SMOKE_CONFIGS, SMOKE_RESPONSE_LEN = (2, 8), [(3, 8), (3, 16)], 4
 # What every provider runs, in the report's section heading (the sweep label).
 SETUP = "{dtype} weights, torch AdamW ({dtype} states), packing in the step"
@@ -101,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16384, help="micro-batch budget of rrhf-fast/packed")
     p.add_argument("--attn", default="auto", help="rrhf-fast attention backend: auto|varlen|flex|dense")
     p.add_argument("--impl", default="auto", help="rrhf-fast kernel implementation: auto|triton|torch")
+    p.add_argument(
+        "--micro-batch-tokens",
+        default="",
+        help="comma-separated micro-batch budgets: rrhf-fast/packed at the headline config with each, "
+        "in steps of the largest (where the memory saved turns into throughput); a sweep",
+    )
     args = p.parse_args(argv)
     device, smoke = common.resolve_device(args)
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -111,37 +121,76 @@ def main(argv: list[str] | None = None) -> int:
     )
     rec = common.Recorder("step", args.out_dir, device, smoke)
     providers = common.selected(PROVIDERS, args.providers)
-    # Two passes, the headline config first for every provider: a run cut short by its time limit
-    # still compares them there. A fresh model and optimizer per provider and pass (same seed).
-    for pass_configs in ([headline], configs):
-        for provider in providers:
-            print(provider, flush=True)
-            model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-            for k, prompt_len in pass_configs:
-                step, items = prepare(
-                    provider, model, optimizer, k, prompt_len, response_len, device, smoke, args
-                )
-                config = f"k={k} P={prompt_len} R={response_len}"
-                rec.measure(
-                    "rrhf_step",
-                    f"P={prompt_len} R={response_len}; " + SETUP.format(dtype=SHORT[dtype]),
-                    provider,
-                    config,
-                    k,
-                    dtype,
-                    step,
-                    flops=workload.model_flops(model, items),
-                    tokens=workload.useful_tokens(items),
-                    rep_ms=500.0,
-                )
-                if args.profile and (k, prompt_len) == headline:
-                    rec.profile(f"{provider} {config} (G={len(items)} queries)", step)
-                optimizer.zero_grad(set_to_none=True)  # a step that failed half-way leaves gradients
-            del model, optimizer
-            common.free_memory(device)
+    # The headline config first for every provider (a run cut short by its time limit still
+    # compares them there), then the micro-batch budgets, then the (k, prompt length) sweep.
+    budgets = [int(b) for b in args.micro_batch_tokens.split(",") if b.strip()]
+    if not args.sweep_only:
+        measure_pass(rec, providers, [headline], args, device, dtype, smoke, response_len, headline)
+    if budgets and not args.headline_only:
+        micro_batch_pass(rec, budgets, args, device, dtype, smoke, response_len, headline)
+    if not args.headline_only:
+        measure_pass(rec, providers, configs, args, device, dtype, smoke, response_len, headline)
     print(rec.finish())
     return 0
+
+
+def measure_pass(rec, providers, pass_configs, args, device, dtype, smoke, response_len, headline) -> None:
+    """Every provider on every config of the pass, a fresh model and optimizer per provider."""
+    for provider in providers:
+        print(provider, flush=True)
+        model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+        for k, prompt_len in pass_configs:
+            step, items = prepare(
+                provider, model, optimizer, k, prompt_len, response_len, device, smoke, args
+            )
+            config = f"k={k} P={prompt_len} R={response_len}"
+            rec.measure(
+                "rrhf_step",
+                f"P={prompt_len} R={response_len}; " + SETUP.format(dtype=SHORT[dtype]),
+                provider,
+                config,
+                k,
+                dtype,
+                step,
+                flops=workload.model_flops(model, items),
+                tokens=workload.useful_tokens(items),
+                rep_ms=HEADLINE_REP_MS if (k, prompt_len) == headline else 500.0,
+            )
+            if args.profile and (k, prompt_len) == headline:
+                rec.profile(f"{provider} {config} (G={len(items)} queries)", step)
+            optimizer.zero_grad(set_to_none=True)  # a step that failed half-way leaves gradients
+        del model, optimizer
+        common.free_memory(device)
+
+
+def micro_batch_pass(rec, budgets, args, device, dtype, smoke, response_len, headline) -> None:
+    """rrhf-fast/packed at the headline config, one step of the largest budget's tokens, packed into
+    micro-batches of each budget: the reference (one query per forward) has no such knob."""
+    k, prompt_len = headline
+    model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    config = f"k={k} P={prompt_len} R={response_len}"
+    for budget in budgets:
+        run_args = argparse.Namespace(**{**vars(args), "max_tokens": budget, "tokens_per_step": max(budgets)})
+        step, items = prepare(
+            "rrhf-fast/packed", model, optimizer, k, prompt_len, response_len, device, smoke, run_args
+        )
+        rec.measure(
+            "rrhf_step",
+            f"micro-batch tokens, {config}; " + SETUP.format(dtype=SHORT[dtype]),
+            "rrhf-fast/packed",
+            f"{config} micro-batch={budget}",
+            budget,
+            dtype,
+            step,
+            flops=workload.model_flops(model, items),
+            tokens=workload.useful_tokens(items),
+            rep_ms=500.0,
+        )
+        optimizer.zero_grad(set_to_none=True)
+    del model, optimizer
+    common.free_memory(device)
 
 
 if __name__ == "__main__":

@@ -139,6 +139,16 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where the CSV and reports go")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
     p.add_argument(
+        "--headline-only",
+        action="store_true",
+        help="the headline config only, no sweep (a first GPU run: run 1 and run 2 of benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="the sweeps without the headline config (measured before, e.g. by --headline-only)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="also run torch.profiler on the headline config; top-20 kernels to <topic>_profile_<gpu>.txt",
@@ -308,11 +318,12 @@ class Recorder:
         tokens: float | None = None,
         grad_to_none: list[torch.Tensor] | None = None,
         rep_ms: float = 100.0,
+        warmup_ms: float = 25.0,
     ) -> dict | None:
         """Time `fn` and take its peak memory; a failure becomes a row with status and reason."""
         row = self._row(benchmark, sweep, provider, config, x, dtype)
         try:
-            ms, p20, p80 = time_ms(fn, self.device, grad_to_none, rep_ms=rep_ms)
+            ms, p20, p80 = time_ms(fn, self.device, grad_to_none, warmup_ms=warmup_ms, rep_ms=rep_ms)
             peak, extra = peak_memory_gib(fn, self.device)
         except torch.cuda.OutOfMemoryError as exc:
             return self._failed(row, "oom", describe(exc))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark in one command, for a session with a GPU. Results go to benchmarks/results/
-# (CSV rows appended, markdown + PNG regenerated, profiler summaries) and, where $OUT is set (the
+# Every benchmark in one command, for a session with a GPU. A first, short GPU lease runs
+# gpu_run1.sh and gpu_run2.sh instead (benchmarks/README.md, "The first GPU run").
+# Results go to benchmarks/results/ (CSV rows appended, markdown + PNG regenerated, profiler summaries) and, where $OUT is set (the
 # device tool), also to $OUT: results.tar.gz (the whole results folder), the three reports and the log.
 #
 #   bash benchmarks/run_gpu.sh                    # all parts, in the order below
@@ -50,7 +51,8 @@ run_part() {  # name, seconds, command...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
   say "$name: start (limit ${limit}s)"
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  # INT, not TERM: pytest then writes its summary and junit XML, a benchmark keeps its rows.
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   say "$name: exit $rc after $((SECONDS - start))s"
 }
@@ -84,7 +86,7 @@ for part in "${parts[@]}"; do
     rm) run_part rm "${RM_S:-120}" "$PYTHON" benchmarks/bench_rm.py "${common[@]}" ;;
     pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -P -m pytest benchmarks/bench_kernels.py \
       -q -p no:cacheprovider --benchmark-only --benchmark-json="$out_dir/kernels_pytest_benchmark.json" ;;
-    gpu-tests) run_part gpu-tests "${GPU_TESTS_S:-420}" "$PYTHON" -P -m pytest tests -m gpu -q -rA \
+    gpu-tests) run_part gpu-tests "${GPU_TESTS_S:-420}" "$PYTHON" -P -m pytest tests -m gpu -v -rA \
       -p no:cacheprovider --durations=15 --junitxml="${OUT:-/tmp}/gpu_tests.xml" ;;
   esac
 done

@@ -83,6 +83,18 @@ def test_step_smoke(tmp_path):
     check_smoke_run(tmp_path, "step", {"rrhf-fast", "rrhf-fast/packed", "reference"})
 
 
+def test_step_micro_batch_sweep_smoke(tmp_path):
+    """--micro-batch-tokens: rrhf-fast/packed at the headline config, one row per budget, after it
+    the (k, prompt length) sweep; --sweep-only leaves the headline config out."""
+    argv = ["--cpu-smoke", "--out-dir", str(tmp_path), "--sweep-only", "--providers", "rrhf-fast/packed"]
+    assert bench_step.main([*argv, "--micro-batch-tokens", "16,32"]) == 0
+    rows = read_csv(tmp_path / "step_cpu_smoke.csv")
+    assert [r["config"] for r in rows] == ["k=2 P=8 R=4 micro-batch=16", "k=2 P=8 R=4 micro-batch=32"] + [
+        f"k={k} P={p} R=4" for k, p in bench_step.SMOKE_CONFIGS
+    ]
+    assert {r["status"] for r in rows} == {"ok"} and rows[0]["sweep"].startswith("micro-batch tokens")
+
+
 def test_attention_smoke(tmp_path):
     assert bench_attention.main(["--cpu-smoke", "--out-dir", str(tmp_path), "--profile"]) == 0
     rows = check_smoke_run(tmp_path, "attention", {"shared-prompt/dense", "padded/sdpa"})

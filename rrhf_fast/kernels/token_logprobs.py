@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune
 from .dlogits_cublas import _dz_from_logits, _tanh, dlogits_cublas
 from .reference import token_logprobs_torch
 from .utils import (
@@ -209,11 +210,37 @@ MM_CONFIGS = [
 # Keyed on the row-count bucket too (M_BUCKET, unused by the kernels): the first batch's M no longer
 # picks the config of every later batch. autotune_bench tunes without Triton's 256 MiB flush buffer,
 # so the first step's peak memory is the steady state's.
+# RRHF_FAST_AUTOTUNE trims the lists (autotune.py: a first GPU run compiles fewer configs).
 _tune = functools.partial(triton.autotune, do_bench=autotune_bench)
-_fwd_tuned = _tune(FWD_CONFIGS, key=["D", "V", "M_BUCKET"])(_fwd_kernel)
-_dlogits_tuned = _tune(DLOGITS_CONFIGS, key=["D", "M_BUCKET"])(_dlogits_kernel)
-# Only the fallback of accumulate_dh (torch < 2.8): restore_value clones C (M x D fp32) per config.
-_mm_acc_tuned = _tune(MM_CONFIGS, key=["N"], restore_value=["C"])(_mm_acc_kernel)
+_fwd_tuned = _tune(autotune.select("fwd", FWD_CONFIGS), key=["D", "V", "M_BUCKET"])(_fwd_kernel)
+_dlogits_tuned = _tune(autotune.select("dlogits", DLOGITS_CONFIGS), key=["D", "M_BUCKET"])(_dlogits_kernel)
+# Only the fallback of accumulate_dh (out_dtype GEMMs refused or absent): restore_value clones C
+# (M x D fp32) per config.
+_mm_acc_tuned = _tune(autotune.select("mm", MM_CONFIGS), key=["N"], restore_value=["C"])(_mm_acc_kernel)
+
+
+def fwd_grid(M: int, splits: int):
+    """The forward's launch grid for a config's meta-parameters: row blocks x vocabulary splits."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * splits,)
+
+
+def dlogits_grid(M: int, VC: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(VC, meta["BLOCK_V"]),)
+
+
+def mm_grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def _launch(kernel: str, plain, tuned, small: dict, grid, *args, **common) -> None:
+    """A pinned config (autotune.pinned_configs), the interpreter's small tiles, or the autotuner."""
+    config = autotune.pinned(kernel)
+    if config is not None:
+        plain[grid(config.kwargs)](*args, **common, **config.all_kwargs())
+    elif interpreting():
+        plain[grid(small)](*args, **common, **small)
+    else:
+        tuned[grid](*args, **common)
 
 
 @functools.cache
@@ -261,10 +288,7 @@ def _forward(hidden, weight, rows, targets, softcap):
     common = dict(
         softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(hidden.dtype)
     )
-    if interpreting():
-        _fwd_kernel[(triton.cdiv(M, _SMALL["BLOCK_M"]) * splits,)](*args, **common, **_SMALL)
-    else:
-        _fwd_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * splits,)](*args, **common)
+    _launch("fwd", _fwd_kernel, _fwd_tuned, _SMALL, fwd_grid(M, splits), *args, **common)
     torch.logsumexp(lse_part, dim=0, out=lse)
     torch.sub(tgt_logit, lse, out=logp)
     return logp, lse
@@ -314,13 +338,8 @@ def _dlogits(h_rows, weight, targets, lse, dz, v0, softcap):
     common = dict(
         softcap=softcap or 0.0, D=D, SOFTCAP=softcap is not None, PRECISION=_precision(h_rows.dtype)
     )
-    if interpreting():
-        meta = dict(_SMALL, GROUP_M=4)
-        grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(VC, meta["BLOCK_V"]),)
-        _dlogits_kernel[grid](*args, **common, **meta)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(VC, meta["BLOCK_V"]),)  # noqa: E731
-        _dlogits_tuned[grid](*args, **common)
+    small = dict(_SMALL, GROUP_M=4)
+    _launch("dlogits", _dlogits_kernel, _dlogits_tuned, small, dlogits_grid(M, VC), *args, **common)
 
 
 def mm_accumulate(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -328,12 +347,8 @@ def mm_accumulate(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     M, K = a.shape
     N = b.shape[1]
     args = (a, b, c, M, N, K, a.stride(0), b.stride(0), c.stride(0))
-    if interpreting():
-        grid = (triton.cdiv(M, _SMALL_MM["BLOCK_M"]) * triton.cdiv(N, _SMALL_MM["BLOCK_N"]),)
-        _mm_acc_kernel[grid](*args, PRECISION=_precision(a.dtype), **_SMALL_MM)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _mm_acc_tuned[grid](*args, PRECISION=_precision(a.dtype))
+    grid = mm_grid(M, N)
+    _launch("mm", _mm_acc_kernel, _mm_acc_tuned, _SMALL_MM, grid, *args, PRECISION=_precision(a.dtype))
 
 
 def accumulate_dh(dh_rows: torch.Tensor, dz: torch.Tensor, w_chunk: torch.Tensor) -> None:

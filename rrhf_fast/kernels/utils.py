@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch._guards import detect_fake_mode
@@ -49,15 +50,67 @@ def round_up(n: int, multiple: int) -> int:
     return -(-int(n) // multiple) * multiple
 
 
-# torch >= 2.8 has `addmm(..., out_dtype=torch.float32)` and `mm(..., out_dtype=...)` for half inputs
-# (cuBLAS with fp32 output, no fp32 copy of the operands); they are CUDA-only (the CPU backend has
-# no kernel for the overload), hence the device check in `has_out_dtype_mm`.
-_OUT_DTYPE_MM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
+# torch >= 2.8 declares `addmm(..., out_dtype=torch.float32)` and `mm(..., out_dtype=...)` for half
+# inputs (cuBLAS with fp32 output, no fp32 copy of the operands). Declared is not the same as
+# runnable: the CPU backend has no kernel for them, and a CUDA build may refuse them too (they have
+# never run on the GPU machine's torch 2.11). So whether they run is probed once per CUDA device, by
+# the first call that asks (the first backward), with a 16 x 16 call of each in bf16 and fp16 whose
+# result is checked; where they are refused the backward takes its fallbacks (the Triton GEMM for
+# dhidden, a half product then a copy for dweight, the fused dlogits kernel), with one warning.
+# RRHF_FAST_OUT_DTYPE_MM=0 or 1 forces the answer (tests force both branches on the CPU).
+_OUT_DTYPE_DECLARED = all("dtype_out" in op.overloads() for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
+_OUT_DTYPE_PROBED: dict[int, bool] = {}
 
 
 def has_out_dtype_mm(device: torch.device) -> bool:
-    """True where torch.addmm / torch.mm take `out_dtype` (fp32 output of half operands)."""
-    return _OUT_DTYPE_MM and device.type == "cuda"
+    """True where torch.addmm / torch.mm take `out_dtype` (fp32 output of half operands) and run."""
+    forced = os.environ.get("RRHF_FAST_OUT_DTYPE_MM", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if not _OUT_DTYPE_DECLARED or device.type != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        # Fake CUDA tensors on a machine without a GPU (`rrhf-fast plan`): nothing to probe; plan
+        # with the declared path, which is the one a GPU that accepts the calls runs.
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _OUT_DTYPE_PROBED:
+        _OUT_DTYPE_PROBED[index] = probe_out_dtype_mm(torch.device("cuda", index))
+    return _OUT_DTYPE_PROBED[index]
+
+
+def probe_out_dtype_mm(device: torch.device) -> bool:
+    """Run addmm and mm with out_dtype=fp32 on half operands on `device`; False (and one warning
+    saying what was refused) when either raises or returns a wrong result."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    try:
+        # Real tensors even when called from a fake kernel (plan, torch.compile tracing); the one
+        # value read is allowed under a sync-debug mode (the no-sync tests).
+        with unset_fake_temporarily(), torch.no_grad():
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+            for dtype in (torch.bfloat16, torch.float16):
+                a = torch.full((16, 16), 0.5, dtype=dtype, device=device)
+                acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                prod = torch.mm(a, a, out_dtype=torch.float32)
+                if prod.dtype != torch.float32 or not (bool((acc == 5).all()) and bool((prod == 4).all())):
+                    raise RuntimeError(f"wrong result in {dtype}")
+        return True
+    except Exception as exc:  # RuntimeError, NotImplementedError, TypeError: every refusal is one answer
+        reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:160]
+        warnings.warn(
+            f"torch.addmm / torch.mm with out_dtype=float32 do not run on {device} "
+            f"({type(exc).__name__}: {reason}): the backward accumulates dhidden with its Triton GEMM "
+            "instead (slower, same result)",
+            stacklevel=2,
+        )
+        return False
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(sync_mode)
 
 
 def forward_grid(
