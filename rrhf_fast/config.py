@@ -324,6 +324,8 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise UserError(f"{source}: unknown training config field(s) {unknown}")
+        tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+        data = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as err:

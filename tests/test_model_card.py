@@ -90,7 +90,8 @@ def test_lora_merge_and_reward_model_cards(files, tmp_path):
     assert card.data.tags == ["rrhf-fast", "rrhf", "lora", "peft"] and "AutoPeftModelForCausalLM" in card.text
     out = merge(result.checkpoint, tmp_path / "merged")
     merged = ModelCard.load(out / "README.md")
-    assert merged.data.tags == ["rrhf-fast", "rrhf", "merged"] and merged.data.base_model == "someorg/tiny-base"
+    assert merged.data.tags == ["rrhf-fast", "rrhf", "merged"]
+    assert merged.data.base_model == "someorg/tiny-base"
     assert "## Merge" in merged.text and "## Command line" in merged.text
     scope: dict = {}
     exec(code_block(merged.text, "python"), scope)
@@ -104,8 +105,8 @@ def test_lora_merge_and_reward_model_cards(files, tmp_path):
 
 def test_datasets_and_base_model_only_as_hub_names(tmp_path):
     local = TrainConfig(model=str(tmp_path), data=str(tmp_path / "d.jsonl"), output_dir="o")
-    assert model_card.metadata(local, adapter=False) == {
-        "library_name": "rrhf-fast", "tags": ["rrhf-fast", "rrhf"], "pipeline_tag": "text-generation"}  # fmt: skip
+    expected = {"library_name": "rrhf-fast", "tags": ["rrhf-fast", "rrhf"], "pipeline_tag": "text-generation"}
+    assert model_card.metadata(local, adapter=False) == expected
     hub = argparse.Namespace(**{**local.to_dict(), "model": "org/base", "data": "org/prefs", "loss": "dpo",
                                 "eval_data": "org/prefs-test"})  # fmt: skip
     meta = model_card.metadata(hub, adapter=False)
