@@ -216,6 +216,23 @@ def test_every_tracker_reads_back_the_run_and_a_resume_continues_it(files, offli
     assert packing == json.loads((run / "run.json").read_text())["packing"]
 
 
+def test_a_tracker_that_cannot_start_is_one_sentence(files, offline, monkeypatch):
+    """wandb online without a login (no network here): the hint names WANDB_MODE=offline."""
+    model, data = files
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    monkeypatch.setenv("HOME", str(offline))  # no ~/.netrc login
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb keeps its settings (an earlier test's offline mode) per process
+    with pytest.raises(UserError) as err:
+        train(config(offline, model, data, max_steps=1, report_to=("tensorboard", "wandb")))
+    assert str(err.value).startswith("--report-to wandb: cannot start the tracked run (")
+    assert str(err.value).endswith(
+        "; log in with `wandb login`, or set WANDB_MODE=offline to keep the run on disk"
+    )
+    wandb.teardown()
+
+
 def test_only_rank_zero_opens_a_tracker(files, offline):
     from rrhf_fast.training.distributed import Dist
     from rrhf_fast.training.train import _open_reporter

@@ -43,6 +43,12 @@ TRACKERS = tuple(n for n in REPORT_TO if n not in ("none", "all"))
 # The module each tracker needs (tensorboard: torch.utils.tensorboard's writer needs the package).
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 EXTRA = "pip install 'rrhf-fast[tracking]'"
+_HINT = {
+    "tensorboard": "check that the log directory (TENSORBOARD_LOGGING_DIR or OUTPUT_DIR/runs) is writable",
+    "wandb": "log in with `wandb login`, or set WANDB_MODE=offline to keep the run on disk",
+    "trackio": "check TRACKIO_DIR (its local store) and TRACKIO_SPACE_ID",
+    "mlflow": "check MLFLOW_TRACKING_URI (unset: a file store in OUTPUT_DIR/mlruns)",
+}
 
 
 def report_to(names: Any) -> list[str]:
@@ -85,7 +91,16 @@ class Reporter:
     def __init__(self, names: list[str], out_dir: Path, run_name: str, project: str,
                  saved: dict[str, Any] | None, step: int) -> None:  # fmt: skip
         saved = saved or {}
-        self.trackers = [_OPEN[n](out_dir, run_name, project, saved.get(n), step) for n in names]
+        self.trackers = []
+        for name in names:
+            try:
+                self.trackers.append(_OPEN[name](out_dir, run_name, project, saved.get(name), step))
+            except Exception as err:  # e.g. wandb online without a login: one sentence, not a traceback
+                self.close(failed=True)
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise UserError(
+                    f"--report-to {name}: cannot start the tracked run ({first}); {_HINT[name]}"
+                ) from None
 
     def log_run(self, config: dict[str, Any], run: dict[str, Any], plan: dict[str, Any]) -> None:
         """The flags, run.json (what they resolved to), its packing summary and the step plan."""
