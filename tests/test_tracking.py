@@ -258,3 +258,25 @@ def test_train_rm_reports_to_tensorboard(offline):
     scalars = tensorboard_scalars(log_dir)
     expected = {r["step"]: r["rm_loss"] for r in metrics(offline / "rm")}
     assert scalars["train/rm_loss"] == pytest.approx(expected)
+
+
+def test_iterate_reports_each_round_as_its_own_run(offline):
+    from test_iterate import SCORER
+
+    from rrhf_fast.models.tiny import save_tiny_model as tiny
+
+    (offline / "prompts.txt").write_text("sort 312:\nsort 97:\n")
+    out = offline / "online"
+    argv = ["iterate", "--model", str(tiny(offline / "m")), "--prompts", str(offline / "prompts.txt"),
+            "--scorer", SCORER, "--output-dir", str(out), "--rounds", "1", "--num-candidates", "2",
+            "--sample-strategy", "sample", "--sample-max-new-tokens", "3", "--max-steps", "1",
+            "--optim", "adamw", "--device", "cpu", "--no-plot", "--report-to", "tensorboard",
+            "mlflow"]  # fmt: skip
+    assert cli.main(argv) == 0
+    train_dir = out / "round-001" / "train"
+    (log_dir,) = (train_dir / "runs").iterdir()
+    assert tensorboard_scalars(log_dir)["train/loss"] == pytest.approx({1: metrics(train_dir)[0]["loss"]})
+    (run,) = mlflow_runs(train_dir / "mlruns").values()
+    assert run["metrics"]["train/loss"] == pytest.approx({1: metrics(train_dir)[0]["loss"]})
+    tags = next((train_dir / "mlruns").glob("*/*/tags/mlflow.runName")).read_text()
+    assert tags == "online-round-001"
