@@ -148,6 +148,18 @@ def test_report_to_follows_the_trainers_names(asked, expected):
     assert tracking.report_to(asked) == expected
 
 
+def test_names_default_and_metric_names_are_the_trainers():
+    """transformers' own: its report_to default, its integration names, its rewrite_logs."""
+    from transformers import TrainingArguments
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, rewrite_logs
+
+    assert TrainingArguments.__dataclass_fields__["report_to"].default == "none"
+    assert TrainConfig.__dataclass_fields__["report_to"].default == () and tracking.report_to(()) == []
+    assert set(tracking.TRACKERS) <= set(INTEGRATION_TO_CALLBACK)
+    row = {"step": 5, "loss": 1.5, "lr": 1e-5, "eval_loss": 2.0, "eval_accuracy": 0.75}
+    assert tracking.rewrite(row) == rewrite_logs({k: v for k, v in row.items() if k != "step"})
+
+
 def test_rows_get_the_trainers_names():
     row = {"step": 3, "loss": 1.5, "eval_loss": 2.0, "skipped": False, "accuracy": None, "note": "x"}
     assert tracking.rewrite(row) == {"train/loss": 1.5, "eval/loss": 2.0, "train/skipped": 0.0}
