@@ -192,7 +192,10 @@ def test_an_unknown_or_missing_tracker_is_one_sentence_before_anything(files, tm
 def test_every_tracker_reads_back_the_run_and_a_resume_continues_it(files, offline):
     """Two steps with eval, then --resume to four steps: one tracked run per tracker holds steps 1-4."""
     model, data = files
-    kw = dict(eval_data=str(data), eval_every=2, save_every=2, report_to=ALL, run_name="sorting")
+    project = f"test-{offline.name}"  # its own trackio database, whichever TRACKIO_DIR trackio read first
+    kw = dict(
+        eval_data=str(data), eval_every=2, save_every=2, report_to=ALL, run_name="sorting", project=project
+    )
     train(config(offline, model, data, max_steps=2, **kw))
     run = offline / "run"
     train(config(offline, model, data, max_steps=4, resume=True, **kw))
@@ -212,7 +215,9 @@ def test_every_tracker_reads_back_the_run_and_a_resume_continues_it(files, offli
     assert history[0]["eval/loss"] == pytest.approx(evals[0])
     assert wandb_config["micro_batch_tokens"] == 4096 and "packing" in wandb_config["run"]
 
-    ids, steps = trackio_rows(offline / "trackio")
+    from trackio.utils import TRACKIO_DIR  # read once, when trackio is first imported
+
+    ids, steps = trackio_rows(TRACKIO_DIR, project)
     assert len(ids) == 1
     assert {s: steps[s]["train/loss"] for s in losses} == pytest.approx(losses)
     assert {s: steps[s]["eval/loss"] for s in evals} == pytest.approx(evals)
