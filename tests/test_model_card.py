@@ -88,12 +88,14 @@ def test_lora_merge_and_reward_model_cards(files, tmp_path):
     result = train(config(tmp_path, model, data, max_steps=1, lora_r=2))
     card = ModelCard.load(result.checkpoint / "README.md")
     assert card.data.tags == ["rrhf-fast", "rrhf", "lora", "peft"] and "AutoPeftModelForCausalLM" in card.text
+    scope: dict = {}
+    exec(code_block(card.text, "python"), scope)  # peft loads the base the adapter names, then the adapter
+    assert type(scope["model"]).__name__ == "PeftModelForCausalLM"
     out = merge(result.checkpoint, tmp_path / "merged")
     merged = ModelCard.load(out / "README.md")
     assert merged.data.tags == ["rrhf-fast", "rrhf", "merged"]
     assert merged.data.base_model == "someorg/tiny-base"
     assert "## Merge" in merged.text and "## Command line" in merged.text
-    scope: dict = {}
     exec(code_block(merged.text, "python"), scope)
     assert type(scope["model"]).__name__.endswith("ForCausalLM")
 
