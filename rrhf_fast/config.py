@@ -32,6 +32,9 @@ WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # training/bf16_update.py
 LOSSES = ("rrhf", "dpo", "rm")
 RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
+# --report-to: Hugging Face Trainer's names of the trackers we report to (training/tracking.py), with
+# its `none` (the default of transformers >= 5, and ours) and `all` (every installed one).
+REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow")
 # Old JSON key -> field, for config.json / train_config.json written before the rename.
 RENAMED_FIELDS = {"loss_impl": "kernels", "mode": "length_norm"}
 
@@ -164,6 +167,17 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "keep the N newest checkpoints")
     log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
     plot: bool = opt(True, "draw curves.png at the end of training")
+    report_to: tuple[str, ...] = opt(
+        (),
+        "experiment trackers to report config, run.json and metrics to, as HF Trainer's report_to: "
+        f"{', '.join(REPORT_TO)}; several allowed (default: none)",
+        metavar="NAME",
+        nargs="+",
+    )
+    run_name: str | None = opt(None, "the tracked run's name (default: the --output-dir's name)")
+    project: str = opt(
+        "huggingface", "trackio project and MLflow experiment (wandb: WANDB_PROJECT), as HF Trainer's"
+    )
 
     # ------------------------------------------------------------------------------------------
 
@@ -216,6 +230,10 @@ class TrainConfig:
             )
         if self.eval_every and not self.eval_data:
             raise UserError("--eval-every needs --eval-data FILE (the held-out examples to evaluate on)")
+        names = [n.strip() for name in self.report_to for n in str(name).split(",") if n.strip()]
+        unknown = [n for n in names if n not in REPORT_TO]
+        if unknown:
+            raise UserError(f"--report-to {unknown[0]} is not a tracker; give {', '.join(REPORT_TO)}")
         if self.load_in_4bit and not self.lora_r:
             raise UserError("--load-in-4bit trains adapters on a frozen 4-bit model: also give --lora-r N")
         self._validate_scaling()
@@ -306,6 +324,8 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise UserError(f"{source}: unknown training config field(s) {unknown}")
+        tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+        data = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**data)
         except TypeError as err:
@@ -348,8 +368,10 @@ def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
     base = _base_type(hint)
     if base is bool:
         return {**kwargs, "action": argparse.BooleanOptionalAction, "default": f.default}
-    if typing.get_origin(base) is tuple:
-        return {**kwargs, "action": "append", "default": [], "metavar": f.metadata.get("metavar", "TEXT")}
+    if typing.get_origin(base) is tuple:  # repeatable; with nargs "+" also several after one flag
+        action = "extend" if "nargs" in f.metadata else "append"
+        return {**kwargs, "action": action, "default": [], "metavar": f.metadata.get("metavar", "TEXT"),
+                **({"nargs": f.metadata["nargs"]} if "nargs" in f.metadata else {})}  # fmt: skip
     kwargs.update(type=base, metavar=f.metadata.get("metavar", {int: "N", float: "X"}.get(base, "S")))
     if "choices" in f.metadata:
         kwargs.update(choices=f.metadata["choices"], metavar=None)

@@ -239,8 +239,9 @@ def _train(settings: Settings, policy: str, data: Path, run_dir: Path, path: Pat
     from rrhf_fast.training.train import train
 
     resume = run_dir.is_dir() and latest_checkpoint(run_dir) is not None  # an interrupted training
-    config = dataclasses.replace(
-        settings.train, model=policy, data=str(data), output_dir=str(run_dir), resume=resume
+    name = f"{settings.train.run_name or Path(settings.run.output_dir).resolve().name}-{run_dir.parent.name}"
+    config = dataclasses.replace(  # --report-to: one tracked run per round, named after it
+        settings.train, model=policy, data=str(data), output_dir=str(run_dir), resume=resume, run_name=name
     )
     result = train(config)
     loss = result.last.get("loss") if result.last else None

@@ -3,7 +3,8 @@
 A checkpoint is `OUTPUT_DIR/checkpoint-STEP/`: a `save_pretrained` directory (safetensors weights,
 model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bit states included),
 `trainer_state.pt` (step, scheduler, data order and fingerprint, counters, every RNG),
-`train_config.json` (the flags) and `run.json` (what they resolved to, library versions, the GPU).
+`train_config.json` (the flags), `run.json` (what they resolved to, library versions, the GPU) and
+`README.md` (a Hugging Face model card, training/model_card.py).
 Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
@@ -50,7 +51,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint shards, one file per rank
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
-ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside the adapter
+ADAPTER_CONFIG = "adapter_config.json"
+CARD_FILE = "README.md"  # the Hugging Face model card
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
 _PARKED_PREFIX = ".parked-"  # + checkpoint-STEP; must not match _TMP_PREFIX: it may be the only copy
@@ -84,13 +86,15 @@ def save_checkpoint(
     dist: Dist | None = None,
     sharded: bool = False,
     run_info: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write checkpoint-STEP atomically, then delete all but the `keep` newest complete ones.
 
     Under torchrun every rank calls this: rank 0 writes the weights (FSDP2: gathered whole), the
     optimizer (FSDP2, `sharded`: each rank its shard, torch.distributed.checkpoint) and the trainer
     state; every other rank its RNG state. Rank 0 renames the directory once all have written.
-    `run_info` (JSON-able: the run's resolved settings) is written as run.json.
+    `run_info` (JSON-able: the run's resolved settings) is written as run.json, `card` (the model
+    card, training/model_card.py) as README.md, which from_pretrained and resume ignore.
     """
     dist = dist or Dist()
     output_dir = Path(output_dir)
@@ -101,6 +105,8 @@ def save_checkpoint(
         _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist, sharded)
         if dist.main and run_info is not None:
             write_run_info(tmp / RUN_FILE, run_info)
+        if dist.main and card is not None:  # replaces the card peft's save_pretrained writes
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         distributed.barrier()  # every rank's files are written
         if dist.main:
             _write_marker(tmp, step, _required_files(tmp, dist.world, sharded, run_info is not None))

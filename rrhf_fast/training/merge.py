@@ -6,7 +6,8 @@ The base is the run's `--model` (from the checkpoint's train_config.json, else t
 config) unless `--base` names another copy of it. It is loaded unquantised even for a QLoRA run:
 merging into 4-bit weights would round the sum back to 4 bits, so the merged model is the
 adapter's function on the full-precision base (the usual practice for QLoRA adapters). The result,
-`model.merge_and_unload()`, is saved with save_pretrained beside the run's tokenizer.
+`model.merge_and_unload()`, is saved with save_pretrained beside the run's tokenizer and a model
+card (README.md: the checkpoint's, with a line on the merge and a load snippet for the full model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from rrhf_fast.errors import UserError, first_line
 from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
+from rrhf_fast.training.model_card import CARD_FILE, merged_card
 
 # auto keeps the dtype the base was saved in (neither inference's nor training's auto).
 MERGE_DTYPES = ("auto", "float32", "bfloat16")
@@ -59,7 +61,8 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
-    model = _load_base(base, dtype, reward=_task_of(checkpoint) == "SEQ_CLS")
+    reward = _task_of(checkpoint) == "SEQ_CLS"
+    model = _load_base(base, dtype, reward=reward)
     peft = import_peft()
     try:
         with peft_quietly():
@@ -74,6 +77,7 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
         merged.save_pretrained(out)
     tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else Path(base)
     load_tokenizer(str(tokenizer_dir)).save_pretrained(out)
+    (out / CARD_FILE).write_text(merged_card(checkpoint, out, base, dtype, reward), encoding="utf-8")
     return out
 
 

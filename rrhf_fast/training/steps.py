@@ -90,3 +90,14 @@ def rank_share(step: Step, items: Sequence[TokenizedExample], dist: Dist, object
     queries = queries_in([step])
     mine = [items[i] for group in step for i in group]
     return RankStep(batches, own, queries, objective.normalizer(mine) if objective else float(queries))
+
+
+def plan_summary(planner: StepPlanner, schedule: dict[str, Any]) -> dict[str, Any]:
+    """The run's step plan for a person and the trackers: the first epoch's steps and micro-batches,
+    with the learning-rate schedule."""
+    steps = planner.steps_of_epoch(0)
+    micro = [len(step) for step in steps] or [0]
+    per_step = queries_in(steps) / max(len(steps), 1)
+    return {**schedule, "steps_per_epoch": len(steps), "queries_per_step": per_step,
+            "micro_batches_per_step": [min(micro), max(micro)],
+            "micro_batch_tokens": planner.config.micro_batch_tokens}  # fmt: skip

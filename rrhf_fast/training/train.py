@@ -34,15 +34,17 @@ from rrhf_fast.data.packing import PackedBatch, TokenizedExample
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_tokenizer
 from rrhf_fast.objectives import Metrics, Objective, build_objective
-from rrhf_fast.training import distributed
+from rrhf_fast.training import distributed, tracking
 from rrhf_fast.training.checkpoint import (
     check_finite_weights,
     latest_checkpoint,
     load_weights,
+    read_trainer_state,
     save_checkpoint,
 )
 from rrhf_fast.training.evaluate import evaluate
 from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
+from rrhf_fast.training.model_card import model_card
 from rrhf_fast.training.optim import lr_at, set_lr
 from rrhf_fast.training.plot import METRICS_FILE, plot_run
 from rrhf_fast.training.run_state import RunState
@@ -60,7 +62,7 @@ from rrhf_fast.training.setup import (
     seed_everything,
     write_run_files,
 )
-from rrhf_fast.training.steps import RankStep, Step, StepPlanner, rank_share
+from rrhf_fast.training.steps import RankStep, Step, StepPlanner, plan_summary, rank_share
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +91,7 @@ class NonFiniteTraining(UserError):
 
 def train(config: TrainConfig) -> TrainResult:
     config.validate()
+    tracking.report_to(config.report_to)  # a tracker that is not installed: one sentence, before anything
     dist, device = distributed.init(config.device, config.fsdp)  # torchrun: this rank; else rank 0 of 1
     run_dir = claim_output_dir(config.output_dir, config.resume, dist)  # locked, before the model loads
     try:
@@ -157,6 +160,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
               schedule=schedule, fingerprint=data.fingerprint, packing=data.packing)  # fmt: skip
     state = RunState() if checkpoint is None else resume(job, checkpoint, planner, saved_config, log)
     run_info = write_run_files(job)
+    report = _open_reporter(job, checkpoint, state.step, plan_summary(planner, schedule), run_info)
 
     # ---------------------------------------------------------------------------------------------
     # the loop
@@ -166,9 +170,11 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=None if dist.main else True)  # fmt: skip
     row: dict[str, Any] = {}
+    card = Card(job, run_info, report)  # the model card of each checkpoint: the metrics so far
+    failed = True
     try:
         if data.eval_items is not None and state.step == 0:
-            _log(metrics_file, {"step": 0, **held_out(job, data.eval_items)})
+            _log(metrics_file, card.seen({"step": 0, **held_out(job, data.eval_items)}), report)
         while state.step < total_steps:
             if not remaining:  # the epoch is over
                 state.start_epoch()
@@ -180,15 +186,16 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
             state.end_step(work.queries, result.tokens, result.finite)
             row = _metrics_row(state, result, lr)
             if state.bad_in_row >= config.max_bad_steps:
-                _log(metrics_file, row)
+                _log(metrics_file, row, report)
                 raise NonFiniteTraining(_diverged_message(state, latest_checkpoint(out_dir)))
             if data.eval_items is not None and _due(state.step, config.eval_every, total_steps):
                 row.update(held_out(job, data.eval_items))
-            _log(metrics_file, row)
+            _log(metrics_file, card.seen(row), report)
             if dist.main:
                 _show(bar, row, config)
             if _due(state.step, config.save_every, total_steps):
-                checkpoint = save(job, state, run_info)
+                checkpoint = save(job, state, run_info, card)
+        failed = False
     except KeyboardInterrupt:
         log(f"interrupted at step {state.step}; last complete checkpoint: {latest_checkpoint(out_dir)} "
             "(continue with --resume)")  # fmt: skip
@@ -197,6 +204,8 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
+        if report is not None:
+            report.close(failed)
 
     # ---------------------------------------------------------------------------------------------
     # the end
@@ -298,27 +307,68 @@ def held_out(job: Job, items: list[TokenizedExample]) -> dict[str, float | None]
     return evaluate(job.module, items, job.config, objective=job.objective, autocast=job.autocast)
 
 
-def save(job: Job, state: RunState, run_info: dict[str, Any]) -> Path:
-    """checkpoint-STEP, atomically (training/checkpoint.py); every rank calls it."""
+def save(job: Job, state: RunState, run_info: dict[str, Any], card: Card | None = None) -> Path:
+    """checkpoint-STEP, atomically (training/checkpoint.py), with its model card; every rank calls it."""
     config = job.config
     skipped_at_end = state.bad_in_row if state.step == job.schedule["total_steps"] else 0  # a broken model
     check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir), skipped_at_end)
     trainer_state = state.to_trainer_state(data_seed=config.seed, schedule=job.schedule, data=job.fingerprint)
+    if card is not None and card.report is not None:
+        trainer_state["tracking"] = card.report.state()  # a resumed run continues the same tracked runs
     return save_checkpoint(job.out_dir, state.step, model=job.model, tokenizer=job.tokenizer,
                            optimizer=job.optimizer, trainer_state=trainer_state, config=config,
                            keep=config.keep_checkpoints, dist=job.dist, sharded=config.fsdp,
-                           run_info=run_info)  # fmt: skip
+                           run_info=run_info, card=card.text(state.step) if card else None)  # fmt: skip
+
+
+@dataclass
+class Card:
+    """What a checkpoint's model card says (model_card.py): the run, and its last train and eval rows."""
+
+    job: Job
+    run_info: dict[str, Any]
+    report: tracking.Reporter | None
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    def seen(self, row: dict[str, Any]) -> dict[str, Any]:
+        evals = {k: v for k, v in row.items() if k.startswith("eval_")}
+        self.eval = {"step": row["step"], **evals} if evals else self.eval
+        if "loss" in row:
+            self.train = {k: v for k, v in row.items() if not k.startswith("eval_")}
+        return row
+
+    def text(self, step: int) -> str | None:
+        if not self.job.dist.main:
+            return None
+        return model_card(self.job.config, self.run_info, train=self.train, eval=self.eval, step=step,
+                          adapter=hasattr(self.job.model, "peft_config"))  # fmt: skip
+
+
+def _open_reporter(
+    job: Job, checkpoint: Path | None, step: int, plan: dict[str, Any], run_info: dict[str, Any]
+) -> tracking.Reporter | None:
+    """Rank 0's trackers (--report-to), continuing the checkpoint's tracked runs, with the run logged."""
+    if not job.dist.main:
+        return None
+    saved = read_trainer_state(checkpoint).get("tracking") if checkpoint is not None else None
+    report = tracking.open_reporter(job.config, job.out_dir, saved, step)
+    if report is not None:
+        report.log_run(job.config.to_dict(), run_info, plan)
+    return report
 
 
 # -------------------------------------------------------------------------------------------------
 # bookkeeping
 
 
-def _log(file, row: dict[str, Any]) -> None:
+def _log(file, row: dict[str, Any], report: tracking.Reporter | None = None) -> None:
     if file is None:  # not rank 0
         return
     file.write(json.dumps({k: _plain(v) for k, v in row.items()}) + "\n")
     file.flush()
+    if report is not None:
+        report.log(row)
 
 
 def _plain(value: Any) -> Any:
