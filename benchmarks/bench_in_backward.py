@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = demo_data(cfg, out)
         for name, flags in VARIANTS.items():
             run = demo.train_config(cfg, model_dir, out, name.split(",")[0].replace(" ", "-"), 1.0)
-            run = dataclasses.replace(run, max_steps=args.steps, eval_data=None, plot=False, **flags)
+            run = dataclasses.replace(run, max_steps=args.steps, eval_data=None, eval_every=0, plot=False,
+                                      **flags)  # fmt: skip
             train(run)
             medians[name] = statistics.median(step_seconds(Path(run.output_dir))[WARMUP:])
             print(f"{name}: {medians[name] * 1e3:.1f} ms a step", flush=True)
