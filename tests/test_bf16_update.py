@@ -173,7 +173,7 @@ def test_bf16_stochastic_rounding_tracks_fp32_on_the_demo_task(tmp_path):
     model_dir = demo.save_tiny_model(tmp_path / "init", seed=cfg.seed, hidden_size=cfg.hidden_size,
                                      layers=cfg.layers)  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    queries = demo._distinct_queries(rng, cfg.train_queries + cfg.eval_queries, cfg)
+    queries = demo.distinct_queries(rng, cfg.train_queries + cfg.eval_queries, cfg)
     samples = demo.generate(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer,
                             [demo.prompt_of(d) for d in queries], cfg.max_digits + 2, temperature=1.0,
                             generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
@@ -182,7 +182,7 @@ def test_bf16_stochastic_rounding_tracks_fp32_on_the_demo_task(tmp_path):
     write_examples(tmp_path / "eval.jsonl", examples[cfg.train_queries :])
     rewards = {}
     for name, flags in [("fp32", {}), ("bf16", dict(dtype="bfloat16", bf16_update="stochastic"))]:
-        run = demo._train_config(cfg, model_dir, tmp_path, name, 1.0)
+        run = demo.train_config(cfg, model_dir, tmp_path, name, 1.0)
         model = train(dataclasses.replace(run, plot=False, **flags)).model.float()
         rewards[name] = demo.score_greedy(model, tokenizer, queries[cfg.train_queries :], cfg.max_digits)[0]
     assert rewards["fp32"] > 0.5  # it trained

@@ -15,7 +15,9 @@ from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
 from rrhf_fast.training.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
+    load_training_state,
+    load_weights,
+    read_trainer_state,
     remove_partial_saves,
     save_checkpoint,
 )
@@ -36,6 +38,15 @@ def _save(out, step, model, opt, keep=None, **state):
     config = TrainConfig(model="m", data="d", output_dir=str(out))
     return save_checkpoint(out, step, model=model, tokenizer=build_tokenizer(), optimizer=opt,
                            trainer_state={"epoch": 0, **state}, config=config, keep=keep)  # fmt: skip
+
+
+def load_checkpoint(path, *, model, optimizer):
+    """What `rrhf-fast train --resume` runs, in its order: the verified trainer state
+    (setup.plan_schedule), the weights (train._train, before any wrapping), then the optimizer and
+    RNGs (setup.resume); returns the trainer state."""
+    read_trainer_state(path)
+    load_weights(model, path)
+    return load_training_state(path, model=model, optimizer=optimizer)
 
 
 def _equal_models(a, b):

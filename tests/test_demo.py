@@ -143,13 +143,16 @@ def test_online_demo_beats_one_offline_round_with_the_same_steps(tmp_path, capsy
 def test_reward_model_option_learns_the_labels_and_reports_the_true_reward(tmp_path):
     """A tiny run of the option: label, train-rm, one online round scored by `reward-model:DIR`.
     The reported held-out accuracy is recomputed here from the saved reward model's scores of the
-    held-out labels. Measured (seed 0, 1 thread): 0.706 at step 0 (the warmed-up backbone with a
-    random head already orders corrupted against sampled answers), 0.716 after 16 steps."""
+    held-out labels. Measured (seed 0, 1 thread, 320 pairs): 0.706 at step 0 (the warmed-up backbone
+    with a random head already orders corrupted against sampled answers), 0.716 after 16 steps,
+    0.769 after 32, 0.766 after 48. The gain over the starting accuracy is what shows learning: a
+    model that does not learn keeps the starting 0.706, which clears any fixed bar near chance."""
     config = DemoConfig(output_dir=str(tmp_path), train_queries=48, eval_queries=24, steps=2, rounds=1,
-                        queries_per_step=8, sft_warmup=10, rm_steps=16, seed=0)  # fmt: skip
+                        queries_per_step=8, sft_warmup=10, rm_steps=32, seed=0)  # fmt: skip
     policy, files = _task(config, tmp_path)
     rm = _reward_model_run(config, policy, files, tmp_path)
-    assert rm["eval_pairs"] > 200 and rm["accuracy"] >= 0.6  # chance: 0.5
+    assert rm["eval_pairs"] > 200
+    assert rm["accuracy"] >= rm["accuracy_start"] + 0.04, rm  # 0.04 of 320 pairs: 13 pairs more in order
     labels = load_examples(tmp_path / "rm-eval.jsonl")
     rewards = build_scorer(f"reward-model:{rm['checkpoint']}").score(
         [ex.query for ex in labels], [ex.responses for ex in labels]

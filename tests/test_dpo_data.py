@@ -4,11 +4,9 @@ queries left out of the mean, ref_logps provenance; and scores ranked exactly in
 import json
 import logging
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
@@ -37,73 +35,41 @@ CONVERSATIONAL = [
 ]  # fmt: skip
 
 
-def trl_tokens(rows, tok):
-    """(prompt_ids, chosen_ids, rejected_ids) per row, as TRL's DPOTrainer builds them
-    (trl/trainer/dpo_trainer.py, `DPOTrainer._prepare_dataset`: `extract_prompt`, EOS added to plain
-    completions, `tokenize_fn`). With TRL installed, its own function builds them; otherwise this
-    reproduction of it: plain `tok(prompt)` / `tok(prompt + completion + eos_token)`, conversational
-    `apply_chat_template(prompt, add_generation_prompt=True)` / `apply_chat_template(prompt +
-    completion)`, the prompt cut where the three tokenisations diverge."""
-    try:
-        import datasets
-        from trl.trainer.dpo_trainer import DPOTrainer
-    except ImportError:
-        return [_trl_like(row, tok) for row in rows]
-    args = SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_end")
-    out = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), datasets.Dataset.from_list(rows), tok,
-                                      args, "train")  # fmt: skip
-    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in out]
+def trl_dpo(rows, tok, beta, out):
+    """TRL 1.16's own DPOTrainer on `rows`: the (prompt_ids, chosen_ids, rejected_ids) its
+    `_prepare_dataset` builds (`extract_prompt`, EOS added to plain completions, `tokenize_fn`), and
+    the sigmoid loss its `compute_loss` returns for one batch of all of them (its collator, its
+    fused-lm-head log-probs, a reference model run beside the policy). The policy and the reference
+    are the tiny Llamas of seeds 0 and 1, fresh copies: the trainer patches the models it gets."""
+    trl = pytest.importorskip("trl", reason="TRL (the dev extra) is the reference of this parity test")
+    import datasets
 
+    def model(seed):
+        return build_tiny_model("llama", seed=seed, vocab_size=len(tok))
 
-def _trl_like(row, tok):
-    def ids(messages=None, text=None, generation=False):
-        if messages is not None:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-            return tok(text, add_special_tokens=False).input_ids
-        return tok(text).input_ids
-
-    if isinstance(row["prompt"], list):
-        p = ids(row["prompt"], generation=True)
-        c, r = ids(row["prompt"] + row["chosen"]), ids(row["prompt"] + row["rejected"])
-    else:
-        p = ids(text=row["prompt"])
-        c = ids(text=row["prompt"] + row["chosen"] + tok.eos_token)
-        r = ids(text=row["prompt"] + row["rejected"] + tok.eos_token)
-    n = 0
-    while n < len(p) and n < min(len(c), len(r)) and p[n] == c[n] == r[n]:
-        n += 1
-    return p[:n], c[n:], r[n:]
-
-
-def completion_logp(model, prompt, completion):
+    args = trl.DPOConfig(output_dir=str(out), beta=beta, loss_type=["sigmoid"], max_length=None, use_cpu=True,
+                         bf16=False, per_device_train_batch_size=len(rows), report_to="none")  # fmt: skip
+    data = datasets.Dataset.from_list(rows)
+    trainer = trl.DPOTrainer(
+        model=model(0), ref_model=model(1), args=args, train_dataset=data, processing_class=tok
+    )
+    features = [trainer.train_dataset[i] for i in range(len(rows))]
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1].double()
-    return logits.log_softmax(-1).gather(1, torch.tensor(completion)[:, None]).sum().item()
-
-
-def trl_sigmoid_loss(policy, reference, tokens, beta):
-    """TRL's `loss_type="sigmoid"` (trl/trainer/dpo_trainer.py, `_compute_loss`):
-    mean over pairs of -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))."""
-    losses = []
-    for p, c, r in tokens:
-        delta = (completion_logp(policy, p, c) - completion_logp(reference, p, c)) - (
-            completion_logp(policy, p, r) - completion_logp(reference, p, r)
-        )
-        losses.append(-F.logsigmoid(torch.tensor(beta * delta, dtype=torch.float64)).item())
-    return sum(losses) / len(losses)
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator(features))
+    return [(f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]) for f in features], loss.item()
 
 
 @pytest.mark.parametrize("rows", [pytest.param(STANDARD, id="standard"),
                                   pytest.param(CONVERSATIONAL, id="conversational")])  # fmt: skip
 def test_dpo_loss_equals_trls_on_the_tokens_trl_builds(tmp_path, rows):
     tok = build_bpe_tokenizer(chatml=True)
+    trl_tokens, trl_loss = trl_dpo(rows, tok, 0.5, tmp_path / "trl")
     policy = prepare_model(build_tiny_model("llama", seed=0, vocab_size=len(tok)))
     reference = prepare_model(build_tiny_model("llama", seed=1, vocab_size=len(tok)))
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     items = tokenize_examples(load_examples(path), tok)
-    expected_tokens = trl_tokens(rows, tok)
-    assert [(it.prompt_ids, *it.response_ids) for it in items] == [tuple(t) for t in expected_tokens]
+    assert [(it.prompt_ids, *it.response_ids) for it in items] == trl_tokens
     for item, ref in zip(items, reference_logps(reference, items, micro_batch_tokens=4096, attn="dense",
                                                 impl="torch"), strict=True):  # fmt: skip
         item.ref_logps = ref
@@ -112,7 +78,7 @@ def test_dpo_loss_equals_trls_on_the_tokens_trl_builds(tmp_path, rows):
     batch = pack_tokenized(items)
     objective = build_objective(config)
     loss = objective(policy, batch, normalizer=objective.normalizer(items)).loss.item()
-    assert loss == pytest.approx(trl_sigmoid_loss(policy, reference, expected_tokens, 0.5), abs=1e-5)
+    assert loss == pytest.approx(trl_loss, abs=1e-5)
 
 
 def test_tied_queries_leave_the_mean_and_are_counted(monkeypatch):

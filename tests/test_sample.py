@@ -1,8 +1,10 @@
 """generation.sample and generation.beam_search: prompts, candidates, diverse beam search, files."""
 
+import importlib.machinery
 import json
 import logging
 import math
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -483,3 +485,59 @@ def test_vllm_backend_missing_is_a_clear_error(tmp_path):
         sample_file(
             "unused", prompts, tmp_path / "o.jsonl", 2, SampleConfig(strategy="sample"), backend="vllm"
         )
+
+
+class FakeVLLM:
+    """The slice of vLLM's interface the backend uses (vllm/entrypoints/llm.py, sampling_params.py,
+    outputs.py): `LLM(model=, dtype=, seed=)`, `SamplingParams(n=, temperature=, top_p=, top_k=,
+    max_tokens=, stop=, seed=)` (top_k -1: no limit), `LLM.generate(prompts, params)` taking
+    TokensPrompt dicts `{"prompt_token_ids": [...]}` and returning one RequestOutput per prompt, in
+    order, whose `.outputs` are `n` CompletionOutputs with `.text`. Each completion's text names its
+    prompt's token count and its index, then a stop string and more text."""
+
+    def __init__(self):
+        self.module = type(sys)("vllm")
+        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+        self.module.LLM, self.module.SamplingParams = self._llm(), SimpleNamespace
+        self.engines, self.calls = [], []
+
+    def _llm(self):
+        fake = self
+
+        class LLM:
+            def __init__(self, *, model, dtype="auto", seed=0):
+                fake.engines.append(dict(model=model, dtype=dtype, seed=seed))
+
+            def generate(self, prompts, sampling_params):
+                fake.calls.append((prompts, sampling_params))
+                assert all(set(p) == {"prompt_token_ids"} for p in prompts)
+                n = sampling_params.n
+                texts = [[f" {len(p['prompt_token_ids'])} tokens, #{j}\nHuman: more" for j in range(n)]
+                         for p in prompts]  # fmt: skip
+                return [SimpleNamespace(outputs=[SimpleNamespace(text=t) for t in ts]) for ts in texts]
+
+        return LLM
+
+
+def test_vllm_backend_against_a_fake_engine(monkeypatch, tmp_path, model_dir, tok):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    assert vllm_available()
+    queries = ["Sort 3 1 2:", "Hello there, how are"]
+    prompts = write(tmp_path / "p.txt", "\n".join(queries) + "\n")
+    config = SampleConfig(strategy="sample", temperature=0.7, top_p=0.9, max_new_tokens=5, stop=("\nHuman:",),
+                          seed=3, max_prompt_len=4)  # fmt: skip
+    examples = sample_file(str(model_dir), prompts, tmp_path / "o.jsonl", 3, config, backend="vllm",
+                           dtype="float32")  # fmt: skip
+    assert fake.engines == [dict(model=str(model_dir), dtype="float32", seed=3)]
+    (sent, params), = fake.calls  # fmt: skip
+    ids = [tokenize_prompt(q, tok, False)[-4:] for q in queries]  # what the HF backend feeds
+    assert [p["prompt_token_ids"] for p in sent] == ids
+    expected = dict(n=3, temperature=0.7, top_p=0.9, top_k=-1, max_tokens=5, stop=["\nHuman:"], seed=3)
+    assert vars(params) == expected
+    assert [ex.responses for ex in examples] == [[f" {len(i)} tokens, #{j}" for j in range(3)] for i in ids]
+    assert examples[0].meta["sources"] == ["sample"] * 3
+    written = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [row["responses"] for row in written] == [ex.responses for ex in examples]
+    with pytest.raises(UserError, match="--strategy sample only"):
+        sample_file(str(model_dir), prompts, tmp_path / "b", 2, SampleConfig(strategy="beam"), backend="vllm")

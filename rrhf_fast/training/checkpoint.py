@@ -29,7 +29,6 @@ import random
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -259,32 +258,11 @@ def _is_leftover(path: Path) -> bool:
 # Loading
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | Callable[[], torch.optim.Optimizer],
-    dist: Dist | None = None,
-    sharded: bool = False,
-) -> dict[str, Any]:
-    """Verify `path`, copy its weights into `model`, then restore the optimizer and this rank's RNGs;
-    return the trainer state. What `rrhf-fast train --resume` runs.
-
-    `optimizer` may be a function that builds it, called once the weights are in: a run under
-    torchrun wraps the model there (FSDP2 shards the weights it holds, so they must be loaded
-    first) and builds the optimizer over the wrapped parameters, whose state is loaded next.
-    """
-    path = Path(path)
-    verify_checkpoint(path)
-    load_weights(model, path)
-    if callable(optimizer):
-        optimizer = optimizer()
-    return load_training_state(path, model=model, optimizer=optimizer, dist=dist, sharded=sharded)
-
-
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     """The verified checkpoint's trainer state (step, schedule, data fingerprint, ...), restoring
-    nothing: what a resumed run checks before it loads the model."""
+    nothing: what a resumed run checks before it loads the model. `train --resume` then runs
+    `load_weights` (before DDP / FSDP2 wrap the model) and `load_training_state` (once the optimizer
+    holds the wrapped parameters)."""
     path = Path(path)
     verify_checkpoint(path)
     return _read_state(path)
