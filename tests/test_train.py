@@ -192,7 +192,8 @@ def test_output_dir_with_checkpoints_needs_resume(tmp_path, model_dir, capsys):
     assert again.step == 2
     out = capsys.readouterr().out
     assert "resumed from" in out and "with changed flags: --lr 0.001 (was 0.01)" in out
-    assert "--max-steps, --lr changed, so the learning-rate schedule changes: 2 steps instead of 1" in out
+    changes = "steps 2 instead of 1, peak lr 0.001 instead of 0.01;"
+    assert f"--max-steps, --lr changed, so the learning-rate schedule changes: {changes}" in out
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, model_dir):
@@ -251,9 +252,12 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_one_sentence(tmp_path, mod
             "--save-every", "1", "--log-every", "0", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not finite for 3 steps in a row (steps 2-4, all skipped)" in err
-    assert "the last checkpoint is" in err and "Traceback" not in err
+    assert "stopped being finite at step 2 (steps 2-4 skipped, 3 in a row)" in err
+    assert "checkpoint-1 (saved after it) renamed *.diverged" in err and "Traceback" not in err
+    assert "no checkpoint was saved before it" in err
     assert err.count("\n") == 1
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-1.diverged"]  # none written during the skipped steps 2-4
 
 
 # -------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
 from rrhf_fast.models.reward import packed_rewards
 from rrhf_fast.models.tokenizer import ensure_pad_token
 from rrhf_fast.training.provenance import save_run_config
+from rrhf_fast.training.rundir import check_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ def build_scorer(spec: str, config: ScoreConfig | None = None) -> Scorer:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind == "reward-model":
-        model, tok = load_pretrained(target, AutoModelForSequenceClassification, config.device, config.dtype)
+        model, tok = load_pretrained(target, AutoModelForSequenceClassification, config.device, config.dtype,
+                                     flag="--scorer reward-model:")  # fmt: skip
         return RewardModelScorer(
             model,
             tok,
@@ -269,7 +271,8 @@ def build_scorer(spec: str, config: ScoreConfig | None = None) -> Scorer:
     options = parse_options(config.answers if kind == "judge" else config.ratings)
     if kind == "direct" and not all(_is_number(o) for o in options):
         raise UserError(f"--ratings must be numbers, got {options}")
-    model, tok = load_pretrained(target, AutoModelForCausalLM, config.device, config.dtype)
+    flag = f"--scorer {kind}:"
+    model, tok = load_pretrained(target, AutoModelForCausalLM, config.device, config.dtype, flag=flag)
     cls = JudgeScorer if kind == "judge" else DirectScorer
     return cls(
         model, tok, template, options, batch_size=config.batch_size, chat_template=config.chat_template
@@ -319,12 +322,22 @@ def score_examples(
 
 
 def score_file(
-    in_path: str | os.PathLike, out_path: str | os.PathLike, scorer: Scorer, *, overwrite: bool = False
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    scorer: Scorer | Callable[[], Scorer],
+    *,
+    overwrite: bool = False,
 ) -> list[Example]:
-    """`rrhf-fast score`: read examples (scores may be empty), score them, write them atomically."""
+    """`rrhf-fast score`: read examples (scores may be empty), score them, write them atomically.
+
+    `scorer` may be a function that builds it: it is then called once the data and `out_path` are
+    checked, so that a bad record or output path is reported before a model loads."""
     stats = load_examples_with_stats(in_path, require_scores=False)
     if not stats.examples:
         raise UserError(f"{in_path}: holds no examples to score")
+    check_output_file(out_path)
+    if not hasattr(scorer, "score"):
+        scorer = scorer()
     score_examples(stats.examples, scorer, overwrite=overwrite, locations=stats.locations())
     write_examples(out_path, stats.examples)
     return stats.examples
@@ -353,7 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = config_from_args(args, ScoreConfig)
-    examples = score_file(args.in_path, args.out, build_scorer(args.scorer, config), overwrite=args.overwrite)
+    examples = score_file(args.in_path, args.out, lambda: build_scorer(args.scorer, config),
+                          overwrite=args.overwrite)  # fmt: skip
     run = {"in": args.in_path, "out": args.out, "scorer": args.scorer, "overwrite": args.overwrite}
     save_run_config(args.out, "score", {**run, **asdict(config)})
     total = sum(len(ex.responses) for ex in examples)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -441,6 +442,13 @@ def _torch_load(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{file}: missing; the checkpoint is incomplete, delete it") from None
+    except pickle.UnpicklingError:
+        # torch's own message goes on to advise weights_only=False: that is the protection turned off.
+        raise UserError(
+            f"{file}: refused: it holds pickled objects other than tensors and plain values, and loading "
+            "it would run the code they name (rrhf-fast never writes such a file, so it was altered or "
+            "comes from elsewhere); delete this checkpoint"
+        ) from None
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on bad input
         raise UserError(
             f"{file}: cannot be read safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "

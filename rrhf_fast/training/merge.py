@@ -16,8 +16,15 @@ import json
 from pathlib import Path
 
 from rrhf_fast.errors import UserError, first_line
-from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
+from rrhf_fast.models.loading import (
+    import_peft,
+    load_tokenizer,
+    peft_quietly,
+    quiet_progress_bars,
+    reading_model,
+)
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
+from rrhf_fast.training.rundir import make_output_dir, remove_created
 
 # auto keeps the dtype the base was saved in (neither inference's nor training's auto).
 MERGE_DTYPES = ("auto", "float32", "bfloat16")
@@ -59,6 +66,16 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
+    created = make_output_dir(out, "--out")
+    try:
+        _merge_into(checkpoint, out, base, dtype)
+    except BaseException:
+        remove_created(created)
+        raise
+    return out
+
+
+def _merge_into(checkpoint: Path, out: Path, base: str, dtype: str) -> None:
     model = _load_base(base, dtype, reward=_task_of(checkpoint) == "SEQ_CLS")
     peft = import_peft()
     try:
@@ -74,7 +91,6 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
         merged.save_pretrained(out)
     tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else Path(base)
     load_tokenizer(str(tokenizer_dir)).save_pretrained(out)
-    return out
 
 
 def _base_of(checkpoint: Path) -> str:
@@ -103,14 +119,9 @@ def _load_base(base: str, dtype: str, reward: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if Path(base).expanduser().is_absolute() and not Path(base).expanduser().is_dir():
-        raise UserError(f"--base {base}: no such directory; give the base model the run was trained from")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    auto, extra = AutoModelForCausalLM, {}
+    auto, extra, what = AutoModelForCausalLM, {}, "a causal LM"
     if reward:
-        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
-    try:
-        with quiet_progress_bars():
-            return auto.from_pretrained(base, dtype=torch_dtype, **extra)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--base {base}: cannot load a causal LM ({first_line(err)})") from None
+        auto, extra, what = AutoModelForSequenceClassification, {"num_labels": 1}, "a reward model"
+    with reading_model("--base", base, what), quiet_progress_bars():
+        return auto.from_pretrained(base, dtype=torch_dtype, **extra)

@@ -14,6 +14,7 @@ wrote anything removes the directory it created (say, a data check that fails).
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +39,7 @@ class RunDir:
         """Unlock; remove the directories this run created if it never wrote into them."""
         if self.created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
             (self.path / LOCK_FILE).unlink(missing_ok=True)  # before the unlock: never a lock on a lost file
-            for made in reversed(self.created):
-                try:
-                    made.rmdir()
-                except OSError:  # something else appeared there meanwhile: keep it
-                    break
+            remove_created(self.created)
             self.created = []
         if self.fd is not None:
             os.close(self.fd)
@@ -56,7 +53,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     error = None
     if dist.main:
         try:
-            run.created = _make_dir(run.path)
+            run.created = make_output_dir(run.path)
             run.fd = _lock(run.path)  # before anything in the directory is deleted or written
             remove_partial_saves(run.path)  # first: it puts back a checkpoint a crashed re-save had parked
         except UserError as err:
@@ -78,8 +75,10 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     return run
 
 
-def _make_dir(path: Path) -> list[Path]:
-    """mkdir -p, returning the directories it created; one sentence if the path cannot be one."""
+def make_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> list[Path]:
+    """mkdir -p, returning the directories it created; one sentence if the path cannot be one
+    (under a file, under /proc, read-only). Every command's output directory goes through here."""
+    path = Path(path)
     missing = []
     for parent in [path, *path.parents]:
         if parent.exists() or parent.is_symlink():
@@ -88,13 +87,46 @@ def _make_dir(path: Path) -> list[Path]:
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         where = "is a file" if blocker == path else f"is under {blocker}, a file"
-        raise UserError(f"--output-dir {path} {where}; give a directory")
+        raise UserError(f"{flag} {path} {where}; give a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"--output-dir {path}: cannot create it ({err.strerror or err}); "
+        raise UserError(f"{flag} {path}: cannot create it ({err.strerror or err}); "
                         "give a writable directory") from None  # fmt: skip
     return list(reversed(missing))
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the directories `make_output_dir` created, innermost first, as long as they are empty."""
+    for made in reversed(created):
+        try:
+            made.rmdir()
+        except OSError:  # something was written there: keep it
+            break
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail now, before a model loads, if the output file `path` cannot be written (a directory, a
+    path under a file or under /proc, a read-only directory); writes and leaves nothing: a probe file
+    is created beside it and removed, and so are the directories made for it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory; give a file name")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{flag} {path} is under {blocker}, a file; give a path in a directory")
+    created: list[Path] = []
+    try:
+        created = make_output_dir(path.parent)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except (OSError, UserError) as err:
+        remove_created(created)
+        why = getattr(err, "strerror", None) or "cannot create its directory"
+        raise UserError(f"{flag} {path}: cannot write there ({why}); "
+                        "give a writable directory") from None  # fmt: skip
+    os.close(fd)
+    os.unlink(probe)
+    remove_created(created)
 
 
 def _lock(path: Path) -> int | None:
