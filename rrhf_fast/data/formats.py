@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,16 +221,20 @@ def data_files(folder: Path) -> list[Path]:
         raise DataError(
             str(folder), None, None, "holds no saved dataset and no .jsonl/.json/.parquet/.csv/.arrow files"
         )
-    odd = next((p for p in data if p.suffix.lower() != data[0].suffix.lower()), None)
+    counts = Counter(p.suffix.lower() for p in data)
+    # The shards' format is the most common one; on a tie not .json, the usual suffix of metadata.
+    shard = max(counts, key=lambda s: (counts[s], s != ".json"))
+    odd = next((p for p in data if p.suffix.lower() != shard), None)
     if odd is not None:
+        example = next(p for p in data if p.suffix.lower() == shard)
         raise DataError(
             str(odd), None, None,
-            f"is a {odd.suffix} file among {data[0].suffix} shards (e.g. {data[0].name}) in {folder}: "
+            f"is a {odd.suffix} file among {shard} shards (e.g. {example.name}) in {folder}: "
             "a folder of shards holds one format; move it out, or give the data file itself",
         )  # fmt: skip
     if other:
         names = ", ".join(p.name for p in other[:5]) + (" ..." if len(other) > 5 else "")
-        logger.info("%s: reading the %s files; skipped %d other file(s): %s", folder, data[0].suffix,
+        logger.info("%s: reading the %s files; skipped %d other file(s): %s", folder, shard,
                     len(other), names)  # fmt: skip
     return data
 

@@ -107,7 +107,9 @@ def reading_model(flag: str, path: str, what: str = "a model"):
     except Exception as err:
         unreadable = _unreadable_weights(err)
         if unreadable is not None:
-            raise UserError(f"{flag} {path}: its weights cannot be read ({unreadable}); "
+            suffix = ".bin" if "pickled" in unreadable else ".safetensors"
+            files = sorted(p.name for p in Path(path).expanduser().glob(f"*{suffix}")) or ["its weights"]
+            raise UserError(f"{flag} {path}: {', '.join(files)} cannot be read ({unreadable}); "
                             "save the model again with save_pretrained (safetensors)") from None  # fmt: skip
         if not isinstance(err, (OSError, ValueError, RuntimeError, KeyError)):
             raise
