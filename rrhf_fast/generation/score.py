@@ -286,6 +286,16 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def refuse_scored(examples: Sequence[Example], where: Sequence[str], overwrite: bool) -> None:
+    """Scores already there are replaced only with --overwrite."""
+    scored = [i for i, ex in enumerate(examples) if ex.scores]
+    if scored and not overwrite:
+        raise UserError(
+            f"{where[scored[0]]}: already has scores ({len(scored)} example(s) do); pass "
+            "--overwrite to replace them"
+        )
+
+
 def score_examples(
     examples: list[Example],
     scorer: Scorer,
@@ -299,12 +309,7 @@ def score_examples(
     one finite number per response is an error naming the example.
     """
     where = list(locations) if locations is not None else [f"example {i}" for i in range(len(examples))]
-    scored = [i for i, ex in enumerate(examples) if ex.scores]
-    if scored and not overwrite:
-        raise UserError(
-            f"{where[scored[0]]}: already has scores ({len(scored)} example(s) do); pass "
-            "--overwrite to replace them"
-        )
+    refuse_scored(examples, where, overwrite)
     try:
         scores = scorer.score([ex.query for ex in examples], [ex.responses for ex in examples])
     except ScoreError as err:
@@ -335,6 +340,7 @@ def score_file(
     stats = load_examples_with_stats(in_path, require_scores=False)
     if not stats.examples:
         raise UserError(f"{in_path}: holds no examples to score")
+    refuse_scored(stats.examples, stats.locations(), overwrite)
     check_output_file(out_path)
     if not hasattr(scorer, "score"):
         scorer = scorer()
