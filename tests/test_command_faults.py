@@ -99,27 +99,27 @@ def _weights(case: Case) -> Path:
 
 def empty_safetensors(case):
     _weights(case).write_bytes(b"")
-    return ["model.safetensors", "corrupt, truncated or empty"]
+    return [f"{case.model}: model.safetensors cannot be read", "corrupt, truncated or empty"]
 
 
 def truncated_safetensors(case):
     data = _weights(case).read_bytes()
     _weights(case).write_bytes(data[: len(data) // 2])
-    return ["model.safetensors", "corrupt, truncated or empty"]
+    return [f"{case.model}: model.safetensors cannot be read", "corrupt, truncated or empty"]
 
 
 def corrupt_safetensors(case):
     data = bytearray(_weights(case).read_bytes())
     data[8:40] = b"x" * 32
     _weights(case).write_bytes(bytes(data))
-    return ["model.safetensors", "corrupt, truncated or empty"]
+    return [f"{case.model}: model.safetensors cannot be read", "corrupt, truncated or empty"]
 
 
 def crafted_bin(case):
     state = {"model.embed_tokens.weight": _Payload()}
     _weights(case).unlink()
     torch.save(state, case.model / "pytorch_model.bin")
-    return ["pytorch_model.bin", "refused without running it"]
+    return [f"{case.model}: pytorch_model.bin cannot be read", "refused without running it"]
 
 
 def config_not_json(case):

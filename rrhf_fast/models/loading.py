@@ -80,7 +80,7 @@ def load_pretrained(
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(
-            f"{flag} {path}: lacks weights a {model.__class__.__name__} needs ({', '.join(missing[:3])}); "
+            f"{named(flag, path)}: lacks weights a {type(model).__name__} needs ({', '.join(missing[:3])}); "
             "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
         )
     return model.to(dev).eval(), tokenizer
@@ -109,14 +109,19 @@ def reading_model(flag: str, path: str, what: str = "a model"):
         if unreadable is not None:
             suffix = ".bin" if "pickled" in unreadable else ".safetensors"
             files = sorted(p.name for p in Path(path).expanduser().glob(f"*{suffix}")) or ["its weights"]
-            raise UserError(f"{flag} {path}: {', '.join(files)} cannot be read ({unreadable}); "
+            raise UserError(f"{named(flag, path)}: {', '.join(files)} cannot be read ({unreadable}); "
                             "save the model again with save_pretrained (safetensors)") from None  # fmt: skip
         if not isinstance(err, (OSError, ValueError, RuntimeError, KeyError)):
             raise
         raise UserError(
-            f"{flag} {path}: cannot load {what} ({first_line(err)}); give a directory saved with "
+            f"{named(flag, path)}: cannot load {what} ({first_line(err)}); give a directory saved with "
             "save_pretrained or a hub id this machine can download"
         ) from None
+
+
+def named(flag: str, path: Any) -> str:
+    """How an error quotes the model a flag gave: "--model DIR", "--scorer reward-model:DIR"."""
+    return f"{flag}{path}" if flag.endswith(":") else f"{flag} {path}"
 
 
 def max_positions(config: Any) -> int | None:
@@ -140,9 +145,9 @@ def load_tokenizer(model: str, flag: str = "--model", require_eos: bool = True) 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except Exception as err:  # OSError, ValueError; a corrupt tokenizer.json raises its own kinds
-        raise UserError(f"{flag} {model}: cannot load its tokenizer ({first_line(err)})") from None
+        raise UserError(f"{named(flag, model)}: cannot load its tokenizer ({first_line(err)})") from None
     if require_eos and tokenizer.eos_token_id is None:
-        raise UserError(f"{flag} {model}: the tokenizer has no EOS token; responses need one to end")
+        raise UserError(f"{named(flag, model)}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer
 
 
@@ -355,7 +360,9 @@ def _check_model_path(model: str, flag: str = "--model") -> None:
         model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or model.count("/") > 1
     )
     if looks_local and not Path(model).expanduser().is_dir():
-        raise UserError(f"{flag} {model}: no such directory; give a save_pretrained directory or a hub id")
+        raise UserError(
+            f"{named(flag, model)}: no such directory; give a save_pretrained directory or a hub id"
+        )
 
 
 def _unreadable_weights(err: BaseException) -> str | None:
