@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,8 @@ class RRHF(Objective):
                 f"{path}: no query has two responses with different scores, so RRHF's ranking term is 0, and "
                 "with --sft-weight 0 the run would train nothing; give queries two or more scored responses"
             )
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank checks; rank 0 says it
+            return
         logger.warning(
             "note: %s: no query has two responses with different scores (one response each, or tied "
             "scores), so RRHF's ranking term is 0 and this run trains the SFT term only",
