@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.outputs import check_output_file
 from rrhf_fast.data.packing import (
     PackedBatch,
     TokenizedExample,
@@ -285,8 +286,8 @@ def main(args: argparse.Namespace) -> int:
 
 def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     """Read `config.data`, add ref_logps computed with `config.model`, write `out_path` atomically."""
+
     from rrhf_fast.models.loading import load_pretrained, load_tokenizer, resolve_device, weight_dtype
-    from rrhf_fast.training.rundir import check_output_file
 
     config.validate()
     stats = load_examples_with_stats(config.data, require_scores=False, **config.data_options())

@@ -32,12 +32,12 @@ from typing import Any
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import RENAMED_FIELDS, TrainConfig, config_from_args, opt
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig, build_examples, read_prompts
 from rrhf_fast.generation.score import KINDS, ScoreConfig, build_scorer, score_examples
 from rrhf_fast.training.checkpoint import latest_checkpoint
-from rrhf_fast.training.rundir import make_output_dir, remove_created
 
 ROUND_FILE, TRAINED_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "round.json",

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError, first_line
 from rrhf_fast.models.loading import (
     import_peft,
@@ -24,7 +25,6 @@ from rrhf_fast.models.loading import (
     reading_model,
 )
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
-from rrhf_fast.training.rundir import make_output_dir, remove_created
 
 # auto keeps the dtype the base was saved in (neither inference's nor training's auto).
 MERGE_DTYPES = ("auto", "float32", "bfloat16")

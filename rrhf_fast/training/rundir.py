@@ -14,10 +14,10 @@ wrote anything removes the directory it created (say, a data check that fails).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError
 from rrhf_fast.training import distributed
 from rrhf_fast.training.checkpoint import latest_checkpoint, remove_partial_saves
@@ -73,60 +73,6 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
         (run.path / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
     distributed.barrier()
     return run
-
-
-def make_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> list[Path]:
-    """mkdir -p, returning the directories it created; one sentence if the path cannot be one
-    (under a file, under /proc, read-only). Every command's output directory goes through here."""
-    path = Path(path)
-    missing = []
-    for parent in [path, *path.parents]:
-        if parent.exists() or parent.is_symlink():
-            break
-        missing.append(parent)
-    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        where = "is a file" if blocker == path else f"is under {blocker}, a file"
-        raise UserError(f"{flag} {path} {where}; give a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot create it ({err.strerror or err}); "
-                        "give a writable directory") from None  # fmt: skip
-    return list(reversed(missing))
-
-
-def remove_created(created: list[Path]) -> None:
-    """Remove the directories `make_output_dir` created, innermost first, as long as they are empty."""
-    for made in reversed(created):
-        try:
-            made.rmdir()
-        except OSError:  # something was written there: keep it
-            break
-
-
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
-    """Fail now, before a model loads, if the output file `path` cannot be written (a directory, a
-    path under a file or under /proc, a read-only directory); writes and leaves nothing: a probe file
-    is created beside it and removed, and so are the directories made for it."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a directory; give a file name")
-    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UserError(f"{flag} {path} is under {blocker}, a file; give a path in a directory")
-    created: list[Path] = []
-    try:
-        created = make_output_dir(path.parent)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-    except (OSError, UserError) as err:
-        remove_created(created)
-        why = getattr(err, "strerror", None) or "cannot create its directory"
-        raise UserError(f"{flag} {path}: cannot write there ({why}); "
-                        "give a writable directory") from None  # fmt: skip
-    os.close(fd)
-    os.unlink(probe)
-    remove_created(created)
 
 
 def _lock(path: Path) -> int | None:
