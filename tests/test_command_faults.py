@@ -122,6 +122,12 @@ def crafted_bin(case):
     return [f"{case.model}: pytorch_model.bin cannot be read", "refused without running it"]
 
 
+def corrupt_adapter(case):
+    case.adapter = shutil.copytree(case.adapter, case.tmp / "adapter")
+    (case.adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    return [f"--checkpoint {case.adapter}: adapter_model.safetensors cannot be read", "corrupt, truncated"]
+
+
 def config_not_json(case):
     (case.model / "config.json").write_text("{not json", encoding="utf-8")
     return [str(case.model)]
@@ -149,7 +155,7 @@ def mixed_folder(case):
     return [str(folder / "meta.json"), "a folder of shards holds one format"]
 
 
-def surrogate(record: dict, field: str):
+def surrogate(record: dict, field: str | None, words: str = "lone UTF-16 surrogate"):
     """A record whose `field` holds a lone surrogate, on line 2 of the data and of the prompts."""
 
     def fault(case):
@@ -158,7 +164,7 @@ def surrogate(record: dict, field: str):
         for path in (case.data, case.prompts):
             first = path.read_text(encoding="utf-8").splitlines()[0]
             path.write_text(first + "\n" + text + "\n", encoding="utf-8")
-        return [f"{{file}}:2: field {field!r}" if field else "{file}:2:", "lone UTF-16 surrogate"]
+        return [f"{{file}}:2: field {field!r}" if field else "{file}:2:", words]
 
     return fault
 
@@ -168,6 +174,7 @@ SURROGATES = {
     "rrhf-query": surrogate({**RECORD, "query": S}, "query"),
     "rrhf-response": surrogate({**RECORD, "responses": ["x", S]}, "responses"),
     "rrhf-message": surrogate({**RECORD, "query": [{"role": "user", "content": S}]}, "query"),
+    "rrhf-role": surrogate({**RECORD, "query": [{"role": S, "content": "x"}]}, "query", "message 0 has role"),
     "rrhf-meta": surrogate({**RECORD, "meta": S}, "meta"),
     "rrhf-meta-nested": surrogate({**RECORD, "meta": {"tags": ["ok", S]}}, "meta"),
     "rrhf-field-name": surrogate({**RECORD, S: 1}, None),
@@ -196,6 +203,7 @@ TABLE = (
     [(c, f) for f in (empty_safetensors, truncated_safetensors, corrupt_safetensors, crafted_bin)
      for c in WEIGHTS]
     + [(c, config_not_json) for c in (*WEIGHTS, "inspect", "plan")]
+    + [("merge", corrupt_adapter)]
     + [(c, f) for f in (out_under_a_file, out_under_proc) for c in OUTPUTS]
     + [(c, mixed_folder) for c in DATA]
     + [(c, name) for name in SURROGATES for c in (*DATA, *PROMPTS)

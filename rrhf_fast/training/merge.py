@@ -78,14 +78,15 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
 def _merge_into(checkpoint: Path, out: Path, base: str, dtype: str) -> None:
     model = _load_base(base, dtype, reward=_task_of(checkpoint) == "SEQ_CLS")
     peft = import_peft()
-    try:
-        with peft_quietly():
-            adapted = peft.PeftModel.from_pretrained(model, checkpoint)
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise UserError(
-            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
-            "give the base model the run was trained from"
-        ) from None
+    with reading_model("--checkpoint", str(checkpoint), "its LoRA adapter"):  # a corrupt adapter file
+        try:
+            with peft_quietly():
+                adapted = peft.PeftModel.from_pretrained(model, checkpoint)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise UserError(
+                f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
+                "give the base model the run was trained from"
+            ) from None
     merged = adapted.merge_and_unload()
     with quiet_progress_bars():
         merged.save_pretrained(out)
