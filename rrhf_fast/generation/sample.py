@@ -56,7 +56,9 @@ class SampleConfig:
     max_new_tokens: int = opt(128, "generated tokens per response at most")
     max_prompt_len: int | None = opt(None, "keep the last N prompt tokens, as training does")
     stop: tuple[str, ...] = opt((), 'cut a response before this string, e.g. "Human:" (repeatable)')
-    chat_template: bool = opt(False, "the query becomes the user turn of the tokenizer's chat template")
+    chat_template: bool = opt(
+        False, "a text query becomes the user turn of the chat template (a conversation always does)"
+    )
     batch_size: int = opt(8, "prompts per generation call (each expands to k rows)")
     seed: int | None = opt(0, "seed of the sampling (results repeat for the same seed and batch size)")
 
@@ -415,7 +417,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", required=True, metavar="PATH", help="causal LM: save_pretrained directory or hub id"
     )
     p.add_argument(
-        "--prompts", required=True, metavar="FILE", help='one prompt per line, or JSONL with "query"'
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help='one prompt per line, or JSONL: {"query": ...} or {"prompt": ...}, text or messages',
     )
     p.add_argument(
         "--num-candidates", "-k", type=int, required=True, metavar="K", help="responses per prompt"

@@ -4,7 +4,9 @@
 (`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
 `finish_model` is its second half, shared with benchmarks/memory_fit.py, which builds its models in
 memory instead of loading them. `load_pretrained` loads a model only to run it (sample, score,
-ref-logps, iterate's policy), in eval mode.
+ref-logps, iterate's policy), in eval mode. Every command reads a model through `reading_model`
+(these, `load_config`, merge's base and adapter), so a crafted pickle, a corrupt safetensors file
+or an unreadable config is the same sentence everywhere, naming the flag that gave the path.
 """
 
 from __future__ import annotations

@@ -57,7 +57,10 @@ class IterateConfig:
         metadata={"help": "one round-NNN/ directory per round, and rounds.jsonl", "metavar": "DIR"}
     )
     prompts: str = field(
-        metadata={"help": 'training prompts: text, one per line, or JSONL with "query"', "metavar": "FILE"}
+        metadata={
+            "help": 'training prompts: one per line, or JSONL {"query"} / {"prompt"}: text or messages',
+            "metavar": "FILE",
+        }  # fmt: skip
     )
     scorer: str = field(
         metadata={
