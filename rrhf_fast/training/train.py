@@ -278,8 +278,8 @@ def held_out(job: Job, items: list[TokenizedExample]) -> dict[str, float | None]
 def save(job: Job, state: RunState, run_info: dict[str, Any]) -> Path:
     """checkpoint-STEP, atomically (training/checkpoint.py); every rank calls it."""
     config = job.config
-    skipped_at_end = state.bad_in_row if state.step == job.schedule["total_steps"] else 0  # a broken model
-    check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir), skipped_at_end)
+    # Never called after a skipped step (the loop raises _diverged when the last steps were skipped).
+    check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir))
     trainer_state = state.to_trainer_state(data_seed=config.seed, schedule=job.schedule, data=job.fingerprint)
     return save_checkpoint(job.out_dir, state.step, model=job.model, tokenizer=job.tokenizer,
                            optimizer=job.optimizer, trainer_state=trainer_state, config=config,
