@@ -260,6 +260,11 @@ def _meta(meta: dict[str, Any], fail) -> dict[str, Any]:
             for v in value:
                 walk(v, name)
 
+    try:  # the common case at C speed: everything encodes
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        return meta
+    except (UnicodeEncodeError, TypeError, ValueError):  # TypeError: a value JSON cannot hold (datasets)
+        pass
     for key, value in meta.items():
         _text(key, lambda p: fail(None, "a field name " + p))
         walk(value, key)
