@@ -240,6 +240,8 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
 
     if os.path.exists("/tmp/rrhf_fast_pwned"):
         os.remove("/tmp/rrhf_fast_pwned")
-    with pytest.raises(UserError, match="cannot be read safely"):
+    with pytest.raises(UserError, match="refused: it holds pickled objects") as info:
         load_checkpoint(path, model=model, optimizer=opt)
     assert not os.path.exists("/tmp/rrhf_fast_pwned")
+    message = str(info.value)  # what was refused, why, and no advice to turn the protection off
+    assert "would run the code they name" in message and "weights_only" not in message

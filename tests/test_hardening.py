@@ -120,7 +120,9 @@ def test_a_run_whose_weights_overflow_fails_and_saves_nothing_complete(tmp_path,
     out = tmp_path / "out"
     code, err = run(capsys, *train_argv(model_dir, data, out, "--lr", "1e30", "--max-steps", "4",
                                         "--warmup-steps", "0", "--max-grad-norm", "0"))  # fmt: skip
-    assert "not finite with the final weights (steps 2-4, all skipped)" in one_sentence(code, err)
+    err = one_sentence(code, err)
+    assert "stopped being finite at step 2 (steps 2-4 skipped, 3 in a row)" in err
+    assert "no checkpoint was saved before it" in err
     assert complete_checkpoints(out) == []
     assert not any(p.name.startswith("checkpoint-") for p in out.iterdir())
 

@@ -166,8 +166,8 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, model_dir, ca
     old = dict(lr=cfg.lr, total_steps=2, warmup_steps=0, min_lr=0.0)
     new = {**old, "total_steps": 4}
     assert (
-        "note: --max-steps changed, so the learning-rate schedule changes: 4 steps instead of 2 "
-        f"(warmup 0, was 0); lr at step 2: {lr_at(2, **new):.4g} (the old schedule's: {lr_at(2, **old):.4g})"
+        "note: --max-steps changed, so the learning-rate schedule changes: steps 4 instead of 2; "
+        f"lr at step 2: {lr_at(2, **new):.4g} (the old schedule's: {lr_at(2, **old):.4g})"
     ) in out
     assert result.step == 4
     lrs = [r["lr"] for r in metrics(tmp_path / "run")]

@@ -164,6 +164,6 @@ def test_every_rank_exits_when_rank0_fails_unexpectedly_while_claiming(tmp_path)
                  join=True)  # fmt: skip
         results = dict(results)
     assert results[0].startswith("PermissionError: [Errno 13] Permission denied"), results
-    assert results[1].startswith(f"UserError: --output-dir {tmp_path / 'out'}: rank 0 failed while claiming it "
-                                 "(PermissionError: "), results  # fmt: skip
+    sentence = f"UserError: --output-dir {tmp_path / 'out'}: rank 0 failed while claiming it "
+    assert results[1].startswith(sentence + "(PermissionError: "), results
     assert not (tmp_path / "out").exists()  # the directory rank 0 created is removed again

@@ -101,14 +101,14 @@ def test_txt_prompts_starting_with_a_brace_stay_text(tmp_path):
         ),
         pytest.param(
             "p.jsonl",
-            '{"query": "a"}\n\n{"prompt": "b"}\n',
+            '{"query": "a"}\n\n{"text": "b"}\n',  # {"prompt": ...} is TRL's prompt-only shape: read
             "p.jsonl:3: field 'query'",
             "missing",
             id="missing-query",
         ),
         pytest.param("p.jsonl", '["a"]\n', "p.jsonl:1", "expected a JSON object", id="non-object"),
         pytest.param(
-            "p.jsonl", '{"query": 3}\n', "p.jsonl:1: field 'query'", "non-empty string", id="non-string"
+            "p.jsonl", '{"query": 3}\n', "p.jsonl:1: field 'query'", "a string or a list", id="non-string"
         ),
         pytest.param("p.txt", b"ok\n\xe9t\xe9\n", "p.txt:2", "invalid UTF-8", id="invalid-utf8"),
         pytest.param("p.txt", "\n  \n", "p.txt", "holds no prompts", id="empty"),

@@ -192,7 +192,8 @@ def test_output_dir_with_checkpoints_needs_resume(tmp_path, model_dir, capsys):
     assert again.step == 2
     out = capsys.readouterr().out
     assert "resumed from" in out and "with changed flags: --lr 0.001 (was 0.01)" in out
-    assert "--max-steps, --lr changed, so the learning-rate schedule changes: 2 steps instead of 1" in out
+    changes = "steps 2 instead of 1, peak lr 0.001 instead of 0.01;"
+    assert f"--max-steps, --lr changed, so the learning-rate schedule changes: {changes}" in out
 
 
 def test_resume_without_a_checkpoint_starts_from_scratch(tmp_path, model_dir):
@@ -228,13 +229,25 @@ def test_non_finite_step_is_skipped(tmp_path, model_dir, monkeypatch, where, opt
     _poison(monkeypatch, {3}, where)
     cfg = config(tmp_path, model_dir, data, max_steps=4, queries_per_step=2, save_every=1, keep_checkpoints=5,
                  optim=optim)  # fmt: skip
+    import rrhf_fast.training.train as train_module
+
+    real, after = train_module.train_step, []  # the weights and optimizer state after each step
+
+    def spy(job, work):
+        out = real(job, work)
+        weights = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+        after.append((weights, str(job.optimizer.state_dict()["state"])))
+        return out
+
+    monkeypatch.setattr(train_module, "train_step", spy)
     result = train(cfg)
     run = tmp_path / "run"
-    w2, w3, w4 = (load_file(run / f"checkpoint-{s}" / "model.safetensors") for s in (2, 3, 4))
-    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # step 3 changed nothing
+    (w2, o2), (w3, o3), (w4, _) = after[1:]
+    assert all(torch.equal(w2[k], w3[k]) for k in w2) and o2 == o3  # step 3 changed nothing
     assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trained again
-    o2, o3 = (torch.load(run / f"checkpoint-{s}" / "optimizer.pt", weights_only=True) for s in (2, 3))
-    assert str(o2["state"]) == str(o3["state"])
+    saved = load_file(run / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(saved[k], w4[k]) for k in saved)
+    assert not (run / "checkpoint-3").exists()  # no checkpoint of a skipped step
     rows = metrics(run)
     assert [r["skipped"] for r in rows] == [False, False, True, False]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
@@ -251,9 +264,12 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_one_sentence(tmp_path, mod
             "--save-every", "1", "--log-every", "0", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not finite for 3 steps in a row (steps 2-4, all skipped)" in err
-    assert "the last checkpoint is" in err and "Traceback" not in err
+    assert "stopped being finite at step 2 (steps 2-4 skipped, 3 in a row)" in err
+    assert "checkpoint-1 (saved after it) renamed *.diverged" in err and "Traceback" not in err
+    assert "no checkpoint was saved before it" in err
     assert err.count("\n") == 1
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-"))
+    assert names == ["checkpoint-1.diverged"]  # none written during the skipped steps 2-4
 
 
 # -------------------------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ through the `datasets` library, a file at a time so that a row is named by its s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ logger = logging.getLogger(__name__)
 COLUMNAR = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 TEXT = (".jsonl", ".json")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
+# What `datasets` skips in a data folder (datasets/data_files.py FILES_TO_IGNORE): its metadata.
+FILES_TO_IGNORE = ("README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dummy_data.zip",
+                   "dataset_dict.json")  # fmt: skip
 
 
 @dataclass
@@ -182,7 +187,7 @@ def _load_builder(builder: str, path: Path) -> Any:
     import datasets
 
     # In memory, its cache in a folder that goes away: reading data must not write beside it.
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, quiet_datasets():
         try:
             return datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
@@ -196,13 +201,42 @@ def _read_folder(path: Path, split: str, stats: ReadStats | None) -> Iterator[Ro
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         yield from _read_saved(path, split)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (*COLUMNAR, *TEXT))
-    if not files:
-        raise DataError(
-            str(path), None, None, "holds no saved dataset and no .jsonl/.json/.parquet/.csv/.arrow files"
-        )
-    for file in _files_of_split(path, files, split):
+    for file in _files_of_split(path, data_files(path), split):
         yield from _read_file(file, stats)
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files of a folder of shards, by one rule (that of `datasets`' folder loading): files
+    and folders named ".*" or "__*" and datasets' metadata files (README.md, dataset_info.json, ...)
+    are skipped; the rest must be data files of ONE format. Other suffixes (notes, scripts) are
+    skipped with one log line naming them; a second data format (a meta.json beside .jsonl shards)
+    is an error naming both files, never read as records."""
+    data, other = [], []
+    for p in sorted(folder.rglob("*")):
+        parts = p.relative_to(folder).parts
+        if not p.is_file() or p.name in FILES_TO_IGNORE or any(s.startswith((".", "__")) for s in parts):
+            continue
+        (data if p.suffix.lower() in (*COLUMNAR, *TEXT) else other).append(p)
+    if not data:
+        raise DataError(
+            str(folder), None, None, "holds no saved dataset and no .jsonl/.json/.parquet/.csv/.arrow files"
+        )
+    counts = Counter(p.suffix.lower() for p in data)
+    # The shards' format is the most common one; on a tie not .json, the usual suffix of metadata.
+    shard = max(counts, key=lambda s: (counts[s], s != ".json"))
+    odd = next((p for p in data if p.suffix.lower() != shard), None)
+    if odd is not None:
+        example = next(p for p in data if p.suffix.lower() == shard)
+        raise DataError(
+            str(odd), None, None,
+            f"is a {odd.suffix} file among {shard} shards (e.g. {example.name}) in {folder}: "
+            "a folder of shards holds one format; move it out, or give the data file itself",
+        )  # fmt: skip
+    if other:
+        names = ", ".join(p.name for p in other[:5]) + (" ..." if len(other) > 5 else "")
+        logger.info("%s: reading the %s files; skipped %d other file(s): %s", folder, shard,
+                    len(other), names)  # fmt: skip
+    return data
 
 
 def _files_of_split(folder: Path, files: list[Path], split: str) -> list[Path]:
@@ -232,7 +266,8 @@ def _read_saved(path: Path, split: str) -> Iterator[Row]:
     import datasets
 
     try:
-        loaded = datasets.load_from_disk(str(path))
+        with quiet_datasets():
+            loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
         raise DataError(str(path), None, None, f"is not a saved dataset ({err}); give a data file") from None
     if isinstance(loaded, datasets.DatasetDict):
@@ -241,6 +276,20 @@ def _read_saved(path: Path, split: str) -> Iterator[Row]:
             raise DataError(str(path), None, None, problem)
         loaded, path = loaded[split], path / split
     yield from dataset_rows(loaded, str(path))
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """`datasets` draws a "Generating train split" bar for every file read: noise on every load."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def dataset_rows(dataset: Any, name: str) -> Iterator[Row]:

@@ -59,7 +59,15 @@ def parse_record(record: Any, fields: Fields, fail: Callable[[str | None, str], 
         return _listed(record, "prompt", "completions", fields, "ranked", fail)
     if "chosen" in record and "rejected" in record:
         return _pair(record, fields, fail)
-    for name in (fields.query, fields.responses):
+    # The shape the record is closest to, by the columns only it has ("prompt" is in two): a CSV row
+    # with an empty "rejected" cell lacks "rejected", not "query".
+    shapes = [
+        ((fields.query, fields.responses), (fields.query, fields.responses)),
+        (("completions",), ("prompt", "completions")),
+        (("chosen", "rejected"), ("chosen", "rejected")),
+    ]
+    _, closest = max(shapes, key=lambda shape: sum(name in record for name in shape[0]))
+    for name in closest:
         if name not in record:
             raise fail(
                 name,
@@ -71,6 +79,30 @@ def parse_record(record: Any, fields: Fields, fail: Callable[[str | None, str], 
     raise AssertionError("unreachable")
 
 
+def parse_prompt(
+    record: Any, fail: Callable[[str | None, str], DataError], query_field: str = "query"
+) -> str | list[Message]:
+    """The prompt of a record of sampling's prompt files: `{"query": ...}` or TRL's prompt-only
+    `{"prompt": ...}` (text or a conversation), or any training record shape (its prompt; for an
+    implicit-prompt pair, the shared start of chosen and rejected). Other fields must be text too."""
+    if not isinstance(record, dict):
+        raise fail(None, f"expected a JSON object, got {json_type(record)}")
+    if "chosen" in record and "rejected" in record and query_field not in record and "prompt" not in record:
+        query, _ = implicit_prompt(record["chosen"], record["rejected"], fail)
+        name = None
+    else:
+        name = next((n for n in (query_field, "prompt") if n in record), None)
+        if name is None:
+            problem = (f"missing; present fields are {sorted(record)}: give {{{query_field}: ...}} or TRL's "
+                       "{prompt: ...}, as text or a list of messages")  # fmt: skip
+            raise fail(query_field, problem)
+        query = _query(record[name], lambda p: fail(name, p))
+        if isinstance(query, str) and not query:
+            raise fail(name, "is an empty string; give the prompt's text")
+    _meta({k: v for k, v in record.items() if k != name}, fail)
+    return query
+
+
 def _listed(record: dict, qname: str, rname: str, fields: Fields, fmt: str, fail) -> Parsed:
     query = _query(record[qname], lambda p: fail(qname, p))
     responses = _responses(record[rname], lambda p: fail(rname, p))
@@ -79,7 +111,7 @@ def _listed(record: dict, qname: str, rname: str, fields: Fields, fmt: str, fail
         raise fail(
             fields.scores, f"has {len(scores)} scores for {len(responses)} responses; give one per response"
         )
-    meta = {k: v for k, v in record.items() if k not in (qname, rname, fields.scores)}
+    meta = _meta({k: v for k, v in record.items() if k not in (qname, rname, fields.scores)}, fail)
     return Parsed(query, responses, scores, meta, fmt)
 
 
@@ -102,7 +134,7 @@ def _pair(record: dict, fields: Fields, fail) -> Parsed:
             pair, True, lambda p: fail(name, p.replace("item 0", "it").replace("item 1", "it"))
         )
     used = ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")
-    meta = {k: v for k, v in record.items() if k not in used}
+    meta = _meta({k: v for k, v in record.items() if k not in used}, fail)
     return Parsed(query, responses, scores, meta, fmt)
 
 
@@ -128,6 +160,7 @@ def implicit_prompt(chosen: Any, rejected: Any, fail) -> tuple[Any, list[Any]]:
     for name, text in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(text, str) or not text:
             raise fail(name, f"must be a non-empty string or a list of messages, got {json_type(text)}")
+        _text(text, lambda p, name=name: fail(name, p))
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -212,6 +245,32 @@ def _text(value: str, fail) -> str:
     return value
 
 
+def _meta(meta: dict[str, Any], fail) -> dict[str, Any]:
+    """The fields kept as they are: they are written back, so they must be text too (a lone
+    surrogate in one would fail only when the output is written, after the work)."""
+
+    def walk(value: Any, name: str) -> None:
+        if isinstance(value, str):
+            _text(value, lambda p: fail(name, p))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k, name)
+                walk(v, name)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, name)
+
+    try:  # the common case at C speed: everything encodes
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        return meta
+    except (UnicodeEncodeError, TypeError, ValueError):  # TypeError: a value JSON cannot hold (datasets)
+        pass
+    for key, value in meta.items():
+        _text(key, lambda p: fail(None, "a field name " + p))
+        walk(value, key)
+    return meta
+
+
 def _maybe_json(value: Any, kind: type) -> Any:
     """A CSV cell holding a JSON list is that list (CSV has no list type)."""
     if isinstance(value, str) and value[:1] in "[{":
@@ -255,6 +314,9 @@ def parse_scores(value: Any, require: bool, fail) -> list[float]:
             s = float(s)
         except OverflowError:
             s = math.inf
+        if math.isinf(s):  # JSON's 1e400 reads as inf
+            raise fail(f"item {i} is out of the float range (beyond ±1.8e308, or Infinity); "
+                       "scores must be finite numbers")  # fmt: skip
         if not math.isfinite(s):
             raise fail(f"item {i} is {s}; scores must be finite numbers")
         scores.append(s)  # float64: ranking compares these exactly (packing.score_ranks)

@@ -176,8 +176,12 @@ def last_logits(model: Any, input_ids, attention_mask, position_ids, cache: Any 
     kwargs: dict[str, Any] = dict(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     )
+    params = inspect.signature(model.forward).parameters
     if cache is not None:
-        kwargs.update(past_key_values=cache, use_cache=True)
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # transformers 5.25 renamed past_key_values to cache (the old name warns, and goes in 5.40);
+        # a model whose forward predates the rename names only the old one.
+        old = "past_key_values" in params and "cache" not in params
+        kwargs.update({"past_key_values" if old else "cache": cache, "use_cache": True})
+    if "logits_to_keep" in params:
         kwargs["logits_to_keep"] = 1  # [rows, 1, vocab] instead of [rows, T, vocab]
     return model(**kwargs).logits[:, -1, :]

@@ -62,8 +62,8 @@ class _Labeler:
         ensure_pad_token(tokenizer)
         self.option_ids: list[int] | None = None
 
-    def prompt_ids(self, **values: str) -> list[int]:
-        text = fill_template(self.template, values)
+    def prompt_ids(self, **values: Any) -> list[int]:
+        text = fill_template(self.template, {k: transcript(v) for k, v in values.items()})
         if self.option_ids is None:
             self.option_ids = option_token_ids(self.tokenizer, text, self.options, self.chat_template)
         return tokenize_prompt(text, self.tokenizer, self.chat_template)
@@ -204,6 +204,14 @@ def check_template(template: str, kind: str) -> None:
         raise UserError(
             f"the {kind} template lacks {', '.join('{' + m + '}' for m in missing)}; it needs {need}"
         )
+
+
+def transcript(value: Any) -> str:
+    """A query or response as the text a template quotes: a conversation (a list of messages) as
+    its turns, "Role: content", separated by blank lines (HH-RLHF's shape); text as it is."""
+    if isinstance(value, list):
+        return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in value)
+    return value
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:

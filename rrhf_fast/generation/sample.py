@@ -24,8 +24,10 @@ import torch
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import config_from_args, opt
+from rrhf_fast.data.outputs import check_output_file
 from rrhf_fast.data.packing import tokenize_prompt
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
+from rrhf_fast.data.schemas import Message, parse_prompt
 from rrhf_fast.errors import DataError, UserError
 from rrhf_fast.generation.beam_search import diverse_beam_search
 from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
@@ -54,7 +56,9 @@ class SampleConfig:
     max_new_tokens: int = opt(128, "generated tokens per response at most")
     max_prompt_len: int | None = opt(None, "keep the last N prompt tokens, as training does")
     stop: tuple[str, ...] = opt((), 'cut a response before this string, e.g. "Human:" (repeatable)')
-    chat_template: bool = opt(False, "the query becomes the user turn of the tokenizer's chat template")
+    chat_template: bool = opt(
+        False, "a text query becomes the user turn of the chat template (a conversation always does)"
+    )
     batch_size: int = opt(8, "prompts per generation call (each expands to k rows)")
     seed: int | None = opt(0, "seed of the sampling (results repeat for the same seed and batch size)")
 
@@ -101,8 +105,9 @@ class SampleConfig:
 # Prompts and merged sources
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Queries from a text file (one per line) or JSONL with a "query" field; blank lines skipped.
+def read_prompts(path: str | os.PathLike) -> list[str | list[Message]]:
+    """Queries from a text file (one per line) or JSONL records (`{"query"}`, TRL's `{"prompt"}`, a
+    conversation, or any training record: schemas.parse_prompt); blank lines skipped.
 
     `.jsonl` is JSONL and `.txt` is text; any other name is JSONL when its first non-blank
     character is `{`. A text line keeps its spaces (only the line break is removed).
@@ -134,18 +139,14 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return queries
 
 
-def _parse_prompt(text: str, path: Path, lineno: int) -> str:
+def _parse_prompt(text: str, path: Path, lineno: int) -> str | list[Message]:
+    """A JSONL prompt record, in the shapes `train` reads (schemas.parse_prompt): a conversation is
+    kept as its messages and goes through the chat template as training's prompts do."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(str(path), lineno, None, f"invalid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise DataError(str(path), lineno, None, 'expected a JSON object with a "query" field')
-    if "query" not in record:
-        raise DataError(str(path), lineno, "query", f"missing; present fields are {sorted(record)}")
-    if not isinstance(record["query"], str) or not record["query"]:
-        raise DataError(str(path), lineno, "query", "must be a non-empty string")
-    return record["query"]
+    return parse_prompt(record, lambda name, problem: DataError(str(path), lineno, name, problem))
 
 
 def _query_key(query: Any) -> str:
@@ -191,7 +192,7 @@ def _short(text: str, limit: int = 60) -> str:
 def generate_candidates(
     model: Any,
     tokenizer: Any,
-    queries: Sequence[str],
+    queries: Sequence[str | list[Message]],
     num_candidates: int,
     config: SampleConfig | None = None,
 ) -> list[list[str]]:
@@ -291,7 +292,11 @@ def vllm_available() -> bool:
 
 
 def generate_candidates_vllm(
-    model_path: str, queries: Sequence[str], num_candidates: int, config: SampleConfig, dtype: str = "auto"
+    model_path: str,
+    queries: Sequence[str | list[Message]],
+    num_candidates: int,
+    config: SampleConfig,
+    dtype: str = "auto",
 ) -> list[list[str]]:
     """`generate_candidates` on vLLM: top-p / temperature sampling only (vLLM has no diverse beam
     search). The prompts are the same token ids the HF backend feeds."""
@@ -322,7 +327,7 @@ def generate_candidates_vllm(
 
 
 def candidates_to_examples(
-    queries: Sequence[str], candidates: Sequence[Sequence[str]], sources: Sequence[str]
+    queries: Sequence[str | list[Message]], candidates: Sequence[Sequence[str]], sources: Sequence[str]
 ) -> list[Example]:
     """Unscored examples from generated candidates, with a `sources` meta list; empty texts are
     dropped (training rejects empty responses) and counted in a warning."""
@@ -366,6 +371,7 @@ def sample_file(
     if backend not in SAMPLING_BACKENDS:
         raise UserError(f"--backend must be one of {', '.join(SAMPLING_BACKENDS)}, got {backend!r}")
     queries = read_prompts(prompts)
+    check_output_file(out)
     if backend == "vllm":
         candidates = generate_candidates_vllm(model, queries, num_candidates, config, dtype)
     else:
@@ -379,7 +385,7 @@ def sample_file(
 
 
 def build_examples(
-    queries: Sequence[str],
+    queries: Sequence[str | list[Message]],
     candidates: Sequence[Sequence[str]],
     sources: Sequence[str],
     *,
@@ -411,7 +417,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model", required=True, metavar="PATH", help="causal LM: save_pretrained directory or hub id"
     )
     p.add_argument(
-        "--prompts", required=True, metavar="FILE", help='one prompt per line, or JSONL with "query"'
+        "--prompts",
+        required=True,
+        metavar="FILE",
+        help='one prompt per line, or JSONL: {"query": ...} or {"prompt": ...}, text or messages',
     )
     p.add_argument(
         "--num-candidates", "-k", type=int, required=True, metavar="K", help="responses per prompt"

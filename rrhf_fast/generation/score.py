@@ -39,6 +39,7 @@ import torch
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import config_from_args, opt
+from rrhf_fast.data.outputs import check_output_file
 from rrhf_fast.data.packing import pack_tokenized, plan_microbatches, tokenize_example
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
 from rrhf_fast.data.schemas import as_messages
@@ -254,7 +255,8 @@ def build_scorer(spec: str, config: ScoreConfig | None = None) -> Scorer:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if kind == "reward-model":
-        model, tok = load_pretrained(target, AutoModelForSequenceClassification, config.device, config.dtype)
+        model, tok = load_pretrained(target, AutoModelForSequenceClassification, config.device, config.dtype,
+                                     flag="--scorer reward-model:")  # fmt: skip
         return RewardModelScorer(
             model,
             tok,
@@ -269,7 +271,8 @@ def build_scorer(spec: str, config: ScoreConfig | None = None) -> Scorer:
     options = parse_options(config.answers if kind == "judge" else config.ratings)
     if kind == "direct" and not all(_is_number(o) for o in options):
         raise UserError(f"--ratings must be numbers, got {options}")
-    model, tok = load_pretrained(target, AutoModelForCausalLM, config.device, config.dtype)
+    flag = f"--scorer {kind}:"
+    model, tok = load_pretrained(target, AutoModelForCausalLM, config.device, config.dtype, flag=flag)
     cls = JudgeScorer if kind == "judge" else DirectScorer
     return cls(
         model, tok, template, options, batch_size=config.batch_size, chat_template=config.chat_template
@@ -281,6 +284,16 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+def refuse_scored(examples: Sequence[Example], where: Sequence[str], overwrite: bool) -> None:
+    """Scores already there are replaced only with --overwrite."""
+    scored = [i for i, ex in enumerate(examples) if ex.scores]
+    if scored and not overwrite:
+        raise UserError(
+            f"{where[scored[0]]}: already has scores ({len(scored)} example(s) do); pass "
+            "--overwrite to replace them"
+        )
 
 
 def score_examples(
@@ -296,12 +309,7 @@ def score_examples(
     one finite number per response is an error naming the example.
     """
     where = list(locations) if locations is not None else [f"example {i}" for i in range(len(examples))]
-    scored = [i for i, ex in enumerate(examples) if ex.scores]
-    if scored and not overwrite:
-        raise UserError(
-            f"{where[scored[0]]}: already has scores ({len(scored)} example(s) do); pass "
-            "--overwrite to replace them"
-        )
+    refuse_scored(examples, where, overwrite)
     try:
         scores = scorer.score([ex.query for ex in examples], [ex.responses for ex in examples])
     except ScoreError as err:
@@ -319,12 +327,23 @@ def score_examples(
 
 
 def score_file(
-    in_path: str | os.PathLike, out_path: str | os.PathLike, scorer: Scorer, *, overwrite: bool = False
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    scorer: Scorer | Callable[[], Scorer],
+    *,
+    overwrite: bool = False,
 ) -> list[Example]:
-    """`rrhf-fast score`: read examples (scores may be empty), score them, write them atomically."""
+    """`rrhf-fast score`: read examples (scores may be empty), score them, write them atomically.
+
+    `scorer` may be a function that builds it: it is then called once the data and `out_path` are
+    checked, so that a bad record or output path is reported before a model loads."""
     stats = load_examples_with_stats(in_path, require_scores=False)
     if not stats.examples:
         raise UserError(f"{in_path}: holds no examples to score")
+    refuse_scored(stats.examples, stats.locations(), overwrite)
+    check_output_file(out_path)
+    if not hasattr(scorer, "score"):
+        scorer = scorer()
     score_examples(stats.examples, scorer, overwrite=overwrite, locations=stats.locations())
     write_examples(out_path, stats.examples)
     return stats.examples
@@ -353,7 +372,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = config_from_args(args, ScoreConfig)
-    examples = score_file(args.in_path, args.out, build_scorer(args.scorer, config), overwrite=args.overwrite)
+    examples = score_file(args.in_path, args.out, lambda: build_scorer(args.scorer, config),
+                          overwrite=args.overwrite)  # fmt: skip
     run = {"in": args.in_path, "out": args.out, "scorer": args.scorer, "overwrite": args.overwrite}
     save_run_config(args.out, "score", {**run, **asdict(config)})
     total = sum(len(ex.responses) for ex in examples)

@@ -4,7 +4,9 @@
 (`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
 `finish_model` is its second half, shared with benchmarks/memory_fit.py, which builds its models in
 memory instead of loading them. `load_pretrained` loads a model only to run it (sample, score,
-ref-logps, iterate's policy), in eval mode.
+ref-logps, iterate's policy), in eval mode. Every command reads a model through `reading_model`
+(these, `load_config`, merge's base and adapter), so a crafted pickle, a corrupt safetensors file
+or an unreadable config is the same sentence everywhere, naming the flag that gave the path.
 """
 
 from __future__ import annotations
@@ -62,43 +64,92 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
-def load_pretrained(path: str, auto_class: Any, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model in eval mode on `device`, tokenizer) from what `from_pretrained` takes.
+def load_pretrained(
+    path: str, auto_class: Any, device: str = "auto", dtype: str = "auto", flag: str = "--model"
+) -> tuple[Any, Any]:
+    """(model in eval mode on `device`, tokenizer) from what `from_pretrained` takes; `flag` is the
+    option that named `path`, for the error.
 
     Weights the checkpoint lacks are an error, not a warning: a causal LM loaded as a reward model
     would otherwise score with a randomly initialised head.
     """
-    from transformers import AutoTokenizer
-
     dev = resolve_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path, flag, require_eos=False)
+    with reading_model(flag, path, _KINDS.get(auto_class.__name__, "a model")), quiet_progress_bars():
         model, info = auto_class.from_pretrained(
             path, dtype=resolve_dtype(dtype, dev), output_loading_info=True
         )
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load {path!r} ({first_line(err)}); give a save_pretrained directory or hub id"
-        ) from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(
-            f"{path!r} lacks weights a {model.__class__.__name__} needs ({', '.join(missing[:3])}); "
+            f"{named(flag, path)}: lacks weights a {type(model).__name__} needs ({', '.join(missing[:3])}); "
             "is it the right kind of model (a reward model for reward-model:, a causal LM otherwise)?"
         )
     return model.to(dev).eval(), tokenizer
 
 
-def load_tokenizer(model: str) -> Any:
+_KINDS = {
+    "AutoModelForCausalLM": "a causal LM",
+    "AutoModelForSequenceClassification": "a one-label sequence-classification model",
+}
+
+
+@contextlib.contextmanager
+def reading_model(flag: str, path: str, what: str = "a model"):
+    """Every command's rule for a model that cannot be read: one sentence naming `flag` and `path`.
+
+    A corrupt, truncated or empty safetensors file and a pickled .bin that `torch.load(weights_only=
+    True)` refuses (it is never run) say so; any other failure of from_pretrained (no such model, a
+    config it cannot parse, weights of other shapes) says what could not be loaded."""
+    _check_model_path(path, flag)
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        unreadable = _unreadable_weights(err)
+        if unreadable is not None:
+            suffix = ".bin" if "pickled" in unreadable else ".safetensors"
+            files = sorted(p.name for p in Path(path).expanduser().glob(f"*{suffix}")) or ["its weights"]
+            raise UserError(f"{named(flag, path)}: {', '.join(files)} cannot be read ({unreadable}); "
+                            "save the model again with save_pretrained (safetensors)") from None  # fmt: skip
+        if not isinstance(err, (OSError, ValueError, RuntimeError, KeyError)):
+            raise
+        raise UserError(
+            f"{named(flag, path)}: cannot load {what} ({first_line(err)}); give a directory saved with "
+            "save_pretrained or a hub id this machine can download"
+        ) from None
+
+
+def named(flag: str, path: Any) -> str:
+    """How an error quotes the model a flag gave: "--model DIR", "--scorer reward-model:DIR"."""
+    return f"{flag}{path}" if flag.endswith(":") else f"{flag} {path}"
+
+
+def max_positions(config: Any) -> int | None:
+    """The positions a model has (its text config's max_position_embeddings), None when unbounded."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def load_config(path: str, flag: str = "--model") -> Any:
+    """The model's configuration alone (no weights), read by the same rule as the model itself."""
+    from transformers import AutoConfig
+
+    with reading_model(flag, path, "its config.json"):
+        return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(model: str, flag: str = "--model", require_eos: bool = True) -> Any:
     from transformers import AutoTokenizer
 
-    _check_model_path(model)
+    _check_model_path(model, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {model}: cannot load its tokenizer ({first_line(err)})") from None
-    if tokenizer.eos_token_id is None:
-        raise UserError(f"--model {model}: the tokenizer has no EOS token; responses need one to end")
+    except Exception as err:  # OSError, ValueError; a corrupt tokenizer.json raises its own kinds
+        raise UserError(f"{named(flag, model)}: cannot load its tokenizer ({first_line(err)})") from None
+    if require_eos and tokenizer.eos_token_id is None:
+        raise UserError(f"{named(flag, model)}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer
 
 
@@ -107,7 +158,6 @@ def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") 
     with task_type SEQ_CLS, the reward model built on it (AutoModelForSequenceClassification with
     one label: a causal-LM checkpoint's backbone loads, its lm_head is dropped, the score head starts
     from the config's initializer), ready for models.reward.packed_rewards."""
-    _check_model_path(config.model)
     quantization = quantization_config(config)
     kwargs: dict[str, Any] = {"dtype": weight_dtype(config.dtype)}
     if quantization is not None:
@@ -121,19 +171,8 @@ def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") 
         auto, what = AutoModelForSequenceClassification, "a one-label sequence-classification model"
         kwargs.update(num_labels=1, output_loading_info=True)
         quiet = _quiet_transformers()  # its load report lists the new head as MISSING: expected here
-    try:
-        with quiet_progress_bars(), quiet:
-            model = auto.from_pretrained(config.model, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: a score head of other shape
-        raise UserError(
-            f"--model {config.model}: cannot load {what} ({first_line(err)}); give a directory "
-            "saved with save_pretrained or a hub id this machine can download"
-        ) from None
-    except Exception as err:  # a bad weights file: one sentence, not the reader's traceback
-        if not _unreadable_weights(err):
-            raise
-        raise UserError(f"--model {config.model}: its weights cannot be read ({_unreadable_weights(err)}); "
-                        "save the model again with save_pretrained (safetensors)") from None  # fmt: skip
+    with reading_model("--model", config.model, what), quiet_progress_bars(), quiet:
+        model = auto.from_pretrained(config.model, **kwargs)  # RuntimeError: a score head of other shape
     if task_type == "SEQ_CLS":
         model, info = model
         _report_new_weights(config.model, info)
@@ -316,13 +355,16 @@ def _quiet_bitsandbytes():
         cpu_ops.setLevel(level)
 
 
-def _check_model_path(model: str) -> None:
+def _check_model_path(model: str, flag: str = "--model") -> None:
     """A path-looking --model that does not exist is a typo, not a hub id: say so at once."""
+    model = str(model)
     looks_local = (
         model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or model.count("/") > 1
     )
     if looks_local and not Path(model).expanduser().is_dir():
-        raise UserError(f"--model {model}: no such directory; give a save_pretrained directory or a hub id")
+        raise UserError(
+            f"{named(flag, model)}: no such directory; give a save_pretrained directory or a hub id"
+        )
 
 
 def _unreadable_weights(err: BaseException) -> str | None:

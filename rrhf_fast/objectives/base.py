@@ -18,6 +18,7 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_model
 from rrhf_fast.models.logprobs import PackedLogprobs, check_logit_parity, packed_logprobs, prepare_model
 from rrhf_fast.objectives.metrics import Metrics
@@ -33,6 +34,10 @@ class Objective(abc.ABC):
 
     name: ClassVar[str]  # the --loss value
     terms: ClassVar[tuple[str, ...]]  # the loss terms its metrics report, "loss" first
+    # A loss of a better and a worse response of one query (DPO, a reward model's Bradley-Terry):
+    # on data where no query has two differently scored responses it is 0 with a zero gradient, and
+    # a run would end "done" with unchanged weights; check_data refuses such data.
+    needs_pair: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -69,11 +74,18 @@ class Objective(abc.ABC):
             check_logit_parity(model, attn=self.config.attn, impl=self.config.kernels)
         return model
 
-    def check_data(  # noqa: B027 (optional)
+    def check_data(
         self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
     ) -> None:
         """Raise UserError, naming `path` (or the record's `where`, "FILE:LINE"), if the tokenised data
-        lacks a field this objective needs."""
+        lacks a field this objective needs, or has no pair to learn from when it `needs_pair`. It runs
+        before the model loads. A subclass that extends it calls it too."""
+        if self.needs_pair and not any(has_pair(it) for it in items):
+            raise UserError(
+                f"{path}: no query has two responses with different scores, so --loss {self.name} has no "
+                "pair to learn from and would train nothing; give each query at least two responses "
+                "scored differently"
+            )
 
     def normalizer(self, items: Sequence[TokenizedExample]) -> float:
         """What the loss sums of a step (or an evaluation) over `items` are divided by: its queries."""
@@ -81,6 +93,11 @@ class Objective(abc.ABC):
 
     def zero_metrics(self) -> Metrics:
         return Metrics.zeros(self.terms)
+
+
+def has_pair(item: TokenizedExample) -> bool:
+    """Whether the query has a better and a worse response (its scores are not all equal)."""
+    return len(item.scores) > 1 and min(item.scores) < max(item.scores)
 
 
 def token_logprobs(

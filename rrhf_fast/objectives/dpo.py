@@ -35,11 +35,19 @@ import torch.nn.functional as F
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized, plan_microbatches
+from rrhf_fast.data.outputs import check_output_file
+from rrhf_fast.data.packing import (
+    PackedBatch,
+    TokenizedExample,
+    check_positions,
+    pack_tokenized,
+    plan_microbatches,
+)
 from rrhf_fast.data.records import Example, load_examples_with_stats, write_examples
 from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.kernels.reference import best_response
+from rrhf_fast.models.loading import max_positions
 from rrhf_fast.models.logprobs import packed_logprobs
 from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
@@ -98,6 +106,7 @@ class DPO(Objective):
 
     name = "dpo"
     terms = ("loss", "rank_loss", "sft_loss")  # as RRHF's, so that runs of either plot alike
+    needs_pair = True
 
     def __call__(
         self,
@@ -131,6 +140,7 @@ class DPO(Objective):
     def check_data(
         self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
     ) -> None:
+        super().check_data(items, path, where)
         require_ref_logps(items, path, where, self.config.tokenizing())
 
     def normalizer(self, items: Sequence[TokenizedExample]) -> float:
@@ -169,10 +179,19 @@ def reference_logps(
     return out
 
 
-def add_reference_logps(model: Any, tokenizer: Any, examples: list[Example], config: TrainConfig) -> None:
+def add_reference_logps(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    config: TrainConfig,
+    locations: Sequence[str] | None = None,
+) -> None:
     """Set each example's meta["ref_logps"], tokenised exactly as training with `config` will, and
-    meta["ref_logps_from"], what produced them (`provenance`)."""
-    items = tokenize_examples(examples, tokenizer, **config.tokenizing())
+    meta["ref_logps_from"], what produced them (`provenance`). A record longer than the model's
+    max_position_embeddings is refused, as `train` refuses it (`locations` name the records)."""
+    where = list(locations) if locations is not None else [f"record {i + 1}" for i in range(len(examples))]
+    items = tokenize_examples(examples, tokenizer, locations=where, **config.tokenizing())
+    check_positions(items, where, max_positions(model.config))
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     sums = reference_logps(model, items, micro_batch_tokens=config.micro_batch_tokens, attn=config.attn,
@@ -267,17 +286,20 @@ def main(args: argparse.Namespace) -> int:
 
 def reference_file(config: TrainConfig, out_path: str) -> list[Example]:
     """Read `config.data`, add ref_logps computed with `config.model`, write `out_path` atomically."""
+
     from rrhf_fast.models.loading import load_pretrained, load_tokenizer, resolve_device, weight_dtype
 
     config.validate()
-    examples = load_examples_with_stats(config.data, require_scores=False, **config.data_options()).examples
+    stats = load_examples_with_stats(config.data, require_scores=False, **config.data_options())
+    examples = stats.examples
     if not examples:
         raise UserError(f"{config.data}: holds no examples")
+    check_output_file(out_path)
     device = resolve_device(config.device)
     dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[weight_dtype(config.dtype)]
     from transformers import AutoModelForCausalLM
 
     model, _ = load_pretrained(config.model, AutoModelForCausalLM, str(device), dtype)
-    add_reference_logps(model, load_tokenizer(config.model), examples, config)
+    add_reference_logps(model, load_tokenizer(config.model), examples, config, stats.locations())
     write_examples(out_path, examples)
     return examples

@@ -25,14 +25,12 @@ summed over queries / normalizer like the loss: the mean margin when every query
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from rrhf_fast.data.packing import PackedBatch, TokenizedExample
-from rrhf_fast.errors import UserError
+from rrhf_fast.data.packing import PackedBatch
 from rrhf_fast.models.reward import PackedRewards, load_reward_model, packed_rewards
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput
 from rrhf_fast.objectives.metrics import Metrics
@@ -102,6 +100,7 @@ class RewardModel(Objective):
 
     name = "rm"
     terms = ("loss", "rm_loss", "center_loss", "margin")
+    needs_pair = True
 
     def __call__(
         self,
@@ -136,13 +135,3 @@ class RewardModel(Objective):
         self, device: torch.device, tokenizer: Any, autocast: contextlib.AbstractContextManager
     ) -> Any:
         return load_reward_model(self.config, device, tokenizer, autocast)
-
-    def check_data(
-        self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
-    ) -> None:
-        """At least one query must hold two responses of different scores: no pair, nothing to learn."""
-        if not any(len(set(it.scores)) > 1 for it in items):
-            raise UserError(
-                f"{path}: no query has two responses with different scores, so a reward model has no pair "
-                "to learn from; give each query at least two responses scored differently"
-            )

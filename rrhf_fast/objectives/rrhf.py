@@ -7,17 +7,44 @@ The math and its two normalisations (`--length-norm paper|official`, alias `--mo
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+from collections.abc import Sequence
 from typing import Any
 
-from rrhf_fast.data.packing import PackedBatch
+from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.errors import UserError
 from rrhf_fast.kernels import rrhf_loss
-from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
+from rrhf_fast.objectives.base import Objective, ObjectiveOutput, has_pair, token_logprobs
 from rrhf_fast.objectives.metrics import Metrics
+
+logger = logging.getLogger(__name__)
 
 
 class RRHF(Objective):
     name = "rrhf"
     terms = ("loss", "rank_loss", "sft_loss")
+
+    def check_data(
+        self, items: Sequence[TokenizedExample], path: str, where: Sequence[str] | None = None
+    ) -> None:
+        """Without a query of two differently scored responses (k = 1 everywhere, or all tied) the
+        ranking term is 0: the run trains the SFT term alone. Said once; refused when that is 0 too."""
+        super().check_data(items, path, where)
+        if any(has_pair(it) for it in items) or self.config.rank_weight == 0:
+            return
+        if self.config.sft_weight == 0:
+            raise UserError(
+                f"{path}: no query has two responses with different scores, so RRHF's ranking term is 0, and "
+                "with --sft-weight 0 the run would train nothing; give queries two or more scored responses"
+            )
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every rank checks; rank 0 says it
+            return
+        logger.warning(
+            "note: %s: no query has two responses with different scores (one response each, or tied "
+            "scores), so RRHF's ranking term is 0 and this run trains the SFT term only",
+            path,
+        )
 
     def __call__(
         self,

@@ -32,6 +32,7 @@ from typing import Any
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import RENAMED_FIELDS, TrainConfig, config_from_args, opt
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig, build_examples, read_prompts
@@ -56,7 +57,10 @@ class IterateConfig:
         metadata={"help": "one round-NNN/ directory per round, and rounds.jsonl", "metavar": "DIR"}
     )
     prompts: str = field(
-        metadata={"help": 'training prompts: text, one per line, or JSONL with "query"', "metavar": "FILE"}
+        metadata={
+            "help": 'training prompts: one per line, or JSONL {"query"} / {"prompt"}: text or messages',
+            "metavar": "FILE",
+        }  # fmt: skip
     )
     scorer: str = field(
         metadata={
@@ -120,8 +124,16 @@ def main(args: argparse.Namespace) -> int:
 
 def iterate(settings: Settings) -> list[dict[str, Any]]:
     """Run (or resume) every round; returns the summary rows (round 0: the starting model)."""
-    out = _prepare(settings)
     prompts, eval_prompts = read_prompts(settings.run.prompts), _eval_prompts(settings)
+    out, created = _prepare(settings)
+    try:
+        return _rounds(settings, out, prompts, eval_prompts)
+    except BaseException:
+        _undo_empty_start(out, created)
+        raise
+
+
+def _rounds(settings: Settings, out: Path, prompts: list, eval_prompts: list) -> list[dict[str, Any]]:
     rows = []
     if eval_prompts:
         rows.append(_round_zero(settings, out / "round-000", eval_prompts))
@@ -137,7 +149,7 @@ def iterate(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _round(
-    settings: Settings, rdir: Path, r: int, policy: str, prompts: list[str], eval_prompts: list[str]
+    settings: Settings, rdir: Path, r: int, policy: str, prompts: list[Any], eval_prompts: list[Any]
 ) -> dict:
     if (rdir / ROUND_FILE).exists():
         print(f"iterate: round {r} is complete, skipped")
@@ -170,7 +182,7 @@ def _round(
     return row
 
 
-def _round_zero(settings: Settings, rdir: Path, eval_prompts: list[str]) -> dict:
+def _round_zero(settings: Settings, rdir: Path, eval_prompts: list[Any]) -> dict:
     """The starting model's held-out reward, the baseline every round is compared with."""
     if not (rdir / ROUND_FILE).exists():
         rdir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +210,7 @@ def _stage(path: Path, seconds: dict[str, float], name: str, run) -> None:
 # the stages
 
 
-def _sample(settings: Settings, policy: str, r: int, prompts: list[str], path: Path) -> None:
+def _sample(settings: Settings, policy: str, r: int, prompts: list[Any], path: Path) -> None:
     from rrhf_fast.generation.sample import generate_candidates
 
     k = settings.run.num_candidates
@@ -265,7 +277,7 @@ def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
     return dest
 
 
-def _evaluate(settings: Settings, model_path: str, prompts: list[str], path: Path) -> None:
+def _evaluate(settings: Settings, model_path: str, prompts: list[Any], path: Path) -> None:
     """Greedy answers, scored by the run's scorer: the held-out reward of the policy."""
     from rrhf_fast.generation.sample import generate_candidates
 
@@ -295,7 +307,7 @@ def _load_policy(settings: Settings, path: str, dtype: str = "auto") -> tuple[An
 # bookkeeping
 
 
-def _prepare(settings: Settings) -> Path:
+def _prepare(settings: Settings) -> tuple[Path, list[Path]]:
     if settings.run.rounds < 1 or settings.run.num_candidates < 1:
         raise UserError("--rounds and --num-candidates must be at least 1")
     settings.train.validate()
@@ -309,10 +321,10 @@ def _prepare(settings: Settings) -> Path:
     if kind == "python" or kind not in KINDS or not target:
         build_scorer(settings.run.scorer)  # a bad spec or function fails now, not after the first sampling
     out = Path(settings.run.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output-dir {out} is a file; give a directory")
+    created = make_output_dir(out)
     saved = out / CONFIG_FILE
     if saved.exists() and not settings.run.resume:
+        remove_created(created)
         raise UserError(f"--output-dir {out} already holds an iterate run; pass --resume to continue it "
                         "or choose a new --output-dir")  # fmt: skip
     if saved.exists():
@@ -322,9 +334,22 @@ def _prepare(settings: Settings) -> Path:
         changed = _changed(old, json.loads(json.dumps(settings.to_dict())))
         if changed:
             print(f"iterate: resuming with changed flags: {', '.join(changed)}")
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, settings.to_dict())
-    return out
+    return out, created
+
+
+def _undo_empty_start(out: Path, created: list[Path]) -> None:
+    """A run that failed before any stage wrote its file (a bad model, a bad scorer) leaves nothing:
+    the output directory it created goes, with its config and empty round directories."""
+    if not created:
+        return
+    files = [p for p in out.rglob("*") if not p.is_dir()]
+    if files != [out / CONFIG_FILE]:
+        return
+    (out / CONFIG_FILE).unlink()
+    for sub in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
+        sub.rmdir()
+    remove_created(created)
 
 
 def _changed(old: dict, new: dict) -> list[str]:
@@ -332,7 +357,7 @@ def _changed(old: dict, new: dict) -> list[str]:
             for k, v in values.items() if k != "resume" and old.get(part, {}).get(k) != v]  # fmt: skip
 
 
-def _eval_prompts(settings: Settings) -> list[str]:
+def _eval_prompts(settings: Settings) -> list[Any]:
     return read_prompts(settings.run.eval_prompts) if settings.run.eval_prompts else []
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -152,16 +153,11 @@ class NonFiniteWeights(UserError):
     """Weights holding NaN or inf: never saved as a checkpoint."""
 
 
-def check_finite_weights(
-    model: torch.nn.Module, step: int, device: torch.device, last: Path | None, skipped_at_end: int = 0
-) -> None:
-    """Refuse to save weights that hold NaN or inf, or (`skipped_at_end`: the run's last steps were
-    skipped as non-finite) that gave a non-finite loss or gradient norm in the run's last step.
-
-    A skipped step never writes NaN, but a finite step can overflow the model (--lr 1e30 leaves
-    finite weights near 1e30 whose logits are inf): every later step is skipped, and saving those
-    weights as the final model would report a broken model as trained. Under torchrun every rank
-    calls it (each counts its own FSDP2 shards)."""
+def check_finite_weights(model: torch.nn.Module, step: int, device: torch.device, last: Path | None) -> None:
+    """Refuse to save weights that hold NaN or inf. (A finite step can also overflow the model: --lr
+    1e30 leaves finite weights near 1e30 whose logits are inf; the training loop never saves after
+    such a skipped step, and names the checkpoint from before it: train._diverged.) Under torchrun
+    every rank calls it (each counts its own FSDP2 shards)."""
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not _local(p).isfinite().all()]
     total = int(distributed.sum_over_ranks([float(len(bad))], device)[0])
     where = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved"
@@ -170,12 +166,6 @@ def check_finite_weights(
         raise NonFiniteWeights(
             f"the weights hold NaN or inf after step {step} ({total} tensor(s), e.g. {example}); they were "
             f"not saved; lower --lr and start again; {where}"
-        )
-    if skipped_at_end:
-        raise NonFiniteWeights(
-            f"the loss or gradient norm was not finite with the final weights (steps "
-            f"{step - skipped_at_end + 1}-{step}, all skipped); they were not saved as the final model; "
-            f"lower --lr or check the data; {where}"
         )
 
 
@@ -425,6 +415,13 @@ def _torch_load(file: Path) -> Any:
         return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{file}: missing; the checkpoint is incomplete, delete it") from None
+    except pickle.UnpicklingError:
+        # torch's own message goes on to advise weights_only=False: that is the protection turned off.
+        raise UserError(
+            f"{file}: refused: it holds pickled objects other than tensors and plain values, and loading "
+            "it would run the code they name (rrhf-fast never writes such a file, so it was altered or "
+            "comes from elsewhere); delete this checkpoint"
+        ) from None
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... on bad input
         raise UserError(
             f"{file}: cannot be read safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "

@@ -16,7 +16,7 @@ from typing import Any
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import describe_packing, packing_summary
+from rrhf_fast.data.packing import check_positions, describe_packing, packing_summary
 from rrhf_fast.data.records import load_examples_with_stats
 from rrhf_fast.data.tokenize import TokenizedExample, tokenize_examples
 from rrhf_fast.errors import UserError
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rrhf_fast.models.loading import load_tokenizer
+    from rrhf_fast.models.loading import load_config, load_tokenizer, max_positions
 
     config = TrainConfig(output_dir=".", **{name: getattr(args, name) for name in _FLAGS})
     config.validate()
@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(config.model)
     where = stats.locations()
     items = tokenize_examples(stats.examples, tokenizer, locations=where, **config.tokenizing())
+    check_positions(items, where, max_positions(load_config(config.model)))  # what train refuses
     for item, loc in list(zip(items, where, strict=True))[: args.limit]:
         print(_as_json(item, loc) if args.format == "json" else _as_text(item, loc, tokenizer))
     summary = packing_summary(items)

@@ -16,8 +16,15 @@ import argparse
 import json
 from pathlib import Path
 
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError, first_line
-from rrhf_fast.models.loading import import_peft, load_tokenizer, peft_quietly, quiet_progress_bars
+from rrhf_fast.models.loading import (
+    import_peft,
+    load_tokenizer,
+    peft_quietly,
+    quiet_progress_bars,
+    reading_model,
+)
 from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
 from rrhf_fast.training.model_card import CARD_FILE, merged_card
 
@@ -61,24 +68,34 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
+    created = make_output_dir(out, "--out")
+    try:
+        _merge_into(checkpoint, out, base, dtype)
+    except BaseException:
+        remove_created(created)
+        raise
+    return out
+
+
+def _merge_into(checkpoint: Path, out: Path, base: str, dtype: str) -> None:
     reward = _task_of(checkpoint) == "SEQ_CLS"
     model = _load_base(base, dtype, reward=reward)
     peft = import_peft()
-    try:
-        with peft_quietly():
-            adapted = peft.PeftModel.from_pretrained(model, checkpoint)
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise UserError(
-            f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
-            "give the base model the run was trained from"
-        ) from None
+    with reading_model("--checkpoint", str(checkpoint), "its LoRA adapter"):  # a corrupt adapter file
+        try:
+            with peft_quietly():
+                adapted = peft.PeftModel.from_pretrained(model, checkpoint)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise UserError(
+                f"--checkpoint {checkpoint}: its adapter does not fit --base {base} ({first_line(err)}); "
+                "give the base model the run was trained from"
+            ) from None
     merged = adapted.merge_and_unload()
     with quiet_progress_bars():
         merged.save_pretrained(out)
     tokenizer_dir = checkpoint if (checkpoint / "tokenizer_config.json").is_file() else Path(base)
     load_tokenizer(str(tokenizer_dir)).save_pretrained(out)
     (out / CARD_FILE).write_text(merged_card(checkpoint, out, base, dtype, reward), encoding="utf-8")
-    return out
 
 
 def _base_of(checkpoint: Path) -> str:
@@ -107,14 +124,9 @@ def _load_base(base: str, dtype: str, reward: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if Path(base).expanduser().is_absolute() and not Path(base).expanduser().is_dir():
-        raise UserError(f"--base {base}: no such directory; give the base model the run was trained from")
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    auto, extra = AutoModelForCausalLM, {}
+    auto, extra, what = AutoModelForCausalLM, {}, "a causal LM"
     if reward:
-        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1}
-    try:
-        with quiet_progress_bars():
-            return auto.from_pretrained(base, dtype=torch_dtype, **extra)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--base {base}: cannot load a causal LM ({first_line(err)})") from None
+        auto, extra, what = AutoModelForSequenceClassification, {"num_labels": 1}, "a reward model"
+    with reading_model("--base", base, what), quiet_progress_bars():
+        return auto.from_pretrained(base, dtype=torch_dtype, **extra)

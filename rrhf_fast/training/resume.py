@@ -66,6 +66,11 @@ def check_same_data(state: dict[str, Any], fingerprint: dict[str, Any], data: st
     )
 
 
+# The parts of a schedule (lr_at's arguments), as the resume note names them.
+_SCHEDULE_PARTS = (("total_steps", "steps"), ("warmup_steps", "warmup steps"), ("lr", "peak lr"),
+                   ("min_lr", "min lr"))  # fmt: skip
+
+
 def choose_schedule(
     new: dict[str, Any], state: dict[str, Any], saved: TrainConfig, config: TrainConfig
 ) -> tuple[dict[str, Any], str]:
@@ -76,10 +81,11 @@ def choose_schedule(
     step = state["step"]
     asked = [f"--{f.replace('_', '-')}" for f in SCHEDULE_FLAGS if getattr(saved, f) != getattr(config, f)]
     if asked:
+        changes = [f"{what} {new[key]:g} instead of {old[key]:g}" for key, what in _SCHEDULE_PARTS
+                   if new.get(key) != old.get(key)]  # fmt: skip
         return new, (
             f"note: {', '.join(asked)} changed, so the learning-rate schedule changes: "
-            f"{new['total_steps']} steps instead of {old['total_steps']} (warmup {new['warmup_steps']}, "
-            f"was {old['warmup_steps']}); lr at step {step}: {lr_at(step, **new):.4g} (the old schedule's: "
+            f"{', '.join(changes)}; lr at step {step}: {lr_at(step, **new):.4g} (the old schedule's: "
             f"{lr_at(step, **old):.4g})"
         )
     return old, (

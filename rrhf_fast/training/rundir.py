@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError
 from rrhf_fast.training import distributed
 from rrhf_fast.training.checkpoint import latest_checkpoint, remove_partial_saves
@@ -39,11 +40,7 @@ class RunDir:
         """Unlock; remove the directories this run created if it never wrote into them."""
         if self.created and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
             (self.path / LOCK_FILE).unlink(missing_ok=True)  # before the unlock: never a lock on a lost file
-            for made in reversed(self.created):
-                try:
-                    made.rmdir()
-                except OSError:  # something else appeared there meanwhile: keep it
-                    break
+            remove_created(self.created)
             self.created = []
         if self.fd is not None:
             os.close(self.fd)
@@ -57,7 +54,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     error, unexpected = None, None
     if dist.main:
         try:
-            run.created = _make_dir(run.path)
+            run.created = make_output_dir(run.path)
             run.fd = _lock(run.path)  # before anything in the directory is deleted or written
             remove_partial_saves(run.path)  # first: it puts back a checkpoint a crashed re-save had parked
         except UserError as err:
@@ -82,25 +79,6 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
         (run.path / METRICS_FILE).unlink()  # a run that never reached a checkpoint starts again
     distributed.barrier()
     return run
-
-
-def _make_dir(path: Path) -> list[Path]:
-    """mkdir -p, returning the directories it created; one sentence if the path cannot be one."""
-    missing = []
-    for parent in [path, *path.parents]:
-        if parent.exists() or parent.is_symlink():
-            break
-        missing.append(parent)
-    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        where = "is a file" if blocker == path else f"is under {blocker}, a file"
-        raise UserError(f"--output-dir {path} {where}; give a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--output-dir {path}: cannot create it ({err.strerror or err}); "
-                        "give a writable directory") from None  # fmt: skip
-    return list(reversed(missing))
 
 
 def _lock(path: Path) -> int | None:

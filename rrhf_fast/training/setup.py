@@ -24,6 +24,7 @@ from rrhf_fast.data.packing import TokenizedExample, check_positions, describe_p
 from rrhf_fast.data.records import load_examples_with_stats
 from rrhf_fast.data.tokenize import tokenize_examples
 from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import max_positions
 from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
 from rrhf_fast.training import distributed
@@ -169,7 +170,7 @@ def build_model(
     switched to packed attention; refused if the data or the packing do not fit it."""
     model = objective.load_model(device, tokenizer, autocast)
     _check_vocabulary(model, [(data.items, data.where), (data.eval_items or [], data.eval_where)])
-    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    positions = max_positions(model.config)
     for items, where in [(data.items, data.where), (data.eval_items or [], data.eval_where)]:
         check_positions(items, where, positions)
     return model

@@ -37,6 +37,7 @@ from rrhf_fast.objectives import Metrics, Objective, build_objective
 from rrhf_fast.training import distributed, tracking
 from rrhf_fast.training.checkpoint import (
     check_finite_weights,
+    complete_checkpoints,
     latest_checkpoint,
     load_weights,
     read_trainer_state,
@@ -87,6 +88,9 @@ class TrainResult:
 
 class NonFiniteTraining(UserError):
     """Too many steps in a row had a non-finite loss or gradient norm."""
+
+
+DIVERGED_SUFFIX = ".diverged"  # a checkpoint whose weights gave a non-finite loss: never resumed from
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -185,16 +189,16 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
             result = train_step(job, work)
             state.end_step(work.queries, result.tokens, result.finite)
             row = _metrics_row(state, result, lr)
-            if state.bad_in_row >= config.max_bad_steps:
+            if state.bad_in_row >= config.max_bad_steps or (state.bad_in_row and state.step == total_steps):
                 _log(metrics_file, row, report)
-                raise NonFiniteTraining(_diverged_message(state, latest_checkpoint(out_dir)))
+                raise NonFiniteTraining(_diverged(state, out_dir, dist))
             if data.eval_items is not None and _due(state.step, config.eval_every, total_steps):
                 row.update(held_out(job, data.eval_items))
             _log(metrics_file, card.seen(row), report)
             if dist.main:
                 _show(bar, row, config)
-            if _due(state.step, config.save_every, total_steps):
-                checkpoint = save(job, state, run_info, card)
+            if _due(state.step, config.save_every, total_steps) and not state.bad_in_row:
+                checkpoint = save(job, state, run_info, card)  # never during a run of skipped steps
         failed = False
     except KeyboardInterrupt:
         log(f"interrupted at step {state.step}; last complete checkpoint: {latest_checkpoint(out_dir)} "
@@ -310,8 +314,8 @@ def held_out(job: Job, items: list[TokenizedExample]) -> dict[str, float | None]
 def save(job: Job, state: RunState, run_info: dict[str, Any], card: Card | None = None) -> Path:
     """checkpoint-STEP, atomically (training/checkpoint.py), with its model card; every rank calls it."""
     config = job.config
-    skipped_at_end = state.bad_in_row if state.step == job.schedule["total_steps"] else 0  # a broken model
-    check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir), skipped_at_end)
+    # Never called after a skipped step (the loop raises _diverged when the last steps were skipped).
+    check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir))
     trainer_state = state.to_trainer_state(data_seed=config.seed, schedule=job.schedule, data=job.fingerprint)
     if card is not None and card.report is not None:
         trainer_state["tracking"] = card.report.state()  # a resumed run continues the same tracked runs
@@ -398,13 +402,26 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: peak RSS
 
 
-def _diverged_message(state: RunState, last: Path | None) -> str:
+def _diverged(state: RunState, out_dir: Path, dist: distributed.Dist) -> str:
+    """The divergence error. The loss stopped being finite at step `first`, so the update of step
+    first - 1 left weights that give a non-finite loss (a finite step can overflow the model: --lr 1e30
+    leaves finite weights near 1e30): a checkpoint saved after it is renamed CHECKPOINT.diverged,
+    so that --resume continues from the one before it, the checkpoint the message names."""
     step, count = state.step, state.bad_in_row
-    where = f"the last checkpoint is {last} (--resume continues from it)" if last else "none was saved"
+    first = step - count + 1
+    broken = [c for c in complete_checkpoints(out_dir) if int(c.name.rpartition("-")[2]) >= first - 1]
+    if dist.main:
+        for ckpt in broken:
+            ckpt.rename(ckpt.with_name(ckpt.name + DIVERGED_SUFFIX))
+    distributed.barrier()
+    names = ", ".join(c.name for c in broken)
+    moved = f"; {names} (saved after it) renamed *{DIVERGED_SUFFIX}" if broken else ""
+    good = latest_checkpoint(out_dir)
+    where = (f"lower --lr (or check the data) and --resume from {good}, saved before it" if good else
+             "no checkpoint was saved before it: lower --lr (or check the data) and start again")  # fmt: skip
     return (
-        f"the loss or gradient norm was not finite for {count} steps in a row "
-        f"(steps {step - count + 1}-{step}, all skipped); lower --lr or check the data, "
-        f"or raise --max-bad-steps; {where}"
+        f"the loss or gradient norm stopped being finite at step {first} (steps {first}-{step} skipped, "
+        f"{count} in a row){moved}; {where}"
     )
 
 
