@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -118,7 +119,7 @@ class DPO(Objective):
         normalizer: float,
         autocast: contextlib.AbstractContextManager | None = None,
     ) -> ObjectiveOutput:
-        if torch.isnan(batch.ref_logps).any():  # on the CPU side: no device sync
+        if any(math.isnan(v) for v in batch.ref_logps.tolist()):  # host values (also under `plan`'s fakes)
             raise UserError(
                 '--loss dpo: a micro-batch has responses without "ref_logps"; add them to the data with '
                 "`rrhf-fast ref-logps`"

@@ -19,6 +19,7 @@ first of the top-scored ones. A query with one response, or whose scores all tie
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -51,17 +52,18 @@ class Lists(NamedTuple):
 
 def lists_of(response_query: torch.Tensor, num_queries: int, k_max: int | None = None) -> Lists:
     """The [G, K] layout of responses whose queries are `response_query` [R] (any order; a query keeps
-    its responses' order). Computed on the CPU: its shapes come from the data, not from a device."""
-    rq = response_query.detach().cpu().long()
-    counts = torch.bincount(rq, minlength=num_queries)
-    k = int(counts.max()) if k_max is None and rq.numel() else (k_max or 1)
-    order = torch.argsort(rq, stable=True)
-    slot = torch.arange(rq.numel()) - (counts.cumsum(0) - counts)[rq[order]]
-    index = torch.zeros(num_queries, k, dtype=torch.long)
-    mask = torch.zeros(num_queries, k, dtype=torch.bool)
-    index[rq[order], slot] = order
-    mask[rq[order], slot] = True
-    return Lists(index, mask)
+    its responses' order). Built from host values (`tolist`), so that `rrhf-fast plan`, which runs the
+    step under FakeTensorMode, gets the same shapes without a data-dependent tensor op."""
+    rq = response_query.tolist()
+    slots: list[list[int]] = [[] for _ in range(num_queries)]
+    for r, q in enumerate(rq):
+        slots[q].append(r)
+    k = max([len(s) for s in slots] + [k_max or 1])
+    index = [s + [0] * (k - len(s)) for s in slots]
+    mask = [[True] * len(s) + [False] * (k - len(s)) for s in slots]
+    return Lists(
+        torch.tensor(index, dtype=torch.long).view(num_queries, k), torch.tensor(mask).view(num_queries, k)
+    )
 
 
 class ListInputs(NamedTuple):
@@ -232,7 +234,7 @@ class RankingObjective(Objective):
         normalizer: float,
         autocast: contextlib.AbstractContextManager | None = None,
     ) -> ObjectiveOutput:
-        if self.needs_reference and torch.isnan(batch.ref_logps).any():  # CPU tensor: no device sync
+        if self.needs_reference and any(math.isnan(v) for v in batch.ref_logps.tolist()):  # host values
             raise UserError(
                 f'--loss {self.name}: a micro-batch has responses without "ref_logps"; add them to the data '
                 "with `rrhf-fast ref-logps`"
