@@ -15,7 +15,7 @@ import argparse
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,7 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_module.config_from_args(args, DemoConfig)
-    if config.online:
+    if config.losses:
+        from rrhf_fast.pipelines.demo_losses import run_loss_demo
+
+        run_loss_demo(config)
+    elif config.online:
         from rrhf_fast.pipelines.demo_online import run_online_demo
 
         check_config(config)
@@ -59,35 +63,13 @@ def main(args: argparse.Namespace) -> int:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Build data, train RRHF (and the SFT baseline), print rewards; return the figures."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rrhf_fast.models.loading import quiet_progress_bars
     from rrhf_fast.training.train import train
 
-    check_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
-
-    # ---- the task, the initial model, its own samples, the scored candidates
-    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
-                                layers=config.layers)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
-    eval_q = queries[config.train_queries :]
-    gen = torch.Generator().manual_seed(config.seed)
-    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
-                       temperature=1.0, generator=gen)  # fmt: skip
-    examples = build_examples(rng, queries, samples, config.gold_fraction)
-    write_examples(out / "train.jsonl", examples[: config.train_queries])
-    write_examples(out / "eval.jsonl", examples[config.train_queries :])
-    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
-    _print_intro(config, examples[0], before, before_answers[:3], eval_q[:3])
+    task = prepare_task(config, out)
+    model_dir, tokenizer, eval_q, before = task.model_dir, task.tokenizer, task.eval_queries, task.before
+    _print_intro(config, task.examples[0], before, task.before_answers[:3], eval_q[:3])
 
     # ---- RRHF, then the SFT-only baseline, through the training loop of `rrhf-fast train`
     results: dict[str, Any] = {"before": before}
@@ -107,6 +89,43 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _print_summary(results, out)
     print(f"demo: reward {before:.3f} -> {results['rrhf']['reward']:.3f}")
     return results
+
+
+class Task(NamedTuple):
+    model_dir: Path  # the random-initialised tiny model
+    tokenizer: Any
+    examples: list[Example]  # every query's scored candidates: the training ones, then the held-out
+    eval_queries: list[str]
+    before: float  # the held-out reward of the initial model's greedy answers
+    before_answers: list[str]
+
+
+def prepare_task(config: DemoConfig, out: Path) -> Task:
+    """The task, the initial model, its own samples, the scored candidates (train.jsonl, eval.jsonl)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf_fast.models.loading import quiet_progress_bars
+
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
+                                layers=config.layers)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
+    eval_q = queries[config.train_queries :]
+    gen = torch.Generator().manual_seed(config.seed)
+    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
+                       temperature=1.0, generator=gen)  # fmt: skip
+    examples = build_examples(rng, queries, samples, config.gold_fraction)
+    write_examples(out / "train.jsonl", examples[: config.train_queries])
+    write_examples(out / "eval.jsonl", examples[config.train_queries :])
+    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
+    return Task(model_dir, tokenizer, examples, eval_q, before, before_answers)
 
 
 def _print_intro(config: DemoConfig, example: Example, before: float, answers: list[str], queries: list[str]):

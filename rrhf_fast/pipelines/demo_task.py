@@ -41,6 +41,11 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seed of the task, the model and the training"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-only baseline"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    # ---- --losses (demo_losses.py)
+    losses: str = field(default="", metadata={
+        "help": "compare these losses (comma-separated --loss names, e.g. rrhf,pro,lipo,dpo-pl,simpo): each "
+                "trained from the SFT warm-up (--sft-warmup) on the same data, steps and seed; the warmed-up "
+                "policy is the reference of dpo, dpo-pl and lipo", "metavar": "LIST"})  # fmt: skip
     # ---- --online (demo_online.py)
     online: bool = field(
         default=False, metadata={"help": "SFT warm-up, then offline vs online RRHF (iterate)"}
@@ -50,7 +55,9 @@ class DemoConfig:
     strategy: str = field(default="beam", metadata={"help": "--online: how the candidates are drawn",
                                                     "choices": ("beam", "sample", "mixed")})  # fmt: skip
     temperature: float = field(default=1.0, metadata={"help": "--online: temperature of sample / mixed"})
-    sft_warmup: int = field(default=20, metadata={"help": "--online: SFT steps on gold answers first"})
+    sft_warmup: int = field(
+        default=20, metadata={"help": "--online and --losses: SFT steps on gold answers first"}
+    )
     demo_fraction: float = field(
         default=0.2, metadata={"help": "--online: share of prompts with a gold answer"}
     )
@@ -254,5 +261,15 @@ def check_config(config: DemoConfig) -> None:
         raise UserError("--rounds and --samples must be at least 1 and --temperature above 0")
     if config.reward_model and (not config.online or config.rm_steps < 1):
         raise UserError("--reward-model belongs to --online and needs --rm-steps of at least 1")
+    if config.losses:
+        from rrhf_fast.config import LOSSES
+
+        names = [n.strip() for n in config.losses.split(",")]
+        bad = [n for n in names if n not in LOSSES or n == "rm"]
+        if bad or config.online:
+            choices = ", ".join(x for x in LOSSES if x != "rm")
+            raise UserError(
+                f"--losses takes policy losses ({choices}) and not --online; got {config.losses!r}"
+            )
     if not 0 <= config.gold_fraction <= 1:
         raise UserError("--gold-fraction must be between 0 and 1")
