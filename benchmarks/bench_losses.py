@@ -2,7 +2,8 @@
 
 `python benchmarks/bench_losses.py [--cpu-smoke] [--providers a,b] [--profile] [--out-dir DIR]`
 appends to results/loss_step.csv (GPU: a Llama-3.2-1B-like random-init model in bf16) or
-loss_step_cpu_smoke.csv (the tiny Llama, fp32) and regenerates loss_step.md.
+loss_step_cpu_smoke.csv (the tiny Llama, fp32; with `--cpu-rows` loss_step_cpu.csv, committed) and
+regenerates the markdown report beside it.
 
 The loss is SimPO generalised to k responses (`rrhf-fast train --loss simpo`, objectives/pairwise.py):
 per query the mean over its pairs of different scores of -log sigmoid(beta (r_w - r_l) - gamma),
@@ -158,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens-per-step", type=int, default=16384, help="useful tokens per optimizer step (GPU)"
     )
     p.add_argument("--max-tokens", type=int, default=16384, help="micro-batch budget of rrhf-fast/packed")
+    p.add_argument("--cpu-rows", action="store_true", help="on the CPU: write results/loss_step_cpu.* (kept)")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="responses per query to measure (2,4,8)")
     args = p.parse_args(argv)
     device, smoke = common.resolve_device(args)
     dtype = torch.float32 if smoke else torch.bfloat16
     prompt_len, response_len = SMOKE_SHAPE if smoke else GPU_SHAPE
-    rec = common.Recorder("loss_step", args.out_dir, device, smoke)
+    # --cpu-rows: the smoke shapes, kept as results (loss_step_cpu.csv / .md), since the issue that asked
+    # for this comparison wants CPU rows beside the GPU ones; plain smoke runs stay uncommitted.
+    cpu_rows = args.cpu_rows and device.type == "cpu"
+    rec = common.Recorder(
+        "loss_step_cpu" if cpu_rows else "loss_step", args.out_dir, device, smoke and not cpu_rows
+    )
     for provider in common.selected(PROVIDERS, args.providers):
         print(provider, flush=True)
         model = workload.build_llama("tiny" if smoke else "1b", device, dtype)
