@@ -129,7 +129,8 @@ class TrainConfig:
     )
     lipo_beta: float = opt(0.05, "--loss lipo: beta of the rewards beta * log(pi / pi_ref)")
     pro_sft_weight: float = opt(
-        0.05, "--loss pro: the SFT term's weight is this times (k - 1)^2 for k responses (PRO paper)"
+        0.05,
+        "--loss pro: the weight of the SFT term (the best response's log-prob sum) is this times (k - 1)^2",
     )
     pro_temperature: bool = opt(False, "--loss pro: scale the scores by the paper's score-gap temperature")
     simpo_beta: float = opt(2.0, "--loss simpo: beta, the scale of the length-normalised reward")

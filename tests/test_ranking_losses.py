@@ -126,7 +126,8 @@ def naive_lipo(case, beta=0.05):
 def naive_pro(case, sft_weight=0.05, temperature=False):
     """PRO (arXiv 2306.17492) §3: -sum_k log(exp(r_k / T_kk) / sum_{i >= k} exp(r_i / T_ki)) + beta L_SFT,
     r = S / n, T_ki = 1 / (psi_k - psi_i), T_kk = min_i T_ki (ties take T_kk; no temperature: T = 1),
-    beta = sft_weight (l - 1)^2, L_SFT the token-mean NLL of the best response. Every query counts."""
+    beta = sft_weight (l - 1)^2, L_SFT the best response's NLL (its log-prob sum, as the authors' code).
+    Every query counts."""
     losses = []
     for row, s, n, _ in case.rows():
         r = [a / b for a, b in zip(s, n, strict=True)]
@@ -137,7 +138,7 @@ def naive_pro(case, sft_weight=0.05, temperature=False):
             scale = {i: (gaps[i] if temperature else 1.0) if i in gaps else own for i in pool}
             total += math.log(sum(math.exp(r[i] * scale[i]) for i in pool)) - r[k] * own
         b = _best(row)
-        total += sft_weight * (len(row) - 1) ** 2 * -(s[b] / n[b])
+        total += sft_weight * (len(row) - 1) ** 2 * -s[b]
         losses.append(total)
     return sum(losses) / len(losses)
 

@@ -14,11 +14,13 @@ S_ref_i the reference's (objectives/ranking.py has the shared layout and the equ
   when the query's responses are sorted by the model's u, descending (LambdaLoss; ties in u: the
   earlier response first). The weights carry no gradient.
 - pro, Preference Ranking Optimisation (Song et al. 2023, arXiv 2306.17492, §3): r_i = S_i / n_i;
-  loss = sum over positions k < n of -log(exp(r_k) / sum_{i >= k} exp(r_i)) + beta * SFT(y_1), with
-  beta = --pro-sft-weight * (k - 1)^2 as the paper's implementation details set it (0.05 (l-1)^2),
-  SFT the token-mean NLL of the best response. --pro-temperature: the paper's dynamic temperature,
-  r_i / T_ki in place of r_i with T_ki = 1 / (psi_k - psi_i) for lower-scored i and T_kk = min over
-  those (= 1 / the largest gap); a response tied with y_k takes T_kk.
+  loss = sum over positions k < n of -log(exp(r_k) / sum_{i >= k} exp(r_i)) + beta * L_SFT, as the
+  authors' code computes it (AlibabaResearch/DAMO-ConvAI PRO/train/utils/process_manager.py,
+  `compute_loss`): L_SFT = -S_1, the best response's log-prob SUM, and beta = --pro-sft-weight
+  (their 0.05) * (k - 1)^2. --pro-temperature: the paper's dynamic temperature (the authors' code
+  always applies it), r_i / T_ki in place of r_i with T_ki = 1 / (psi_k - psi_i) for lower-scored i
+  and T_kk = min over those (= 1 / the largest gap); a response tied with y_k takes T_kk (their
+  code assumes no ties).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from rrhf_fast.objectives.ranking import (
     RankingOutput,
     finish,
     plackett_luce,
-    sft_term,
 )
 
 
@@ -90,7 +91,8 @@ def pro_loss(
     else:
         rank_q = plackett_luce(r, x)
     k = x.mask.sum(1).to(r.dtype)
-    sft_q = sft_weight * (k - 1) ** 2 * sft_term(x)
+    best = x.sums.gather(1, x.best[:, None]).squeeze(1)
+    sft_q = sft_weight * (k - 1) ** 2 * -best  # the SUM of log-probs, as the authors' code
     return finish(x, rank_q, sft_q, r, normalizer)
 
 
