@@ -12,22 +12,18 @@ once for an SFT-only baseline (`--rank-weight 0`) trained for the same steps on 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from rrhf_fast import config as config_module
-from rrhf_fast.data.records import Example, write_examples
-from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.data.records import Example
 from rrhf_fast.pipelines.demo_task import (
     DemoConfig,
-    build_examples,
     check_config,
-    distinct_queries,
-    generate,
+    prepare_task,
     prompt_of,
     reward,
     score_greedy,
@@ -89,43 +85,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _print_summary(results, out)
     print(f"demo: reward {before:.3f} -> {results['rrhf']['reward']:.3f}")
     return results
-
-
-class Task(NamedTuple):
-    model_dir: Path  # the random-initialised tiny model
-    tokenizer: Any
-    examples: list[Example]  # every query's scored candidates: the training ones, then the held-out
-    eval_queries: list[str]
-    before: float  # the held-out reward of the initial model's greedy answers
-    before_answers: list[str]
-
-
-def prepare_task(config: DemoConfig, out: Path) -> Task:
-    """The task, the initial model, its own samples, the scored candidates (train.jsonl, eval.jsonl)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rrhf_fast.models.loading import quiet_progress_bars
-
-    check_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
-    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
-                                layers=config.layers)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
-    eval_q = queries[config.train_queries :]
-    gen = torch.Generator().manual_seed(config.seed)
-    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
-                       temperature=1.0, generator=gen)  # fmt: skip
-    examples = build_examples(rng, queries, samples, config.gold_fraction)
-    write_examples(out / "train.jsonl", examples[: config.train_queries])
-    write_examples(out / "eval.jsonl", examples[config.train_queries :])
-    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
-    return Task(model_dir, tokenizer, examples, eval_q, before, before_answers)
 
 
 def _print_intro(config: DemoConfig, example: Example, before: float, answers: list[str], queries: list[str]):

@@ -19,9 +19,8 @@ from typing import Any
 
 from rrhf_fast.config import REFERENCE_LOSSES
 from rrhf_fast.data.records import write_examples
-from rrhf_fast.pipelines.demo import prepare_task
 from rrhf_fast.pipelines.demo_online import _warmup
-from rrhf_fast.pipelines.demo_task import DemoConfig, digits_of, score_greedy, train_config
+from rrhf_fast.pipelines.demo_task import DemoConfig, digits_of, prepare_task, score_greedy, train_config
 
 
 def run_loss_demo(config: DemoConfig) -> dict[str, Any]:

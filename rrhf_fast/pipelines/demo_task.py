@@ -12,13 +12,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.records import Example
+from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
+from rrhf_fast.models.tiny import save_tiny_model
 from rrhf_fast.models.wrapping import eval_mode
 
 
@@ -248,6 +249,43 @@ def train_config(
         keep_checkpoints=1,
         log_every=0,
     )
+
+
+class Task(NamedTuple):
+    model_dir: Path  # the random-initialised tiny model
+    tokenizer: Any
+    examples: list[Example]  # every query's scored candidates: the training ones, then the held-out
+    eval_queries: list[str]
+    before: float  # the held-out reward of the initial model's greedy answers
+    before_answers: list[str]
+
+
+def prepare_task(config: DemoConfig, out: Path) -> Task:
+    """The task, the initial model, its own samples, the scored candidates (train.jsonl, eval.jsonl)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf_fast.models.loading import quiet_progress_bars
+
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
+                                layers=config.layers)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
+    eval_q = queries[config.train_queries :]
+    gen = torch.Generator().manual_seed(config.seed)
+    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
+                       temperature=1.0, generator=gen)  # fmt: skip
+    examples = build_examples(rng, queries, samples, config.gold_fraction)
+    write_examples(out / "train.jsonl", examples[: config.train_queries])
+    write_examples(out / "eval.jsonl", examples[config.train_queries :])
+    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
+    return Task(model_dir, tokenizer, examples, eval_q, before, before_answers)
 
 
 def check_config(config: DemoConfig) -> None:
