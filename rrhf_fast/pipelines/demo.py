@@ -19,10 +19,14 @@ from typing import Any
 import torch
 
 from rrhf_fast import config as config_module
-from rrhf_fast.data.records import Example
-from rrhf_fast.pipelines.demo_task import (
+from rrhf_fast.data.records import Example, write_examples  # noqa: F401 (importable from here, as before)
+from rrhf_fast.models.tiny import save_tiny_model  # noqa: F401 (importable from here, as before)
+from rrhf_fast.pipelines.demo_task import (  # noqa: F401 (build_examples .. generate: importable from here)
     DemoConfig,
+    build_examples,
     check_config,
+    distinct_queries,
+    generate,
     prepare_task,
     prompt_of,
     reward,
