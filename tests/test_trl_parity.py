@@ -8,6 +8,7 @@ and the plain model's full-logit forward. Our side is the objective `train --los
 packed shared-prompt batch through the fused log-prob path."""
 
 import collections
+import importlib
 import types
 
 import pytest
@@ -49,12 +50,17 @@ def pairs():
 
 
 def _ours(model, pairs, **flags):
+    return _ours_with(model, pairs, kernels="torch", **flags)
+
+
+def _ours_with(model, pairs, kernels, **flags):
     rows, ref = pairs
     items = [
         TokenizedExample(p, [c, r], [1.0, 0.0], ref_logps=list(f))
         for (p, c, r), f in zip(rows, ref, strict=True)
     ]
-    config = TrainConfig(model="m", data="d", output_dir="o", kernels="torch", attn="dense", **flags)
+    flags = {"attn": "dense", **flags}
+    config = TrainConfig(model="m", data="d", output_dir="o", kernels=kernels, **flags)
     objective = build_objective(config.validate())
     with torch.no_grad():
         out = objective(model, pack_tokenized(items), normalizer=objective.normalizer(items))
@@ -193,3 +199,18 @@ def test_orpo_odds_ratio_term_equals_trl_orpo_trainer(model, pairs, lam):
     rank_loss, sft_loss = metrics.terms[1].item(), metrics.terms[2].item()
     assert rank_loss == pytest.approx(-losses.mean().item(), abs=1e-5, rel=1e-5)
     assert sft_loss == pytest.approx(-logps[0].mean().item(), abs=1e-5, rel=1e-5)  # mean of per-token means
+
+
+@pytest.mark.parametrize("loss", ["lipo", "pro"])
+def test_the_fused_triton_kernel_gives_the_same_loss(model, pairs, loss, monkeypatch):
+    """The losses read the fused token log-prob kernel (Triton; on the CPU under TRITON_INTERPRET)."""
+    kernel = importlib.import_module("rrhf_fast.kernels.token_logprobs")  # the module, not the function
+
+    flags = dict(loss=loss, attn="dense")
+    want, _ = _ours(model, pairs, **flags)
+    calls = []
+    launcher = kernel._forward
+    monkeypatch.setattr(kernel, "_forward", lambda *a, **k: calls.append(1) or launcher(*a, **k))
+    got, _ = _ours_with(model, pairs, kernels="triton", **flags)
+    assert calls  # the Triton launcher ran
+    assert got == pytest.approx(want, abs=1e-5, rel=1e-5)
