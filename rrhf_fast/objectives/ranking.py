@@ -18,6 +18,7 @@ first of the top-scored ones. A query with one response, or whose scores all tie
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Sequence
@@ -223,8 +224,9 @@ class RankingObjective(Objective):
     needs_reference: ClassVar[bool] = False
     has_sft: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def compute(self, x: ListInputs, normalizer: float | None) -> RankingOutput:
-        raise NotImplementedError
+        """The loss of the batch's lists, its per-query sums divided by `normalizer`."""
 
     def __call__(
         self,
