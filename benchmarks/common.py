@@ -319,12 +319,17 @@ class Recorder:
         grad_to_none: list[torch.Tensor] | None = None,
         rep_ms: float = 100.0,
         warmup_ms: float = 25.0,
+        peak_fn: Callable[[Callable[[], object]], tuple[float, float]] | None = None,
+        note: str = "",
     ) -> dict | None:
-        """Time `fn` and take its peak memory; a failure becomes a row with status and reason."""
+        """Time `fn` and take its peak memory (`peak_fn(fn)` -> (peak, extra) GiB where the device's
+        allocator cannot tell, e.g. a tensor count on the CPU); a failure becomes a row with status
+        and reason."""
         row = self._row(benchmark, sweep, provider, config, x, dtype)
+        row["note"] = note
         try:
             ms, p20, p80 = time_ms(fn, self.device, grad_to_none, warmup_ms=warmup_ms, rep_ms=rep_ms)
-            peak, extra = peak_memory_gib(fn, self.device)
+            peak, extra = (peak_fn or (lambda f: peak_memory_gib(f, self.device)))(fn)
         except torch.cuda.OutOfMemoryError as exc:
             return self._failed(row, "oom", describe(exc))
         except Exception as exc:  # one provider failing must not end the run: its row says why

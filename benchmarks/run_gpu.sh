@@ -5,7 +5,7 @@
 # device tool), also to $OUT: results.tar.gz (the whole results folder), the three reports and the log.
 #
 #   bash benchmarks/run_gpu.sh                    # all parts, in the order below
-#   bash benchmarks/run_gpu.sh kernels step       # some parts (kernels | step | attention | rm | pytest-bench)
+#   bash benchmarks/run_gpu.sh kernels step       # some parts (kernels | step | attention | rm | losses | pytest-bench)
 #   bash benchmarks/run_gpu.sh gpu-tests          # the @pytest.mark.gpu tests (bf16 kernels, CUDA attention
 #                                                 # backends); run it in its own call, before the benchmarks
 #   bash benchmarks/run_gpu.sh --cpu-smoke        # the same sequence on CPU, tiny shapes, into a temp dir
@@ -20,6 +20,8 @@
 #   4. report.py over every CSV, then the copies into $OUT                      ~5 s
 #   (rm: bench_rm.py --profile, reward-model step, packed vs padded pairs, 9 configs x 3 providers,
 #    1B Llama reward model; only when named; RM_S=120)
+#   (losses: bench_losses.py --profile, SimPO step over k = 2, 4, 8 responses, packed vs padded pair
+#    copies, 1B Llama; only when named; LOSSES_S=120)
 #   (pytest-bench: `pytest benchmarks/bench_kernels.py`, only when named; PYTEST_BENCH_S=120)
 #   (gpu-tests: `pytest -m gpu tests/`, only when named; GPU_TESTS_S=420; log in $OUT/gpu_tests.log)
 #
@@ -38,8 +40,8 @@ parts=()
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) smoke=(--cpu-smoke); out_dir=${SMOKE_OUT_DIR:-$(mktemp -d)} ;;
-    kernels|step|attention|rm|pytest-bench|gpu-tests) parts+=("$arg") ;;
-    *) echo "run_gpu.sh: unknown argument '$arg' (parts: kernels step attention rm pytest-bench gpu-tests; --cpu-smoke)" >&2
+    kernels|step|attention|rm|losses|pytest-bench|gpu-tests) parts+=("$arg") ;;
+    *) echo "run_gpu.sh: unknown argument '$arg' (parts: kernels step attention rm losses pytest-bench gpu-tests; --cpu-smoke)" >&2
        exit 2 ;;
   esac
 done
@@ -84,6 +86,7 @@ for part in "${parts[@]}"; do
     step) run_part step "${STEP_S:-180}" "$PYTHON" benchmarks/bench_step.py "${common[@]}" ;;
     attention) run_part attention "${ATTENTION_S:-90}" "$PYTHON" benchmarks/bench_attention.py "${common[@]}" ;;
     rm) run_part rm "${RM_S:-120}" "$PYTHON" benchmarks/bench_rm.py "${common[@]}" ;;
+    losses) run_part losses "${LOSSES_S:-120}" "$PYTHON" benchmarks/bench_losses.py "${common[@]}" ;;
     pytest-bench) run_part pytest-bench "${PYTEST_BENCH_S:-120}" "$PYTHON" -P -m pytest benchmarks/bench_kernels.py \
       -q -p no:cacheprovider --benchmark-only --benchmark-json="$out_dir/kernels_pytest_benchmark.json" ;;
     gpu-tests) run_part gpu-tests "${GPU_TESTS_S:-420}" "$PYTHON" -P -m pytest tests -m gpu -v -rA \

@@ -30,7 +30,10 @@ ATTN_BACKENDS = ("auto", "varlen", "flex", "dense")
 # Training's --dtype: auto keeps fp32 master weights (models.loading.INFERENCE_DTYPES is another set).
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
 BF16_UPDATES = ("nearest", "stochastic", "kahan")  # training/bf16_update.py
-LOSSES = ("rrhf", "dpo", "rm")
+LOSSES = ("rrhf", "dpo", "dpo-pl", "lipo", "pro", "simpo", "orpo", "rm")
+REFERENCE_LOSSES = ("dpo", "dpo-pl", "lipo")  # need ref_logps in the data (`rrhf-fast ref-logps`)
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")  # = objectives.ranking.DPO_LOSSES, TRL's loss_type names
+PAIRS = ("all", "best")  # = objectives.ranking.PAIRS
 RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
 # --report-to: Hugging Face Trainer's names of the trackers we report to (training/tracking.py), with
 # its `none` (the default of transformers >= 5, and ours) and `all` (every installed one).
@@ -112,9 +115,34 @@ class TrainConfig:
         choices=BF16_UPDATES,
     )
     # ---- the loss (docs/DESIGN.md §4)
-    loss: str = opt("rrhf", "RRHF, or DPO on each query's best vs worst response (data needs ref_logps); "
-                    "rm: train a reward model (what `rrhf-fast train-rm` runs)", choices=LOSSES)  # fmt: skip
-    dpo_beta: float = opt(0.1, "--loss dpo: beta, the strength of the pull towards the reference model")
+    loss: str = opt(
+        "rrhf",
+        "the objective (README: Losses): rrhf; with a reference (data needs ref_logps): dpo (best vs "
+        "worst), dpo-pl (listwise DPO), lipo (LiPO-lambda); without: pro, simpo, orpo; rm: train a reward "
+        "model (what `rrhf-fast train-rm` runs)",
+        choices=LOSSES,
+    )
+    dpo_beta: float = opt(0.1, "--loss dpo / dpo-pl: beta, the pull towards the reference model")
+    dpo_loss: str = opt(
+        "sigmoid", "--loss dpo: the pair's loss, as TRL's DPOTrainer loss_type (dpo-pl: sigmoid only)",
+        choices=DPO_LOSSES,
+    )  # fmt: skip
+    dpo_label_smoothing: float = opt(
+        0.0, "--dpo-loss robust: the probability that a preference label is flipped, in [0, 0.5)"
+    )
+    lipo_beta: float = opt(0.05, "--loss lipo: beta of the rewards beta * log(pi / pi_ref)")
+    pro_sft_weight: float = opt(
+        0.05,
+        "--loss pro: the weight of the SFT term (the best response's log-prob sum) is this times (k - 1)^2",
+    )
+    pro_temperature: bool = opt(False, "--loss pro: scale the scores by the paper's score-gap temperature")
+    simpo_beta: float = opt(2.0, "--loss simpo: beta, the scale of the length-normalised reward")
+    simpo_gamma: float = opt(0.5, "--loss simpo: gamma, the target reward margin")
+    orpo_lambda: float = opt(0.1, "--loss orpo: lambda, the weight of the odds-ratio loss beside SFT")
+    pairs: str = opt(
+        "all", "--loss simpo / orpo with k > 2: every pair of different scores, or the best vs each other",
+        choices=PAIRS,
+    )  # fmt: skip
     length_norm: str = opt(
         "paper",
         "length normalisation of response scores and SFT: paper (each response's own length), or "
@@ -204,14 +232,13 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
         choice_fields = ("loss", "optim", "length_norm", "sft_reduction", "attn", "kernels", "dtype")
-        for name in (*choice_fields, "rm_loss", "bf16_update"):
+        for name in (*choice_fields, "rm_loss", "bf16_update", "dpo_loss", "pairs"):
             choices = dataclasses.fields(self)[_index(name)].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise UserError(
                     f"--{_flag(name)} must be one of {', '.join(choices)}; got {getattr(self, name)!r}"
                 )
-        if not self.dpo_beta > 0:
-            raise UserError(f"--dpo-beta must be a positive number, got {self.dpo_beta}")
+        self._validate_ranking()
         if self.loss == "rm" and self.rm_loss == "listwise" and (self.rm_margin or self.rm_margin_scale):
             raise UserError("--rm-margin and --rm-margin-scale apply to --rm-loss bt only; drop them")
         if self.loss == "rrhf" and self.rank_weight == 0 and self.sft_weight == 0:
@@ -239,6 +266,28 @@ class TrainConfig:
         self._validate_scaling()
         self._validate_update()
         return self
+
+    def _validate_ranking(self) -> None:
+        """The flags of the ranking losses (objectives/ranking.py, listwise.py, pairwise.py)."""
+        for name in ("dpo_beta", "lipo_beta", "simpo_beta"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}")
+        for name in ("pro_sft_weight", "orpo_lambda", "simpo_gamma"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{_flag(name)} must be a non-negative number, got {getattr(self, name)}")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            got = self.dpo_label_smoothing
+            raise UserError(f"--dpo-label-smoothing must be in [0, 0.5), got {got}")
+        if self.dpo_label_smoothing and self.dpo_loss != "robust":
+            raise UserError(
+                f"--dpo-label-smoothing applies to --dpo-loss robust only (as in TRL's DPOTrainer), not to "
+                f"{self.dpo_loss}; drop it or give --dpo-loss robust"
+            )
+        if self.loss == "dpo-pl" and self.dpo_loss != "sigmoid":
+            raise UserError(
+                f"--loss dpo-pl is the Plackett-Luce generalisation of the sigmoid loss; --dpo-loss "
+                f"{self.dpo_loss} has no listwise form here: drop --dpo-loss or use --loss dpo"
+            )
 
     def _validate_update(self) -> None:
         """--optim-in-backward and --bf16-update."""

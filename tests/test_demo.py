@@ -177,3 +177,33 @@ def test_reward_model_option_learns_the_labels_and_reports_the_true_reward(tmp_p
     assert rm["run"]["rewards"][-1] == pytest.approx(true)  # the function's reward, not the model's
     assert rm["run"]["rm_rewards"][-1] == pytest.approx(sum(a["reward"] for a in answers) / len(answers))
     assert rm["run"]["rm_rewards"][-1] != pytest.approx(true)
+
+
+# -------------------------------------------------------------------------------------------------
+# --losses: the ranking losses compared from one warm-up
+
+
+def test_demo_losses_trains_each_loss_from_the_warm_up(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--losses", "pro,lipo", "--steps", "4", "--train-queries", "32", "--eval-queries",
+                 "8", "--max-digits", "4", "--queries-per-step", "8",
+                 "--sft-warmup", "5", "--output-dir", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"demo: losses pro \d\.\d{3}, lipo \d\.\d{3}", last), last
+    for loss in ("pro", "lipo"):
+        assert json.loads((out / loss / "config.json").read_text())["loss"] == loss
+        assert json.loads((out / loss / "config.json").read_text())["model"].endswith("checkpoint-5")
+    # lipo's reference is the warmed-up policy: its first step has margin 0
+    rows = [json.loads(line) for line in (out / "lipo" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "margin" in r)
+    assert first["margin"] == pytest.approx(0.0, abs=1e-5)
+    assert all(
+        len(ex.meta["ref_logps"]) == len(ex.responses) for ex in load_examples(out / "train-ref.jsonl")
+    )
+
+
+def test_demo_losses_refuses_a_non_policy_loss(tmp_path, capsys):
+    assert main(["demo", "--losses", "rrhf,rm", "--output-dir", str(tmp_path)]) == 2
+    assert "--losses takes policy losses" in capsys.readouterr().err

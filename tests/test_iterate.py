@@ -168,6 +168,20 @@ def test_dpo_rounds_store_the_reference_log_probs(task, tmp_path):
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
 
+@pytest.mark.parametrize("loss", ["dpo-pl", "lipo"])
+def test_listwise_reference_losses_train_on_the_rounds_reference_log_probs(task, tmp_path, loss):
+    out = tmp_path / loss
+    iterate(settings(task, out, rounds=1, loss=loss, queries_per_step=6, lr=3e-3))
+    data = load_examples(out / "round-001" / "reference.jsonl")
+    assert all(len(ex.meta["ref_logps"]) == len(ex.responses) for ex in data)
+    metrics = [
+        json.loads(x) for x in (out / "round-001" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics[0]["margin"] == pytest.approx(0.0, abs=1e-5)  # the round's start is the reference
+    # the margin, not the loss: LiPO's Lambda weights follow the model's own order, which training moves
+    assert metrics[-1]["margin"] > metrics[0]["margin"]
+
+
 def test_lora_rounds_build_on_each_other_through_merged_models(task, tmp_path):
     """Each round's adapter is folded into that round's starting model: round 2's model is the
     initial one plus two rank-r updates (rank 2r), not plus round 2's adapter alone."""

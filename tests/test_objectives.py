@@ -27,7 +27,9 @@ def test_an_unknown_loss_is_refused_in_one_sentence():
     cfg = TrainConfig(model="m", data="d", output_dir="o", loss="ppo")  # not validated: built in code
     with pytest.raises(UserError) as err:
         build_objective(cfg)
-    assert str(err.value) == "--loss ppo is not an objective; choose one of rrhf, dpo, rm"
+    assert str(err.value) == (
+        "--loss ppo is not an objective; choose one of rrhf, dpo, dpo-pl, lipo, pro, simpo, orpo, rm"
+    )
 
 
 def _batch():

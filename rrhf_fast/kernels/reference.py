@@ -106,4 +106,5 @@ def best_response(response_query: torch.Tensor, scores: torch.Tensor, num_querie
     top = top.scatter_reduce(0, response_query, scores, "amax")
     is_top = scores == top[response_query]
     first = torch.full((num_queries,), scores.numel(), dtype=torch.long, device=scores.device)
-    return first.scatter_reduce(0, response_query[is_top], idx[is_top], "amin")
+    # no boolean indexing: `rrhf-fast plan` runs this on fake tensors, which have no data-dependent shapes
+    return first.scatter_reduce(0, response_query, torch.where(is_top, idx, scores.numel()), "amin")

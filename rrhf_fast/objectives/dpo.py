@@ -6,6 +6,8 @@ log-probs under the policy and S_ref the same under the reference model:
 
     loss_q = -log sigmoid(beta * ((S_w - S_ref_w) - (S_l - S_ref_l)))
 
+(`--dpo-loss sigmoid`, the default; hinge, ipo and robust are TRL's DPOTrainer loss types of the
+same pair, objectives/ranking.py `pairwise_preference`)
 summed over the queries with a pair and divided by `normalizer` (the step's count of queries with
 a pair, `paired_queries`), or averaged over the batch's paired queries without one: TRL's
 `loss_type="sigmoid"` mean over pairs (trl/trainer/dpo_trainer.py, `_compute_loss`). S_ref is
@@ -27,11 +29,11 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
@@ -52,6 +54,8 @@ from rrhf_fast.models.logprobs import packed_logprobs
 from rrhf_fast.models.wrapping import eval_mode
 from rrhf_fast.objectives.base import Objective, ObjectiveOutput, token_logprobs
 from rrhf_fast.objectives.metrics import Metrics
+from rrhf_fast.objectives.ranking import paired_queries, pairwise_preference, require_pairs
+from rrhf_fast.objectives.reference import provenance, require_ref_logps
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +67,6 @@ class DPOOutput(NamedTuple):
     rank_loss: torch.Tensor
     sft_loss: torch.Tensor
     response_scores: torch.Tensor  # [R] the implicit reward beta * (S - S_ref)
-
-
-def paired_queries(items: Sequence[TokenizedExample]) -> int:
-    """How many of the queries have a best and a worst response (rewards not all equal)."""
-    return sum(1 for it in items if it.scores and min(it.scores) < max(it.scores))
 
 
 def response_sums(logp: torch.Tensor, token_response: torch.Tensor, num_responses: int) -> torch.Tensor:
@@ -85,14 +84,27 @@ def dpo_loss(
     num_queries: int,
     beta: float = 0.1,
     normalizer: float | None = None,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    response_len: torch.Tensor | None = None,
 ) -> DPOOutput:
-    """DPO loss of a packed batch (module docstring); differentiable in `logp` [M]."""
+    """DPO loss of a packed batch (module docstring); differentiable in `logp` [M]. `loss_type` and
+    `label_smoothing` as TRL's; `ipo` needs `response_len` [R] (its log-ratios are per token)."""
     num_responses = response_query.numel()
-    implicit = beta * (response_sums(logp, token_response, num_responses) - ref_logps.to(logp.dtype))
+    ratio = response_sums(logp, token_response, num_responses) - ref_logps.to(logp.dtype)
+    implicit = beta * ratio
     scores = scores.to(logp.dtype)
     best = best_response(response_query, scores, num_queries)
     worst = best_response(response_query, -scores, num_queries)  # the first minimum
-    per_query = -F.logsigmoid(implicit[best] - implicit[worst])
+    per_token = None
+    if loss_type == "ipo":
+        if response_len is None:
+            raise ValueError("loss_type='ipo' needs response_len")
+        per_token_ratio = ratio / response_len.to(ratio.device, ratio.dtype).clamp(min=1)
+        per_token = per_token_ratio[best] - per_token_ratio[worst]
+    delta = ratio[best] - ratio[worst]
+    per_query = pairwise_preference(delta, loss_type, beta, label_smoothing=label_smoothing,
+                                    delta_per_token=per_token)  # fmt: skip
     has_pair = scores[best] > scores[worst]  # else all rewards of the query tie
     per_query = torch.where(has_pair, per_query, torch.zeros_like(per_query))
     if normalizer is None:
@@ -116,7 +128,7 @@ class DPO(Objective):
         normalizer: float,
         autocast: contextlib.AbstractContextManager | None = None,
     ) -> ObjectiveOutput:
-        if torch.isnan(batch.ref_logps).any():  # on the CPU side: no device sync
+        if any(math.isnan(v) for v in batch.ref_logps.tolist()):  # host values (also under `plan`'s fakes)
             raise UserError(
                 '--loss dpo: a micro-batch has responses without "ref_logps"; add them to the data with '
                 "`rrhf-fast ref-logps`"
@@ -132,6 +144,9 @@ class DPO(Objective):
             num_queries=batch.num_queries,
             beta=self.config.dpo_beta,
             normalizer=normalizer,
+            loss_type=self.config.dpo_loss,
+            label_smoothing=self.config.dpo_label_smoothing,
+            response_len=batch.response_len.to(device),
         )
         terms = [out.loss, out.rank_loss, out.sft_loss]
         metrics = Metrics.of_batch(self.terms, terms, out.response_scores, batch)
@@ -142,6 +157,7 @@ class DPO(Objective):
     ) -> None:
         super().check_data(items, path, where)
         require_ref_logps(items, path, where, self.config.tokenizing())
+        require_pairs(items, path, self.name)
 
     def normalizer(self, items: Sequence[TokenizedExample]) -> float:
         """The queries that form a pair: a query whose rewards all tie adds nothing to the sum, so it
@@ -199,60 +215,6 @@ def add_reference_logps(
     for ex, item, row in zip(examples, items, sums, strict=True):
         ex.meta["ref_logps"] = row
         ex.meta["ref_logps_from"] = provenance(item, config.tokenizing())
-
-
-def provenance(item: TokenizedExample, tokenizing: dict[str, Any]) -> dict[str, Any]:
-    """What decides a record's reference log-probs besides the reference model: the tokenising
-    flags, and the token count of the prompt and of each response (another tokenizer shows there)."""
-    return {**tokenizing, "prompt_tokens": len(item.prompt_ids),
-            "response_tokens": [len(r) for r in item.response_ids]}  # fmt: skip
-
-
-def require_ref_logps(
-    items: Sequence[TokenizedExample],
-    path: str,
-    where: Sequence[str] | None = None,
-    tokenizing: dict[str, Any] | None = None,
-) -> None:
-    """--loss dpo: every training example must carry its reference log-probs, computed from the
-    tokens this run trains (when `tokenizing`, the run's flags, is given)."""
-    missing = [i for i, it in enumerate(items) if not it.ref_logps]
-    if missing:
-        raise UserError(
-            f'{path}: --loss dpo needs a "ref_logps" list (the reference model\'s log-prob sum of each '
-            f"response) in every record, but {len(missing)} of {len(items)} have none (the first is record "
-            f"{missing[0] + 1}); add them with `rrhf-fast ref-logps --model REF --in {path} --out FILE`"
-        )
-    if tokenizing is None:
-        return
-    where = list(where) if where is not None else [f"{path} record {i + 1}" for i in range(len(items))]
-    bare = [loc for it, loc in zip(items, where, strict=True) if it.ref_logps_from is None]
-    if bare:
-        logger.warning(
-            "%d of %d records carry ref_logps without ref_logps_from (the first: %s): they cannot be "
-            "checked against this run's tokens and are used as they are; re-run `rrhf-fast ref-logps` "
-            "to have them checked",
-            len(bare), len(items), bare[0],
-        )  # fmt: skip
-    for it, loc in zip(items, where, strict=True):
-        if it.ref_logps_from is not None:
-            _same_tokens(it.ref_logps_from, provenance(it, tokenizing), loc)
-
-
-def _same_tokens(stored: Any, now: dict[str, Any], where: str) -> None:
-    if not isinstance(stored, dict):
-        raise UserError(
-            f"{where}: field 'ref_logps_from' must be an object, as `rrhf-fast ref-logps` writes it"
-        )
-    differ = [k for k in now if stored.get(k) != now[k]]
-    if differ:
-        was = ", ".join(f"{k} {stored.get(k)!r}" for k in differ)
-        is_ = ", ".join(f"{k} {now[k]!r}" for k in differ)
-        raise UserError(
-            f"{where}: its ref_logps were computed from other tokens ({was}) than this run trains ({is_}); "
-            "recompute them with `rrhf-fast ref-logps` and the same --max-prompt-len / --max-response-len / "
-            "--chat-template and tokenizer as this run"
-        )
 
 
 # -------------------------------------------------------------------------------------------------

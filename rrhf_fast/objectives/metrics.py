@@ -4,8 +4,8 @@
   batch's queries divided by the step's (or evaluation's) query count, so micro-batches and ranks
   add up to the mean;
 - whether the model orders each query's responses like their reward scores, from the model's own
-  score of each response (RRHF: the length-normalised log-probability it ranks by; DPO: the
-  implicit reward beta * (S - S_ref)):
+  score of each response (RRHF: the length-normalised log-probability it ranks by; DPO, dpo-pl,
+  lipo: the implicit reward beta * (S - S_ref); pro: S / n; simpo: beta * S / n; orpo: the log odds):
   accuracy: over the ordered pairs (i, j) of a query with r_i < r_j, the fraction with p_i < p_j
   (equal rewards are no pair); top1: the fraction of queries whose highest-p response has the
   highest reward; best_reward: the mean reward of the highest-p response, the reward a best-of-k

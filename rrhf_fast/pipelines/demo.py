@@ -12,7 +12,6 @@ once for an SFT-only baseline (`--rank-weight 0`) trained for the same steps on 
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,15 @@ from typing import Any
 import torch
 
 from rrhf_fast import config as config_module
-from rrhf_fast.data.records import Example, write_examples
-from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.pipelines.demo_task import (
+from rrhf_fast.data.records import Example, write_examples  # noqa: F401 (importable from here, as before)
+from rrhf_fast.models.tiny import save_tiny_model  # noqa: F401 (importable from here, as before)
+from rrhf_fast.pipelines.demo_task import (  # noqa: F401 (build_examples .. generate: importable from here)
     DemoConfig,
     build_examples,
     check_config,
     distinct_queries,
     generate,
+    prepare_task,
     prompt_of,
     reward,
     score_greedy,
@@ -44,7 +44,9 @@ def main(args: argparse.Namespace) -> int:
     check_config(config)
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.online:
+    if config.losses:
+        from rrhf_fast.pipelines.demo_losses import run_loss_demo as run
+    elif config.online:
         from rrhf_fast.pipelines.demo_online import run_online_demo as run
     else:
         run = run_demo
@@ -63,35 +65,13 @@ def main(args: argparse.Namespace) -> int:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Build data, train RRHF (and the SFT baseline), print rewards; return the figures."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rrhf_fast.models.loading import quiet_progress_bars
     from rrhf_fast.training.train import train
 
-    check_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     started = time.perf_counter()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
-
-    # ---- the task, the initial model, its own samples, the scored candidates
-    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
-                                layers=config.layers)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    with quiet_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
-    eval_q = queries[config.train_queries :]
-    gen = torch.Generator().manual_seed(config.seed)
-    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
-                       temperature=1.0, generator=gen)  # fmt: skip
-    examples = build_examples(rng, queries, samples, config.gold_fraction)
-    write_examples(out / "train.jsonl", examples[: config.train_queries])
-    write_examples(out / "eval.jsonl", examples[config.train_queries :])
-    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
-    _print_intro(config, examples[0], before, before_answers[:3], eval_q[:3])
+    task = prepare_task(config, out)
+    model_dir, tokenizer, eval_q, before = task.model_dir, task.tokenizer, task.eval_queries, task.before
+    _print_intro(config, task.examples[0], before, task.before_answers[:3], eval_q[:3])
 
     # ---- RRHF, then the SFT-only baseline, through the training loop of `rrhf-fast train`
     results: dict[str, Any] = {"before": before}

@@ -1,4 +1,4 @@
-"""`rrhf-fast demo --seeds 0-4` (and `demo --online --seeds ...`): the demo once per seed, then each
+"""`rrhf-fast demo --seeds 0-4` (also with `--online` or `--losses ...`): the demo once per seed, then each
 figure's value per seed with its mean, min and max, as a markdown table (also written to
 OUTPUT_DIR/seeds.json). Each seed runs in OUTPUT_DIR/seed-N. This is how the README's demo figures
 and their spread over seeds are measured; the thread count (torch's intra-op threads, `--threads`)
@@ -62,15 +62,20 @@ def online_figures(results: dict[str, Any]) -> dict[str, float]:
     return figures
 
 
+def loss_figures(results: dict[str, Any]) -> dict[str, float]:
+    """`demo --losses`' held-out rewards: the warmed-up policy's, then each loss's (run_loss_demo's)."""
+    return {"warmed-up policy": results["start"], **{n: r["reward"] for n, r in results["losses"].items()}}
+
+
 def run_seeds(config: DemoConfig, run: Callable[[DemoConfig], dict[str, Any]]) -> dict[str, Any]:
     """`run` (run_demo or run_online_demo) once per seed of `config.seeds`; prints and returns the table."""
     seeds = parse_seeds(config.seeds)
     out = Path(config.output_dir)
     threads = torch.get_num_threads()
-    figures_of = online_figures if config.online else offline_figures
+    figures_of = loss_figures if config.losses else online_figures if config.online else offline_figures
     per_seed: dict[int, dict[str, float]] = {}
     for seed in seeds:
-        print(f"==== demo{' --online' if config.online else ''} seed {seed} ({threads} torch threads)")
+        print(f"==== {_name(config)} seed {seed} ({threads} torch threads)")
         per_seed[seed] = figures_of(
             run(replace(config, seed=seed, seeds="", output_dir=str(out / f"seed-{seed}")))
         )
@@ -80,13 +85,17 @@ def run_seeds(config: DemoConfig, run: Callable[[DemoConfig], dict[str, Any]]) -
         for name in per_seed[seeds[0]]
     }  # fmt: skip
     table = _markdown(per_seed, summary)
-    title = f"demo{' --online' if config.online else ''} --seeds {config.seeds}"
+    title = f"{_name(config)} --seeds {config.seeds}"
     print(f"{title}: held-out reward of greedy answers, {threads} torch threads")
     print(table)
     result = {"command": title, "threads": threads, "seeds": seeds, "per_seed": per_seed, "summary": summary}
     (out / "seeds.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"  written to {out / 'seeds.json'}")
     return result
+
+
+def _name(config: DemoConfig) -> str:
+    return f"demo --losses {config.losses}" if config.losses else "demo --online" if config.online else "demo"
 
 
 def _markdown(per_seed: dict[int, dict[str, float]], summary: dict[str, dict[str, float]]) -> str:

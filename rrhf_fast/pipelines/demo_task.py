@@ -12,13 +12,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.records import Example
+from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
+from rrhf_fast.models.tiny import save_tiny_model
 from rrhf_fast.models.wrapping import eval_mode
 
 
@@ -44,6 +45,11 @@ class DemoConfig:
     seeds: str = field(default="", metadata={
         "help": "run once per seed ('0-4', '0,3,7') in OUTPUT_DIR/seed-N and print each figure per seed with "
                 "its mean, min and max (OUTPUT_DIR/seeds.json)", "metavar": "SEEDS"})  # fmt: skip
+    # ---- --losses (demo_losses.py)
+    losses: str = field(default="", metadata={
+        "help": "compare these losses (comma-separated --loss names, e.g. rrhf,pro,lipo,dpo-pl,simpo): each "
+                "trained from the SFT warm-up (--sft-warmup) on the same data, steps and seed; the warmed-up "
+                "policy is the reference of dpo, dpo-pl and lipo", "metavar": "LIST"})  # fmt: skip
     # ---- --online (demo_online.py)
     online: bool = field(
         default=False, metadata={"help": "SFT warm-up, then offline vs online RRHF (iterate)"}
@@ -53,7 +59,9 @@ class DemoConfig:
     strategy: str = field(default="beam", metadata={"help": "--online: how the candidates are drawn",
                                                     "choices": ("beam", "sample", "mixed")})  # fmt: skip
     temperature: float = field(default=1.0, metadata={"help": "--online: temperature of sample / mixed"})
-    sft_warmup: int = field(default=20, metadata={"help": "--online: SFT steps on gold answers first"})
+    sft_warmup: int = field(
+        default=20, metadata={"help": "--online and --losses: SFT steps on gold answers first"}
+    )
     demo_fraction: float = field(
         default=0.2, metadata={"help": "--online: share of prompts with a gold answer"}
     )
@@ -246,6 +254,43 @@ def train_config(
     )
 
 
+class Task(NamedTuple):
+    model_dir: Path  # the random-initialised tiny model
+    tokenizer: Any
+    examples: list[Example]  # every query's scored candidates: the training ones, then the held-out
+    eval_queries: list[str]
+    before: float  # the held-out reward of the initial model's greedy answers
+    before_answers: list[str]
+
+
+def prepare_task(config: DemoConfig, out: Path) -> Task:
+    """The task, the initial model, its own samples, the scored candidates (train.jsonl, eval.jsonl)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf_fast.models.loading import quiet_progress_bars
+
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+    model_dir = save_tiny_model(out / "init-model", seed=config.seed, hidden_size=config.hidden_size,
+                                layers=config.layers)  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with quiet_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    queries = distinct_queries(rng, config.train_queries + config.eval_queries, config)
+    eval_q = queries[config.train_queries :]
+    gen = torch.Generator().manual_seed(config.seed)
+    samples = generate(model, tokenizer, [prompt_of(d) for d in queries], config.max_digits + 2,
+                       temperature=1.0, generator=gen)  # fmt: skip
+    examples = build_examples(rng, queries, samples, config.gold_fraction)
+    write_examples(out / "train.jsonl", examples[: config.train_queries])
+    write_examples(out / "eval.jsonl", examples[config.train_queries :])
+    before, before_answers = score_greedy(model, tokenizer, eval_q, config.max_digits)
+    return Task(model_dir, tokenizer, examples, eval_q, before, before_answers)
+
+
 def check_config(config: DemoConfig) -> None:
     for name in ("steps", "train_queries", "eval_queries", "queries_per_step", "min_digits", "hidden_size",
                  "layers"):  # fmt: skip
@@ -257,5 +302,15 @@ def check_config(config: DemoConfig) -> None:
         raise UserError("--rounds and --samples must be at least 1 and --temperature above 0")
     if config.reward_model and (not config.online or config.rm_steps < 1):
         raise UserError("--reward-model belongs to --online and needs --rm-steps of at least 1")
+    if config.losses:
+        from rrhf_fast.config import LOSSES
+
+        names = [n.strip() for n in config.losses.split(",")]
+        bad = [n for n in names if n not in LOSSES or n == "rm"]
+        if bad or config.online:
+            choices = ", ".join(x for x in LOSSES if x != "rm")
+            raise UserError(
+                f"--losses takes policy losses ({choices}) and not --online; got {config.losses!r}"
+            )
     if not 0 <= config.gold_fraction <= 1:
         raise UserError("--gold-fraction must be between 0 and 1")

@@ -5,7 +5,7 @@ atomically and only when the stage is done:
 
     sampled.jsonl    k candidates per prompt from the round's starting policy (+ the --merge files)
     scored.jsonl     the same, scored by --scorer
-    reference.jsonl  --loss dpo only: the scored data with the starting policy's ref_logps
+    reference.jsonl  --loss dpo, dpo-pl, lipo only: the scored data with the starting policy's ref_logps
     train/           `rrhf-fast train` on that data, starting from the round's starting policy
     trained.json     the final checkpoint of train/: the next round's policy (with --lora-r, merged/:
                      the adapter folded into the round's starting model)
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_fast import config as config_module
-from rrhf_fast.config import RENAMED_FIELDS, TrainConfig, config_from_args, opt
+from rrhf_fast.config import REFERENCE_LOSSES, RENAMED_FIELDS, TrainConfig, config_from_args, opt
 from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
 from rrhf_fast.errors import UserError
@@ -159,7 +159,7 @@ def _round(
     sampled, scored, data = rdir / "sampled.jsonl", rdir / "scored.jsonl", rdir / "scored.jsonl"
     _stage(sampled, seconds, "sample", lambda path: _sample(settings, policy, r, prompts, path))
     _stage(scored, seconds, "score", lambda path: _score(settings, sampled, path))
-    if settings.train.loss == "dpo":
+    if settings.train.loss in REFERENCE_LOSSES:
         data = rdir / "reference.jsonl"
         _stage(data, seconds, "reference", lambda path: _reference(settings, policy, scored, path))
     train_dir = rdir / "train"

@@ -25,8 +25,9 @@ from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig, config_from_args
 
 # The TrainConfig fields of RRHF's and DPO's losses and of the log-prob kernel: no meaning here.
-NOT_FOR_RM = ("loss", "dpo_beta", "length_norm", "length_penalty", "rank_weight", "sft_weight",
-              "sft_reduction", "kernels")  # fmt: skip
+NOT_FOR_RM = ("loss", "dpo_beta", "dpo_loss", "dpo_label_smoothing", "lipo_beta", "pro_sft_weight",
+              "pro_temperature", "simpo_beta", "simpo_gamma", "orpo_lambda", "pairs", "length_norm",
+              "length_penalty", "rank_weight", "sft_weight", "sft_reduction", "kernels")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
