@@ -79,6 +79,21 @@ def test_extrapolation_follows_each_phase():
     assert planned.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.01)
 
 
+def test_autocast_weight_copies_are_their_own_category():
+    """fp32 weights under bf16 autocast: the bf16 copy of each decoder linear (2 bytes a weight,
+    cached for the whole forward) is "weight_copies", the same at any token budget; "activations"
+    is what grows with the tokens. bf16 weights are not copied."""
+    hf = tiny_config("llama", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=64)
+    linears = sum(m.weight.numel() for m in _meta_model(hf).model.layers.modules()
+                  if isinstance(m, torch.nn.Linear))  # fmt: skip
+    small, large = (plan_step(hf, flags(), batch_shape(t), cuda=False) for t in (128, 512))
+    assert small.by_category["weight_copies"] == large.by_category["weight_copies"]
+    assert small.by_category["weight_copies"] == pytest.approx(2 * linears, rel=0.01)
+    assert large.by_category["activations"] > 3 * small.by_category["activations"]
+    bf16 = plan_step(hf, flags(dtype="bfloat16"), batch_shape(128), cuda=False)
+    assert bf16.by_category["weight_copies"] == 0
+
+
 def test_adamw8bit_states_are_bitsandbytes_layout():
     bnb = pytest.importorskip("bitsandbytes")
     params = [torch.nn.Parameter(torch.randn(77, 130)), torch.nn.Parameter(torch.randn(300)),
@@ -147,7 +162,8 @@ def test_cli_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"peak_bytes", "peak_phase", "by_category", "micro_batch_tokens", "fits",
                         "max_micro_batch_tokens"}  # fmt: skip
-    assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "activations", "temporaries"}
+    assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "weight_copies", "activations",
+                                       "temporaries"}  # fmt: skip
     assert out["micro_batch_tokens"] == 512 and out["fits"] is None and out["max_micro_batch_tokens"] is None
     assert out["peak_bytes"] >= max(out["by_category"].values())
 

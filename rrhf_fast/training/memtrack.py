@@ -10,9 +10,11 @@ then sees their workspace buffers too.
 
 Categories: weights (registered before the step), gradients (a parameter's .grad, moved there when
 it is accumulated), optimizer (allocated during the optimizer step: its states, and the step's own
-short-lived temporaries), activations (allocated during forward and still alive), temporaries
-(allocated during backward and not a gradient: recomputed activations under checkpointing,
-activation gradients, kernel workspaces).
+short-lived temporaries), weight_copies (a weight cast to another dtype during forward or backward:
+autocast's bf16 copies of fp32 weights, which it caches until its region exits, so they grow with
+the model, not with the tokens), activations (allocated during forward and still alive: what grows
+with the tokens), temporaries (allocated during backward and not a gradient or a weight copy:
+recomputed activations under checkpointing, activation gradients, kernel workspaces).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
+CATEGORIES = ("weights", "gradients", "optimizer", "weight_copies", "activations", "temporaries")
+# ops that cast a tensor to another dtype: autocast's casts reach the dispatcher as _to_copy
+_CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
+_COPY_PHASES = ("forward", "backward")
 PHASE_CATEGORY = {
     "setup": "weights",
     "forward": "activations",
@@ -149,10 +154,19 @@ class MemoryTracker(TorchDispatchMode):
         # An output on an input's storage (a view, an in-place or out= op) is no new memory, also
         # when the input predates the tracker.
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _strided(t)}
+        category = self._copy_of_weight(func, args)
         for t in tree_flatten(out)[0]:
             if _strided(t) and id(t.untyped_storage()) not in inputs:
-                self.track(t)
+                self.track(t, category)
         return out
+
+    def _copy_of_weight(self, func: Any, args: tuple) -> str | None:
+        """ "weight_copies" when `func` casts a weight (a tracked "weights" storage) in forward or
+        backward, else None (the phase's category)."""
+        if func not in _CASTS or self.phase not in _COPY_PHASES or not args or not _strided(args[0]):
+            return None
+        entry = self.live.get(id(args[0].untyped_storage()))
+        return "weight_copies" if entry is not None and entry[1] == "weights" else None
 
 
 def _strided(t: Any) -> bool:

@@ -102,7 +102,7 @@ class PlanResult:
             f"micro-batch: {self.micro_batch_tokens} tokens budget, simulated as {self.shape.describe()}",
             f"peak: {r.peak_bytes / GiB:.2f} GiB, during {r.peak_phase}",
             "largest value of each category over the step (they need not peak together):",
-            *(f"  {c:<12} {r.by_category[c] / GiB:8.2f} GiB" for c in CATEGORIES),
+            *(f"  {c:<14} {r.by_category[c] / GiB:8.2f} GiB" for c in CATEGORIES),
         ]
         if self.gpu_bytes is not None:
             lines.append(
