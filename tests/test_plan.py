@@ -24,6 +24,7 @@ def flags(**kw):
 
 VALIDATION = [
     pytest.param("llama-tied", {}, id="llama-tied-full"),
+    pytest.param("llama", dict(loss="rm"), id="llama-reward-model"),
     pytest.param("qwen2", dict(lora_r=4), id="qwen2-lora", marks=pytest.mark.slow),
     pytest.param("gemma2", dict(gradient_checkpointing=True), id="gemma2-full-ckpt", marks=pytest.mark.slow),
     pytest.param("llama", dict(lora_r=8, gradient_checkpointing=True), id="llama-lora-ckpt",

@@ -195,6 +195,8 @@ def method(config: TrainConfig) -> str:
         kind = f"QLoRA r={config.lora_r} ({'4' if config.load_in_4bit else '8'}-bit base)"
     else:
         kind = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
+    if config.loss == "rm":
+        kind += " of a reward model (score head, no lm_head)"
     weights = "bf16 weights" if config.dtype == "bfloat16" else "fp32 weights"
     extras = [kind, f"{weights}, bf16 autocast", f"--optim {config.optim}"]
     if config.bf16_update != "nearest":

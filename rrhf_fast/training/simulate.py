@@ -26,16 +26,17 @@ from typing import Any
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized
 from rrhf_fast.kernels import ops
 from rrhf_fast.kernels import utils as kernel_utils
-from rrhf_fast.models import attention
+from rrhf_fast.models import attention, reward
 from rrhf_fast.models.loading import finish_model, weight_dtype
 from rrhf_fast.models.logprobs import prepare_model
 from rrhf_fast.objectives import Metrics, build_objective
+from rrhf_fast.objectives import reward as reward_objective
 from rrhf_fast.training import optim, plan_cuda
 from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
@@ -104,7 +105,7 @@ def simulate(
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = build_model(hf_config, config)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with _cuda_paths(cuda), mode:
+    with _cuda_paths(cuda), _reward_loss(fake), mode:
         if fake:
             _fake_storage(model)
         stored = {id(m.weight): m.stored_bytes for m in model.modules() if hasattr(m, "stored_bytes")}
@@ -148,6 +149,7 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
     with (
         mock.patch.object(Metrics, "of_batch", no_metrics),
         mock.patch.object(torch.Tensor, "backward", tracked_backward),
+        mock.patch.object(reward, "pooled_rows", _on_the_host(reward.pooled_rows)),
     ):
         if isinstance(optimizer, InBackwardOptimizer):
             with mock.patch.object(optimizer, "step_param", _in_phase(tracker, optimizer.step_param)):
@@ -160,6 +162,16 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
     tracker.phase = "optimizer"
     optimizer.step()  # after an update in backward: no gradient is left, nothing happens
     optimizer.zero_grad(set_to_none=True)
+
+
+def _on_the_host(pooled_rows: Any) -> Any:
+    """train-rm's pooling reads the batch's token ids on the host (real tensors, never fake ones)."""
+
+    def rows(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with unset_fake_temporarily():
+            return pooled_rows(*args, **kwargs)
+
+    return rows
 
 
 def _in_phase(tracker: MemoryTracker, step_param: Any) -> Any:
@@ -179,15 +191,21 @@ def build_model(hf_config: Any, config: TrainConfig) -> torch.nn.Module:
     """The model as `load_model` would return it, from the config alone; for --load-in-4bit/8bit,
     the decoder linears stay in bf16 here but run as bitsandbytes' layers, and their attribute
     `stored_bytes` says what their weight takes as bitsandbytes stores it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quant = config.load_in_4bit or config.load_in_8bit
     dtype = torch.bfloat16 if quant else weight_dtype(config.dtype)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    task = "SEQ_CLS" if config.loss == "rm" else "CAUSAL_LM"
+    if task == "SEQ_CLS":  # train-rm's model: the backbone and a one-label score head, no lm_head
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if quant:
         _as_quantized(model, config)
         config = dataclasses.replace(config, load_in_4bit=False, load_in_8bit=False)
-    return prepare_model(finish_model(model, config))
+    return prepare_model(finish_model(model, config, task))
 
 
 def _fake_storage(model: torch.nn.Module) -> None:
@@ -254,6 +272,25 @@ def with_layers(hf_config: Any, layers: int | None) -> Any:
     if getattr(text, "layer_types", None):
         text.layer_types = list(text.layer_types)[:layers]
     return cfg
+
+
+@contextlib.contextmanager
+def _reward_loss(fake: bool) -> Iterator[None]:
+    """train-rm's loss selects pairs with boolean masks, whose sizes fake tensors cannot know: on
+    them a Bradley-Terry loss over every pair stands in ([R, R] for the R responses of a micro-batch,
+    at most a few MiB: nothing next to the model)."""
+    if not fake:
+        yield
+        return
+
+    def every_pair(rewards: torch.Tensor, *args: Any, **kwargs: Any) -> reward_objective.RewardLossOutput:
+        r = rewards.float()
+        loss = -torch.nn.functional.logsigmoid(r[:, None] - r[None, :]).mean()
+        zero = r.new_zeros(())
+        return reward_objective.RewardLossOutput(loss, loss, zero, zero)
+
+    with mock.patch.object(reward_objective, "reward_loss", every_pair):
+        yield
 
 
 @contextlib.contextmanager
