@@ -157,6 +157,11 @@ class TrainConfig:
     load_in_4bit: bool = opt(False, "load the base model in 4-bit NF4 (QLoRA; needs --lora-r)")
     load_in_8bit: bool = opt(False, "load the base model in 8-bit (LLM.int8; needs --lora-r)")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2), not DDP")
+    fit_check: bool = opt(
+        True,
+        "on CUDA, plan the step (rrhf-fast plan, seconds) before loading the weights and stop if it "
+        "cannot fit the GPU's free memory; --no-fit-check skips it",
+    )
     # ---- bookkeeping
     seed: int = opt(0, "seed of the data order and of every random number generator")
     resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")

@@ -31,7 +31,7 @@ SCHEDULE_FLAGS = ("max_steps", "epochs", "lr", "min_lr", "warmup_steps")
 # Flags that only change bookkeeping (or the schedule, reported on its own line): any other change
 # makes the resumed run differ from the original.
 _BOOKKEEPING = {"output_dir", "resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every",
-                "keep_checkpoints", "log_every", "plot", "max_bad_steps", "device"}  # fmt: skip
+                "keep_checkpoints", "log_every", "plot", "max_bad_steps", "device", "fit_check"}  # fmt: skip
 
 
 def data_fingerprint(items: Sequence[TokenizedExample]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from rrhf_fast.training.checkpoint import (
     save_checkpoint,
 )
 from rrhf_fast.training.evaluate import evaluate
+from rrhf_fast.training.fit_check import check_fit
 from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
 from rrhf_fast.training.optim import lr_at, set_lr
 from rrhf_fast.training.plot import METRICS_FILE, plot_run
@@ -115,6 +116,8 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
     if config.optim_in_backward:  # each step must be one micro-batch per rank
         check_one_microbatch(config, planner.steps_of_epoch, schedule["total_steps"], dist.world)
+    # on CUDA: will the step fit? `rrhf-fast plan` on these flags (seconds), before any weights load
+    check_fit(config, device, max(it.packed_len for it in data.items), log)
 
     # ---------------------------------------------------------------------------------------------
     # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model (FSDP2
