@@ -40,7 +40,7 @@ from rrhf_fast.objectives import reward as reward_objective
 from rrhf_fast.training import optim, plan_cuda
 from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
-from rrhf_fast.training.setup import make_optimizer
+from rrhf_fast.training.setup import make_optimizer, training_autocast
 from rrhf_fast.training.train import forward_backward
 
 
@@ -144,7 +144,7 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         tracker.phase = "backward"
         backward(self, *args, **kwargs)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = training_autocast("cpu")
     no_metrics = classmethod(lambda cls, names, *_: cls.zeros(names))
     with (
         mock.patch.object(Metrics, "of_batch", no_metrics),
