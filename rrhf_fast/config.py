@@ -102,6 +102,11 @@ class TrainConfig:
         "update each weight in the backward and free its gradient (no whole-model gradient "
         "buffer; with --max-grad-norm, two forward+backward passes a step)",
     )
+    offload_optimizer: bool = opt(
+        False,
+        "keep the optimizer states, fp32 master weights and the step in host memory; gradients leave "
+        "the GPU as the backward makes them (one GPU; costs a CPU optimizer step)",
+    )
     bf16_update: str = opt(
         "nearest",
         "--dtype bfloat16 full fine-tuning: how fp32 updates round into the bf16 weights "
@@ -238,6 +243,13 @@ class TrainConfig:
             raise UserError(
                 f"--bf16-update {self.bf16_update} rounds updates into bf16 weights trained in full: "
                 "give --dtype bfloat16 without --lora-r (fp32 weights and LoRA adapters need no rounding)"
+            )
+        if self.offload_optimizer and (self.optim_in_backward or self.fsdp or self.bf16_update != "nearest"):
+            other = "--optim-in-backward" if self.optim_in_backward else (
+                "--fsdp" if self.fsdp else f"--bf16-update {self.bf16_update}")  # fmt: skip
+            raise UserError(
+                f"--offload-optimizer steps fp32 master weights on the host, which {other} does not "
+                "combine with; drop one of them"
             )
         if self.bf16_update != "nearest" and self.fsdp:
             raise UserError(f"--bf16-update {self.bf16_update} is not supported with --fsdp yet; drop --fsdp")

@@ -27,6 +27,7 @@ from rrhf_fast.config import OPTIMIZERS
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import import_bitsandbytes
 from rrhf_fast.training.in_backward import InBackwardOptimizer
+from rrhf_fast.training.offload import OffloadOptimizer
 from rrhf_fast.training.paramwise import ParamwiseOptimizer
 
 
@@ -42,6 +43,7 @@ def build_optimizer(
     in_backward: bool = False,
     bf16_update: str = "nearest",
     seed: int = 0,
+    offload: bool = False,
 ) -> Any:
     """An AdamW flavour over the trainable `(name, param)` pairs (e.g. `model.named_parameters()`);
     `sharded`: the parameters are FSDP2's DTensors.
@@ -58,6 +60,12 @@ def build_optimizer(
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if offload:  # --offload-optimizer: one optimizer per host copy, on the CPU (offload.py)
+
+        def make_host(ps: list[torch.nn.Parameter], decay: float) -> torch.optim.Optimizer:
+            return _build(name, [{"params": ps, "weight_decay": decay}], lr, betas, eps, False)
+
+        return OffloadOptimizer(groups, make_host, order=trainable)
     if in_backward or bf16_update != "nearest":
 
         def make(ps: list[torch.nn.Parameter], decay: float) -> torch.optim.Optimizer:

@@ -28,7 +28,7 @@ GiB = 1 << 30
 MEMORY_FLAGS = (
     "micro_batch_tokens", "grad_accum", "dtype", "optim", "optim_in_backward", "bf16_update",
     "max_grad_norm", "gradient_checkpointing", "lora_r", "lora_target_modules", "load_in_4bit",
-    "load_in_8bit", "loss", "attn", "kernels",
+    "load_in_8bit", "loss", "attn", "kernels", "offload_optimizer",
 )  # fmt: skip
 # What the allocator and CUDA need besides the tensors: the CUDA context, cuBLAS and NCCL
 # workspaces (~1 GiB together on an H100 with torch 2.x), plus fragmentation of the caching

@@ -207,7 +207,7 @@ def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
                            weight_decay=config.weight_decay, sharded=config.fsdp,
                            in_backward=config.optim_in_backward, bf16_update=config.bf16_update,
-                           seed=config.seed)  # fmt: skip
+                           seed=config.seed, offload=config.offload_optimizer)  # fmt: skip
 
 
 @dataclass

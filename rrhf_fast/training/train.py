@@ -116,6 +116,9 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
     if config.optim_in_backward:  # each step must be one micro-batch per rank
         check_one_microbatch(config, planner.steps_of_epoch, schedule["total_steps"], dist.world)
+    if config.offload_optimizer and dist.world > 1:
+        raise UserError("--offload-optimizer is for one GPU: under torchrun the gradients would leave "
+                        "each GPU before DDP averages them; drop it or use --fsdp")  # fmt: skip
     # on CUDA: will the step fit? `rrhf-fast plan` on these flags (seconds), before any weights load
     check_fit(config, device, max(it.packed_len for it in data.items), log)
 
