@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_ops import launches_unseen  # noqa: F401 (fixture)
 from training_runs import config, write_data
 
 import rrhf_fast.objectives.base as objective_base
@@ -79,3 +80,35 @@ def test_resume_with_offloaded_states_is_exact(tmp_path, model_dir, dtype, monke
     resumed = train(dataclasses.replace(cut, resume=True))
     a, b = weights(straight.model), weights(resumed.model)
     assert resumed.step == 4 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param(dict(), id="fp32"),
+        pytest.param(
+            dict(dtype="bfloat16", gradient_checkpointing=True), id="bf16-ckpt", marks=pytest.mark.slow
+        ),
+    ],
+)
+def test_planned_gpu_and_host_peaks_are_the_real_steps(launches_unseen, kw):  # noqa: F811
+    """Plan (fake tensors, 2 and 4 layers extrapolated to 6) vs the live bytes of a real CPU step,
+    the device's and the host's counted apart: both within 5%; the host holds an fp32 master and an
+    fp32 gradient of every weight (4 + 4 bytes) and AdamW's two fp32 moments (8)."""
+    from rrhf_fast.config import TrainConfig
+    from rrhf_fast.models.tiny import tiny_config
+    from rrhf_fast.training.simulate import batch_shape, plan_step, simulate
+
+    hf = tiny_config("llama", num_layers=6, hidden_size=128, num_heads=4, num_kv_heads=2)
+    config = TrainConfig(model="-", data="-", output_dir="-", optim="adamw", attn="dense", kernels="triton",
+                         offload_optimizer=True, **kw)  # fmt: skip
+    shape = batch_shape(64)
+    real = simulate(hf, config, shape, fake=False, cuda=False)
+    planned = plan_step(hf, config, shape, cuda=False)
+    n = real.trainable_params
+    assert planned.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+    assert planned.host_peak_bytes == pytest.approx(real.host_peak_bytes, rel=0.05)
+    assert real.host_by_category["weights"] == real.host_by_category["gradients"] == 4 * n
+    assert 8 * n <= real.host_by_category["optimizer"] < 9 * n
+    assert real.by_category["optimizer"] == 0  # nothing of the optimizer on the device
+    assert real.by_category["gradients"] < 0.2 * real.by_category["weights"]  # one tensor's at a time

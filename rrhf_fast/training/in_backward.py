@@ -124,7 +124,7 @@ def backward_step(
         return optimizer.run_step(run_backward, max_grad_norm)
     metrics = run_backward()
     if hasattr(optimizer, "clip_grad_norm_"):  # --offload-optimizer: the gradients are on the host
-        return metrics, optimizer.clip_grad_norm_(max_grad_norm)
+        return metrics, float(optimizer.clip_grad_norm_(max_grad_norm))
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     return metrics, float(distributed.local_value(norm))
 

@@ -19,9 +19,10 @@ recomputed activations under checkpointing, activation gradients, kernel workspa
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ CATEGORIES = ("weights", "gradients", "optimizer", "weight_copies", "activations
 # ops that cast a tensor to another dtype: autocast's casts reach the dispatcher as _to_copy
 _CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
 _COPY_PHASES = ("forward", "backward")
+HOST = "host "  # the prefix of a host-memory category in MemoryTracker.live
 PHASE_CATEGORY = {
     "setup": "weights",
     "forward": "activations",
@@ -61,6 +63,10 @@ class MemoryReport:
     allocations: list[Allocation] = field(default_factory=list)
     # each phase's own peak and the categories there: plan_step extrapolates them one by one
     phase_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    # host memory (--offload-optimizer): its peak and each category's largest value; not in the above
+    host_peak_bytes: int = 0
+    host_by_category: dict[str, int] = field(default_factory=dict)
+    trainable_params: int = 0
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -81,6 +87,19 @@ class MemoryTracker(TorchDispatchMode):
         self.at_peak: dict[str, int] = {}
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.allocations: list[Allocation] = []
+        self.host_category: str | None = None  # set: what is allocated now is host memory of this kind
+        self.host_current: Counter[str] = Counter()
+        self.host_largest: Counter[str] = Counter()
+        self.host_total = self.host_peak = 0
+
+    @contextlib.contextmanager
+    def on_host(self, category: str) -> Iterator[None]:
+        """What is allocated inside lives in host memory, counted as `category` there."""
+        old, self.host_category = self.host_category, category
+        try:
+            yield
+        finally:
+            self.host_category = old
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -94,6 +113,8 @@ class MemoryTracker(TorchDispatchMode):
         if key in self.live:
             return
         nbytes = storage.nbytes() if nbytes is None else nbytes
+        if self.host_category is not None:
+            category = HOST + (category or self.host_category)
         cat = category or PHASE_CATEGORY[self.phase]
         self.live[key] = (nbytes, cat)
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
@@ -114,6 +135,13 @@ class MemoryTracker(TorchDispatchMode):
             self._add(category, nbytes)
 
     def _add(self, cat: str, nbytes: int) -> None:
+        if cat.startswith(HOST):
+            cat = cat.removeprefix(HOST)
+            self.host_current[cat] += nbytes
+            self.host_total += nbytes
+            self.host_largest[cat] = max(self.host_largest[cat], self.host_current[cat])
+            self.host_peak = max(self.host_peak, self.host_total)
+            return
         self.current[cat] += nbytes
         self.total += nbytes
         self.largest[cat] = max(self.largest[cat], self.current[cat])
@@ -126,7 +154,10 @@ class MemoryTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         self._refs.pop(key, None)
-        if entry is not None:
+        if entry is not None and entry[1].startswith(HOST):
+            self.host_current[entry[1].removeprefix(HOST)] -= entry[0]
+            self.host_total -= entry[0]
+        elif entry is not None:
             self.current[entry[1]] -= entry[0]
             self.total -= entry[0]
 
@@ -138,6 +169,8 @@ class MemoryTracker(TorchDispatchMode):
             at_peak={c: int(self.at_peak.get(c, 0)) for c in CATEGORIES},
             allocations=list(self.allocations),
             phase_peaks=dict(self.phase_peaks),
+            host_peak_bytes=self.host_peak,
+            host_by_category={c: int(self.host_largest[c]) for c in self.host_largest},
         )
 
     # -- dispatch --------------------------------------------------------------------------------

@@ -16,11 +16,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.training.in_backward import check_one_microbatch
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
+from rrhf_fast.training.offload import cpu_step_throughput
 from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
 
 GiB = 1 << 30
@@ -79,6 +82,14 @@ class PlanResult:
     gpu_bytes: int | None
     max_micro_batch_tokens: int | None = None
     searched: bool = False
+    cpu_params_per_s: float | None = None  # --offload-optimizer: the host step's measured throughput
+
+    @property
+    def cpu_step_seconds(self) -> float | None:
+        """The host optimizer step's time: trainable parameters / measured parameters per second."""
+        if not self.cpu_params_per_s:
+            return None
+        return self.report.trainable_params / self.cpu_params_per_s
 
     @property
     def fits(self) -> bool | None:
@@ -92,6 +103,11 @@ class PlanResult:
             "micro_batch_tokens": self.micro_batch_tokens,
             "fits": self.fits,
             "max_micro_batch_tokens": self.max_micro_batch_tokens,
+            "host_peak_bytes": self.report.host_peak_bytes,
+            "host_by_category": dict(self.report.host_by_category),
+            "trainable_params": self.report.trainable_params,
+            "cpu_params_per_s": self.cpu_params_per_s,
+            "cpu_step_seconds": self.cpu_step_seconds,
         }
 
     def describe(self, config: TrainConfig) -> str:
@@ -104,6 +120,16 @@ class PlanResult:
             "largest value of each category over the step (they need not peak together):",
             *(f"  {c:<14} {r.by_category[c] / GiB:8.2f} GiB" for c in CATEGORIES),
         ]
+        if r.host_peak_bytes:
+            host = ", ".join(f"{c} {v / GiB:.2f}" for c, v in sorted(r.host_by_category.items()))
+            lines.append(f"host memory (--offload-optimizer): peak {r.host_peak_bytes / GiB:.2f} GiB "
+                         f"({host} GiB); the GPU figures above exclude it")  # fmt: skip
+        if self.cpu_step_seconds is not None:
+            lines.append(
+                f"CPU optimizer step: {r.trainable_params:,} parameters / {self.cpu_params_per_s:,.0f} "
+                f"parameters/s (--optim {config.optim} measured on this CPU, {torch.get_num_threads()} "
+                f"threads) = {self.cpu_step_seconds:.1f} s a step on top of the GPU's forward and backward"
+            )
         if self.gpu_bytes is not None:
             lines.append(
                 f"fits in {self.gpu_bytes / GiB:.1f} GiB: {'yes' if self.fits else 'no'} (usable "
@@ -130,6 +156,8 @@ def run_plan(
     tokens = config.micro_batch_tokens
     report, shape = at(tokens)
     result = PlanResult(report, shape, num_layers(hf_config), tokens, gpu)
+    if config.offload_optimizer:
+        result.cpu_params_per_s = cpu_step_throughput(config.optim)
     if search and gpu is not None:
         result.searched = True
         peaks = {tokens: report.peak_bytes}
@@ -201,6 +229,8 @@ def method(config: TrainConfig) -> str:
     extras = [kind, f"{weights}, bf16 autocast", f"--optim {config.optim}"]
     if config.bf16_update != "nearest":
         extras.append(f"--bf16-update {config.bf16_update}")
+    if config.offload_optimizer:
+        extras.append("optimizer offloaded to the host")
     if config.optim_in_backward:
         extras.append("in backward" + (" (two passes: clipping)" if config.max_grad_norm else ""))
     extras.append("gradient checkpointing" if config.gradient_checkpointing else "no checkpointing")

@@ -40,6 +40,7 @@ from rrhf_fast.objectives import reward as reward_objective
 from rrhf_fast.training import optim, plan_cuda
 from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
+from rrhf_fast.training.offload import OffloadOptimizer
 from rrhf_fast.training.setup import make_optimizer, training_autocast
 from rrhf_fast.training.train import forward_backward
 
@@ -117,14 +118,39 @@ def simulate(
         # before the optimizer's: --optim-in-backward's hooks free each gradient they step
         hooks = watch_gradients(tracker, params)
         optimizer = _optimizer(model, config, fake, cuda)
+        offloaded = isinstance(optimizer, OffloadOptimizer)
+        host = _on_host(tracker, optimizer) if offloaded else contextlib.nullcontext()
         try:
-            with tracker:  # two steps: from the second on, the optimizer state lives through the
+            with tracker, host:  # two steps: from the second on, the optimizer state lives through the
                 for _ in range(2):  # forward and backward (the first creates it in its update)
                     _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer)
         finally:
             for hook in hooks:
                 hook.remove()
-    return tracker.report()
+    report = tracker.report()
+    report.trainable_params = sum(p.numel() for p in params)
+    return report
+
+
+@contextlib.contextmanager
+def _on_host(tracker: MemoryTracker, optimizer: OffloadOptimizer) -> Iterator[None]:
+    """--offload-optimizer: its master copies, the gradients it moves and its step are host memory."""
+    for t in optimizer.host_tensors():
+        tracker.track(t, "host weights")
+
+    def on_host(method: Any, category: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with tracker.on_host(category):
+                return method(*args, **kwargs)
+
+        return run
+
+    with (
+        mock.patch.object(optimizer, "to_host", on_host(optimizer.to_host, "gradients")),
+        mock.patch.object(optimizer, "clip_grad_norm_", on_host(optimizer.clip_grad_norm_, "optimizer")),
+        mock.patch.object(optimizer, "step_param", on_host(optimizer.step_param, "optimizer")),
+    ):
+        yield
 
 
 def _step(model, batches, config, tracker, params, optimizer) -> None:
@@ -158,7 +184,10 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         else:  # backward_step's own, without its read of the norm's value
             forward_backward(model, forward, batches, autocast)
             tracker.phase = "clip"
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            if isinstance(optimizer, OffloadOptimizer):
+                optimizer.clip_grad_norm_(config.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     tracker.phase = "optimizer"
     optimizer.step()  # after an update in backward: no gradient is left, nothing happens
     optimizer.zero_grad(set_to_none=True)
@@ -349,4 +378,8 @@ def plan_step(
         by_category={c: line(a.by_category[c], b.by_category[c]) for c in CATEGORIES},
         at_peak={c: line(a.phase_peaks[phase][1][c], b.phase_peaks[phase][1][c]) for c in CATEGORIES},
         phase_peaks={ph: (phases[ph], {}) for ph in phases},
+        host_peak_bytes=line(a.host_peak_bytes, b.host_peak_bytes),
+        host_by_category={c: line(a.host_by_category.get(c, 0), b.host_by_category.get(c, 0))
+                          for c in a.host_by_category.keys() | b.host_by_category.keys()},  # fmt: skip
+        trainable_params=line(a.trainable_params, b.trainable_params),
     )
