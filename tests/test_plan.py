@@ -167,7 +167,9 @@ def test_cli_json(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"peak_bytes", "peak_phase", "by_category", "micro_batch_tokens", "fits",
-                        "max_micro_batch_tokens"}  # fmt: skip
+                        "max_micro_batch_tokens", "host_peak_bytes", "host_by_category", "trainable_params",
+                        "cpu_params_per_s", "cpu_step_seconds"}  # fmt: skip
+    assert out["host_peak_bytes"] == 0 and out["cpu_step_seconds"] is None  # nothing offloaded
     assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "weight_copies", "activations",
                                        "temporaries"}  # fmt: skip
     assert out["micro_batch_tokens"] == 512 and out["fits"] is None and out["max_micro_batch_tokens"] is None
@@ -185,6 +187,23 @@ def test_cli_search(tmp_path, capsys):
     assert best % 256 == 0 and best > 512
     assert cli.main([*argv, "--micro-batch-tokens", str(best + 256)]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_cli_offload(tmp_path, capsys):
+    tiny_config("llama", num_layers=2).save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path), "--micro-batch-tokens", "256", "--offload-optimizer",
+            "--optim", "adamw"]  # fmt: skip
+    assert cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    n = out["trainable_params"]
+    assert out["host_by_category"]["weights"] == out["host_by_category"]["gradients"] == 4 * n
+    assert out["by_category"]["optimizer"] == 0 and out["host_peak_bytes"] >= 16 * n
+    assert out["cpu_params_per_s"] > 0 and out["cpu_step_seconds"] == pytest.approx(
+        n / out["cpu_params_per_s"]
+    )
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "host memory (--offload-optimizer): peak" in text and "CPU optimizer step:" in text
 
 
 def test_cli_text_and_errors(tmp_path, capsys):
