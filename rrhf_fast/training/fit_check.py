@@ -42,11 +42,16 @@ def savings(config: TrainConfig) -> list[tuple[str, dict[str, Any]]]:
     full = not config.lora_r
     if full and config.grad_accum == 1 and config.queries_per_step is None and not config.fsdp:
         steps.append(("--optim-in-backward", dict(optim_in_backward=True)))
-    if full and "offload_optimizer" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        steps.append(("--offload-optimizer", dict(offload_optimizer=True)))
+    if full and not config.fsdp and config.bf16_update == "nearest":
+        # in place of --optim-in-backward (they do not combine); then bf16 weights on the GPU, whose
+        # fp32 masters the host keeps
+        steps.append(("--offload-optimizer", dict(offload_optimizer=True, optim_in_backward=False)))
+        if config.dtype != "bfloat16":
+            steps.append(("--dtype bfloat16", dict(dtype="bfloat16")))
     if config.lora_r and not (config.load_in_4bit or config.load_in_8bit):
         steps.append(("--load-in-4bit", dict(load_in_4bit=True)))
-    return [(flag, kw) for flag, kw in steps if any(getattr(config, k) != v for k, v in kw.items())]
+    # a step whose flag (its first field) the run already has is not one
+    return [(flag, kw) for flag, kw in steps if getattr(config, next(iter(kw))) != next(iter(kw.values()))]
 
 
 def check_fit(config: TrainConfig, device: torch.device, longest: int, log: Callable[[str], None]) -> Any:
@@ -96,6 +101,8 @@ def find_fit(hf_config: Any, config: TrainConfig, free: int, longest: int) -> tu
         return f"--micro-batch-tokens {best}", peak
     flags, changed = [], config
     for flag, kw in savings(config):
+        if kw.get("optim_in_backward") is False and "--optim-in-backward" in flags:
+            flags.remove("--optim-in-backward")
         flags.append(flag)
         changed = dataclasses.replace(changed, **kw)
         result = plan.run_plan(hf_config, changed, free)

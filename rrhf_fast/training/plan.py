@@ -69,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     hf_config = read_config(config.model)
     lengths = dict(prompt_len=args.plan_prompt_len, response_len=args.plan_response_len, k=args.plan_k)
     result = run_plan(hf_config, config, gpu, search=args.search, **lengths)
+    if config.offload_optimizer:  # measured once here, not in each planned step of a search
+        result.cpu_params_per_s = cpu_step_throughput(config.optim)
     print(json.dumps(result.as_json()) if args.json else result.describe(config))
     return 0
 
@@ -156,8 +158,6 @@ def run_plan(
     tokens = config.micro_batch_tokens
     report, shape = at(tokens)
     result = PlanResult(report, shape, num_layers(hf_config), tokens, gpu)
-    if config.offload_optimizer:
-        result.cpu_params_per_s = cpu_step_throughput(config.optim)
     if search and gpu is not None:
         result.searched = True
         peaks = {tokens: report.peak_bytes}

@@ -379,7 +379,9 @@ def plan_step(
         at_peak={c: line(a.phase_peaks[phase][1][c], b.phase_peaks[phase][1][c]) for c in CATEGORIES},
         phase_peaks={ph: (phases[ph], {}) for ph in phases},
         host_peak_bytes=line(a.host_peak_bytes, b.host_peak_bytes),
-        host_by_category={c: line(a.host_by_category.get(c, 0), b.host_by_category.get(c, 0))
-                          for c in a.host_by_category.keys() | b.host_by_category.keys()},  # fmt: skip
+        host_by_category={
+            c: line(a.host_by_category.get(c, 0), b.host_by_category.get(c, 0))
+            for c in a.host_by_category.keys() | b.host_by_category.keys()
+        },  # fmt: skip
         trainable_params=line(a.trainable_params, b.trainable_params),
     )
