@@ -69,6 +69,7 @@ class InBackwardOptimizer(ParamwiseOptimizer):
         if self._pass == "update" and not self._stopped:
             if self._coef is not None:
                 (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(self._coef)
+            grad = None  # noqa: F841  (no reference here: a rounded bf16 update frees it early)
             self.step_param(slot)
             self.updated += 1
         slot.param.grad = None
