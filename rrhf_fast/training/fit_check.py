@@ -21,8 +21,9 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
+from rrhf_fast.training import plan
 
-GiB = 1 << 30
+GiB = plan.GiB
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -57,8 +58,6 @@ def savings(config: TrainConfig) -> list[tuple[str, dict[str, Any]]]:
 def check_fit(config: TrainConfig, device: torch.device, longest: int, log: Callable[[str], None]) -> Any:
     """Plan `config`'s step and raise UserError if it cannot fit `device`'s free memory; `longest`:
     the packed length of the longest query (the smallest --micro-batch-tokens the data allows)."""
-    from rrhf_fast.training import plan  # it imports train.py (the simulated step is train's)
-
     free = free_memory(device)
     if free is None or not config.fit_check:
         return None
@@ -92,8 +91,6 @@ def check_fit(config: TrainConfig, device: torch.device, longest: int, log: Call
 
 def find_fit(hf_config: Any, config: TrainConfig, free: int, longest: int) -> tuple[str, int] | None:
     """(the flags to add, the planned peak with them), or None: the search module doc describes."""
-    from rrhf_fast.training import plan
-
     searched = plan.run_plan(hf_config, config, free, search=True)
     best = searched.max_micro_batch_tokens
     if best is not None and best >= longest:
@@ -124,8 +121,6 @@ def _with(config: TrainConfig, tokens: int) -> TrainConfig:
 def _model_config(model: str) -> Any:
     """The model's config: PATH/config.json, or a hub id's (from the cache or the hub)."""
     from transformers import AutoConfig
-
-    from rrhf_fast.training import plan
 
     try:
         return plan.read_config(model)

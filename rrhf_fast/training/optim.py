@@ -111,6 +111,22 @@ def _torchao_adamw8bit() -> type:
     return AdamW8bit
 
 
+def cpu_step_throughput(optim: str, numel: int = 1 << 22, steps: int = 3) -> float:
+    """Parameters per second of `optim`'s step on this machine's CPU, with torch's current thread
+    count: one tensor of `numel` fp32 values stepped `steps` times after a first (state-creating)
+    step. What `plan --offload-optimizer` divides the trainable parameters by."""
+    import time
+
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    opt = _build(optim, [{"params": [p], "weight_decay": 0.0}], 1e-5, (0.9, 0.999), 1e-8, False)
+    opt.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return numel * steps / (time.perf_counter() - start)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate; in place where it is a tensor (torchao's optimizers hold it so)."""
     for group in optimizer.param_groups:

@@ -23,7 +23,7 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.training.in_backward import check_one_microbatch
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
-from rrhf_fast.training.offload import cpu_step_throughput
+from rrhf_fast.training.optim import cpu_step_throughput
 from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
 
 GiB = 1 << 30

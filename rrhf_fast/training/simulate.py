@@ -38,11 +38,11 @@ from rrhf_fast.models.logprobs import prepare_model
 from rrhf_fast.objectives import Metrics, build_objective
 from rrhf_fast.objectives import reward as reward_objective
 from rrhf_fast.training import optim, plan_cuda
+from rrhf_fast.training.backward import forward_backward
 from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
 from rrhf_fast.training.offload import OffloadOptimizer
 from rrhf_fast.training.setup import make_optimizer, training_autocast
-from rrhf_fast.training.train import forward_backward
 
 
 @dataclass(frozen=True)

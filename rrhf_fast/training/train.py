@@ -15,7 +15,6 @@ the gradients, metrics are summed over ranks, and rank 0 alone logs and draws (d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -30,11 +29,12 @@ from tqdm.auto import tqdm
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.data.packing import TokenizedExample
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_tokenizer
-from rrhf_fast.objectives import Metrics, Objective, build_objective
+from rrhf_fast.objectives import Metrics, build_objective
 from rrhf_fast.training import distributed
+from rrhf_fast.training.backward import forward_backward
 from rrhf_fast.training.checkpoint import (
     check_finite_weights,
     latest_checkpoint,
@@ -219,37 +219,6 @@ def train_step(job: Job, work: RankStep) -> StepResult:
         torch.cuda.synchronize(job.device)
     seconds = time.perf_counter() - t0
     return StepResult(metrics, grad_norm, tokens, finite, seconds, _peak_memory_mib(job.device))
-
-
-def forward_backward(
-    model: Any,
-    objective: Objective,
-    batches: list[PackedBatch],
-    autocast: contextlib.AbstractContextManager,
-    *,
-    queries: int | None = None,
-    own: int | None = None,
-    world: int = 1,
-) -> Metrics:
-    """Backward of the step's mean loss over all its queries; returns the summed metrics of the batches.
-
-    Under torchrun, `queries` is the step's query count over every rank, the batches after the
-    first `own` only keep this rank in step with the others (they train with weight 0), and the
-    loss is multiplied by `world`, since DDP and FSDP2 average the ranks' gradients.
-    """
-    queries = float(sum(b.num_queries for b in batches) if queries is None else queries)
-    own = len(batches) if own is None else own
-    metrics = None
-    for i, batch in enumerate(batches):
-        weight = world if i < own else 0
-        with distributed.gradient_sync(model, enabled=i == len(batches) - 1):
-            out = objective(model, batch, normalizer=queries, autocast=autocast)
-            (out.loss if weight == 1 else out.loss * weight).backward()
-        if i < own and metrics is None:
-            metrics = out.metrics
-        elif i < own:
-            metrics += out.metrics
-    return metrics if metrics is not None else objective.zero_metrics()
 
 
 def _sum_over_ranks(metrics: Metrics, tokens: int, device: torch.device, world: int) -> tuple[Metrics, int]:
