@@ -112,3 +112,27 @@ def test_planned_gpu_and_host_peaks_are_the_real_steps(launches_unseen, kw):  # 
     assert 8 * n <= real.host_by_category["optimizer"] < 9 * n
     assert real.by_category["optimizer"] == 0  # nothing of the optimizer on the device
     assert real.by_category["gradients"] < 0.2 * real.by_category["weights"]  # one tensor's at a time
+
+
+def test_offloaded_adamw8bit_is_the_ordinary_one_bitwise():
+    """bitsandbytes' 8-bit AdamW on the host copies: the same blockwise arithmetic per tensor as one
+    optimizer over all of them (a small MLP, three steps with clipping)."""
+    pytest.importorskip("bitsandbytes")
+
+    def run(offload):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
+        opt = build_optimizer(model.named_parameters(), "adamw8bit", lr=1e-2, offload=offload)
+        for step in range(3):
+            x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step))
+            model(x).square().mean().backward()
+            if offload:
+                opt.clip_grad_norm_(0.5)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return weights(model)
+
+    a, b = run(False), run(True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
