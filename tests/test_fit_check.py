@@ -88,3 +88,17 @@ def test_a_fitting_run_trains_and_says_so(tmp_path, model_dir, monkeypatch, caps
     cfg = config(tmp_path, model_dir, write_data(tmp_path / "d.jsonl"), max_steps=1, micro_batch_tokens=256)
     assert train.train(cfg).step == 1
     assert "fit check: planned peak" in capsys.readouterr().out
+
+
+def test_offloaded_run_over_the_host_memory_stops(tmp_path, model_dir, monkeypatch):
+    """--offload-optimizer: the GPU fits, the host's planned masters, gradients and states do not."""
+    cfg = config(tmp_path, model_dir, write_data(tmp_path / "d.jsonl"), micro_batch_tokens=256,
+                 offload_optimizer=True)  # fmt: skip
+    pretend_gpu(monkeypatch, 80 * GiB)
+    monkeypatch.setattr(fit_check, "host_memory", lambda: 1 << 20)
+    with pytest.raises(fit_check.UserError, match="planned host memory of this run is"):
+        fit_check.check_fit(cfg, torch.device("cpu"), longest=40, log=print)
+    monkeypatch.setattr(fit_check, "host_memory", lambda: 64 * GiB)
+    assert (
+        fit_check.check_fit(cfg, torch.device("cpu"), longest=40, log=print).report.host_peak_bytes > 1 << 20
+    )

@@ -34,6 +34,19 @@ def free_memory(device: torch.device) -> int | None:
     return int(torch.cuda.mem_get_info(device)[0])
 
 
+def host_memory() -> int | None:
+    """Bytes of host memory available now (Linux's MemAvailable; None where unknown). Tests pretend a
+    size by replacing this function."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def savings(config: TrainConfig) -> list[tuple[str, dict[str, Any]]]:
     """The memory flags the check tries, in order (each kept for the next): those this run does
     not have yet, cheapest in step time first."""
@@ -71,6 +84,14 @@ def check_fit(config: TrainConfig, device: torch.device, longest: int, log: Call
         log(f"fit check skipped: cannot plan this model ({type(err).__name__}: {str(err)[:200]})")
         return None
     peak, usable = result.report.peak_bytes, plan.usable(free)
+    host, host_free = result.report.host_peak_bytes, host_memory()
+    if host and host_free is not None and host > host_free:
+        raise UserError(
+            f"--offload-optimizer: the planned host memory of this run is {host / GiB:.1f} GiB (fp32 "
+            f"master weights, gradients and optimizer states), over the {host_free / GiB:.1f} GiB this "
+            "machine has available; use a machine with more memory, LoRA (--lora-r), or pass "
+            "--no-fit-check to try anyway"
+        )
     if result.fits:
         log(f"fit check: planned peak {peak / GiB:.1f} GiB ({result.report.peak_phase}), "
             f"{usable / GiB:.1f} GiB usable of {free / GiB:.1f} GiB free")  # fmt: skip
