@@ -51,6 +51,12 @@ GOALS = {  # the memory goals: 8B full fine-tuning at 4096 tokens, with and with
     "bf16 + Kahan updates, AdamW8bit, in backward (clipping: two passes)": dict(
         dtype="bfloat16", optim="adamw8bit", optim_in_backward=True, bf16_update="kahan"
     ),
+    "fp32 weights on the GPU, --offload-optimizer (states, gradients, step on the host)": dict(
+        offload_optimizer=True
+    ),
+    "bf16 weights on the GPU (fp32 masters on the host), --offload-optimizer, 2048 tokens": dict(
+        dtype="bfloat16", offload_optimizer=True, micro_batch_tokens=2048
+    ),
 }
 
 
@@ -101,12 +107,13 @@ def goal_rows() -> list[str]:
             missing = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(set(kw) - fields))
             rows.append(f"| Llama-3.1-8B full, {label} | not planned: this build has no {missing} |")
             continue
-        config = flags(micro_batch_tokens=4096, **kw)
-        report = plan_step(hf_config("Llama-3.1-8B"), config, batch_shape(4096))
+        config = flags(**{"micro_batch_tokens": 4096, **kw})
+        report = plan_step(hf_config("Llama-3.1-8B"), config, batch_shape(config.micro_batch_tokens))
         gib = report.peak_bytes / 2**30
         fits = [g for g, b in GPUS.items() if report.peak_bytes <= plan.usable(b)]
-        rows.append(f"| Llama-3.1-8B full, {label} | {gib:.1f} GiB peak ({report.peak_phase}); fits: "
-                    f"{', '.join(fits) or 'none of 24/48/80 GB'} |")  # fmt: skip
+        host = f"; host {report.host_peak_bytes / 2**30:.1f} GiB" if report.host_peak_bytes else ""
+        rows.append(f"| Llama-3.1-8B full, {label} | planned: {gib:.1f} GiB peak ({report.peak_phase})"
+                    f"{host}; fits: {', '.join(fits) or 'none of 24/48/80 GB'} |")  # fmt: skip
     return rows
 
 

@@ -108,6 +108,11 @@ class TrainConfig:
         "update each weight in the backward and free its gradient (no whole-model gradient "
         "buffer; with --max-grad-norm, two forward+backward passes a step)",
     )
+    offload_optimizer: bool = opt(
+        False,
+        "keep the optimizer states, fp32 master weights and the step in host memory; gradients leave "
+        "the GPU as the backward makes them (one GPU; costs a CPU optimizer step)",
+    )
     bf16_update: str = opt(
         "nearest",
         "--dtype bfloat16 full fine-tuning: how fp32 updates round into the bf16 weights "
@@ -188,6 +193,11 @@ class TrainConfig:
     load_in_4bit: bool = opt(False, "load the base model in 4-bit NF4 (QLoRA; needs --lora-r)")
     load_in_8bit: bool = opt(False, "load the base model in 8-bit (LLM.int8; needs --lora-r)")
     fsdp: bool = opt(False, "under torchrun: shard weights, gradients and optimizer states (FSDP2), not DDP")
+    fit_check: bool = opt(
+        True,
+        "on CUDA, plan the step (rrhf-fast plan, seconds) before loading the weights and stop if it "
+        "cannot fit the GPU's free memory; --no-fit-check skips it",
+    )
     # ---- bookkeeping
     seed: int = opt(0, "seed of the data order and of every random number generator")
     resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
@@ -300,6 +310,13 @@ class TrainConfig:
             raise UserError(
                 f"--bf16-update {self.bf16_update} rounds updates into bf16 weights trained in full: "
                 "give --dtype bfloat16 without --lora-r (fp32 weights and LoRA adapters need no rounding)"
+            )
+        if self.offload_optimizer and (self.optim_in_backward or self.fsdp or self.bf16_update != "nearest"):
+            other = "--optim-in-backward" if self.optim_in_backward else (
+                "--fsdp" if self.fsdp else f"--bf16-update {self.bf16_update}")  # fmt: skip
+            raise UserError(
+                f"--offload-optimizer steps fp32 master weights on the host, which {other} does not "
+                "combine with; drop one of them"
             )
         if self.bf16_update != "nearest" and self.fsdp:
             raise UserError(f"--bf16-update {self.bf16_update} is not supported with --fsdp yet; drop --fsdp")

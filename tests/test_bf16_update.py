@@ -187,3 +187,30 @@ def test_bf16_stochastic_rounding_tracks_fp32_on_the_demo_task(tmp_path):
         rewards[name] = demo.score_greedy(model, tokenizer, queries[cfg.train_queries :], cfg.max_digits)[0]
     assert rewards["fp32"] > 0.5  # it trained
     assert abs(rewards["bf16"] - rewards["fp32"]) <= 0.03, rewards
+
+
+def test_chunked_rounding_is_unbiased_and_bounded_in_memory():
+    """stochastic_round_into rounds chunk by chunk: each value still lands on a bf16 neighbour with
+    the unbiased probabilities, one chunk equal to the whole tensor draws the same noise as
+    stochastic_round, and the live bytes it adds are measured (MemoryTracker on real tensors) to
+    scale with the chunk, not the tensor."""
+    from rrhf_fast.training.bf16_update import stochastic_round_into
+    from rrhf_fast.training.memtrack import MemoryTracker
+
+    x = torch.full((4000, 64), 1.0 + 2**-10)  # 1/8 of the way from 1 to the next bf16 value
+    out = torch.empty_like(x, dtype=torch.bfloat16)
+    stochastic_round_into(out, x, torch.Generator().manual_seed(0), chunk=1000)
+    up = (out.float() > 1).float().mean().item()
+    assert set(out.float().unique().tolist()) <= {1.0, 1.0 + 2**-7} and abs(up - 0.125) < 0.01
+    whole = torch.empty_like(out)
+    stochastic_round_into(whole, x, torch.Generator().manual_seed(1), chunk=x.numel())
+    assert torch.equal(whole, stochastic_round(x, torch.Generator().manual_seed(1)))
+
+    def peak(chunk):
+        with MemoryTracker() as tracker:
+            stochastic_round_into(out, x, torch.Generator().manual_seed(0), chunk=chunk)
+        return tracker.report().peak_bytes
+
+    n, chunk = x.numel(), 4096
+    assert peak(n) >= 12 * n  # int32 noise, the sum, the mask, bf16 results: ~16 bytes a value
+    assert peak(chunk) <= 20 * chunk

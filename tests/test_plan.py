@@ -24,6 +24,7 @@ def flags(**kw):
 
 VALIDATION = [
     pytest.param("llama-tied", {}, id="llama-tied-full"),
+    pytest.param("llama", dict(loss="rm"), id="llama-reward-model"),
     pytest.param("qwen2", dict(lora_r=4), id="qwen2-lora", marks=pytest.mark.slow),
     pytest.param("gemma2", dict(gradient_checkpointing=True), id="gemma2-full-ckpt", marks=pytest.mark.slow),
     pytest.param("llama", dict(lora_r=8, gradient_checkpointing=True), id="llama-lora-ckpt",
@@ -62,13 +63,18 @@ def test_extrapolation_matches_the_whole_simulation(kw):
         assert planned.by_category[category] == pytest.approx(value, rel=0.01, abs=4096), category
 
 
-@pytest.mark.slow  # 15-35 s: a 12-layer simulation
-def test_extrapolation_follows_each_phase():
-    """With 2 and 4 layers this step peaks in backward (the embedding and lm_head weigh most); with
-    12, in forward (autocast's bf16 copies of every layer's fp32 weights): plan_step extrapolates
-    each phase's peak, so it lands on the whole simulation's peak and phase. A 500-token vocabulary:
-    with 3000, 12 layers peak in backward too since the fused log-probs no longer hold a bf16 copy
-    of the lm_head from forward to backward (its fp32 gradient and chunk buffers come in backward)."""
+@pytest.mark.slow  # 15-45 s: a 12-layer simulation
+def test_extrapolation_follows_each_phase(monkeypatch):
+    """With torch's cached autocast (the trainer's is uncached) and 2 and 4 layers this step peaks
+    in backward (the embedding and lm_head weigh most); with 12, in forward (the cache's bf16 copies
+    of every layer's fp32 weights): plan_step extrapolates each phase's peak, so it lands on the
+    whole simulation's peak and phase. A 500-token vocabulary: with 3000, 12 layers peak in backward
+    too since the fused log-probs no longer hold a bf16 copy of the lm_head from forward to backward
+    (its fp32 gradient and chunk buffers come in backward)."""
+    from rrhf_fast.training import simulate as simulate_module
+
+    cached = lambda device_type: torch.autocast(device_type, dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(simulate_module, "training_autocast", cached)
     hf = tiny_config("qwen2", num_layers=12, hidden_size=96, num_heads=6, num_kv_heads=2, vocab_size=500)
     config = flags(attn="auto", kernels="auto", optim="adamw8bit", optim_in_backward=True,
                    gradient_checkpointing=True)  # fmt: skip
@@ -77,6 +83,21 @@ def test_extrapolation_follows_each_phase():
     whole, planned = simulate(hf, config, shape), plan_step(hf, config, shape)
     assert whole.peak_phase == planned.peak_phase == "forward"
     assert planned.peak_bytes == pytest.approx(whole.peak_bytes, rel=0.01)
+
+
+def test_autocast_weight_copies_are_their_own_category():
+    """fp32 weights under bf16 autocast: the bf16 copy of each decoder linear (2 bytes a weight,
+    cached for the whole forward) is "weight_copies", the same at any token budget; "activations"
+    is what grows with the tokens. bf16 weights are not copied."""
+    hf = tiny_config("llama", num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=64)
+    linears = sum(m.weight.numel() for m in _meta_model(hf).model.layers.modules()
+                  if isinstance(m, torch.nn.Linear))  # fmt: skip
+    small, large = (plan_step(hf, flags(), batch_shape(t), cuda=False) for t in (128, 512))
+    assert small.by_category["weight_copies"] == large.by_category["weight_copies"]
+    assert small.by_category["weight_copies"] == pytest.approx(2 * linears, rel=0.01)
+    assert large.by_category["activations"] > 3 * small.by_category["activations"]
+    bf16 = plan_step(hf, flags(dtype="bfloat16"), batch_shape(128), cuda=False)
+    assert bf16.by_category["weight_copies"] == 0
 
 
 def test_adamw8bit_states_are_bitsandbytes_layout():
@@ -146,8 +167,11 @@ def test_cli_json(tmp_path, capsys):
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"peak_bytes", "peak_phase", "by_category", "micro_batch_tokens", "fits",
-                        "max_micro_batch_tokens"}  # fmt: skip
-    assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "activations", "temporaries"}
+                        "max_micro_batch_tokens", "host_peak_bytes", "host_by_category", "trainable_params",
+                        "cpu_params_per_s", "cpu_step_seconds"}  # fmt: skip
+    assert out["host_peak_bytes"] == 0 and out["cpu_step_seconds"] is None  # nothing offloaded
+    assert set(out["by_category"]) == {"weights", "gradients", "optimizer", "weight_copies", "activations",
+                                       "temporaries"}  # fmt: skip
     assert out["micro_batch_tokens"] == 512 and out["fits"] is None and out["max_micro_batch_tokens"] is None
     assert out["peak_bytes"] >= max(out["by_category"].values())
 
@@ -163,6 +187,23 @@ def test_cli_search(tmp_path, capsys):
     assert best % 256 == 0 and best > 512
     assert cli.main([*argv, "--micro-batch-tokens", str(best + 256)]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+def test_cli_offload(tmp_path, capsys):
+    tiny_config("llama", num_layers=2).save_pretrained(tmp_path)
+    argv = ["plan", "--model", str(tmp_path), "--micro-batch-tokens", "256", "--offload-optimizer",
+            "--optim", "adamw"]  # fmt: skip
+    assert cli.main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    n = out["trainable_params"]
+    assert out["host_by_category"]["weights"] == out["host_by_category"]["gradients"] == 4 * n
+    assert out["by_category"]["optimizer"] == 0 and out["host_peak_bytes"] >= 16 * n
+    assert out["cpu_params_per_s"] > 0 and out["cpu_step_seconds"] == pytest.approx(
+        n / out["cpu_params_per_s"]
+    )
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "host memory (--offload-optimizer): peak" in text and "CPU optimizer step:" in text
 
 
 def test_cli_text_and_errors(tmp_path, capsys):
@@ -187,6 +228,8 @@ IN_BACKWARD = [
     pytest.param(dict(bf16_update="stochastic", dtype="bfloat16"), id="bf16-stochastic-two-passes",
                  marks=pytest.mark.slow),
     pytest.param(dict(), id="fp32-two-passes", marks=pytest.mark.slow),
+    pytest.param(dict(gradient_checkpointing=True, max_grad_norm=0.0), id="fp32-ckpt-one-pass",
+                 marks=pytest.mark.slow),
 ]  # fmt: skip
 
 

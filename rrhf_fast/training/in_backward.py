@@ -69,6 +69,7 @@ class InBackwardOptimizer(ParamwiseOptimizer):
         if self._pass == "update" and not self._stopped:
             if self._coef is not None:
                 (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(self._coef)
+            grad = None  # noqa: F841  (no reference here: a rounded bf16 update frees it early)
             self.step_param(slot)
             self.updated += 1
         slot.param.grad = None
@@ -123,6 +124,8 @@ def backward_step(
     if isinstance(optimizer, InBackwardOptimizer):
         return optimizer.run_step(run_backward, max_grad_norm)
     metrics = run_backward()
+    if hasattr(optimizer, "clip_grad_norm_"):  # --offload-optimizer: the gradients are on the host
+        return metrics, float(optimizer.clip_grad_norm_(max_grad_norm))
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     return metrics, float(distributed.local_value(norm))
 

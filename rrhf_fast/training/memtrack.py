@@ -10,16 +10,19 @@ then sees their workspace buffers too.
 
 Categories: weights (registered before the step), gradients (a parameter's .grad, moved there when
 it is accumulated), optimizer (allocated during the optimizer step: its states, and the step's own
-short-lived temporaries), activations (allocated during forward and still alive), temporaries
-(allocated during backward and not a gradient: recomputed activations under checkpointing,
-activation gradients, kernel workspaces).
+short-lived temporaries), weight_copies (a weight cast to another dtype during forward or backward:
+autocast's bf16 copies of fp32 weights, which it caches until its region exits, so they grow with
+the model, not with the tokens), activations (allocated during forward and still alive: what grows
+with the tokens), temporaries (allocated during backward and not a gradient or a weight copy:
+recomputed activations under checkpointing, activation gradients, kernel workspaces).
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +31,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-CATEGORIES = ("weights", "gradients", "optimizer", "activations", "temporaries")
+CATEGORIES = ("weights", "gradients", "optimizer", "weight_copies", "activations", "temporaries")
+# ops that cast a tensor to another dtype: autocast's casts reach the dispatcher as _to_copy
+_CASTS = {torch.ops.aten._to_copy.default, torch.ops.aten.to.dtype, torch.ops.aten.to.dtype_layout}
+_COPY_PHASES = ("forward", "backward")
+HOST = "host "  # the prefix of a host-memory category in MemoryTracker.live
 PHASE_CATEGORY = {
     "setup": "weights",
     "forward": "activations",
@@ -56,6 +63,10 @@ class MemoryReport:
     allocations: list[Allocation] = field(default_factory=list)
     # each phase's own peak and the categories there: plan_step extrapolates them one by one
     phase_peaks: dict[str, tuple[int, dict[str, int]]] = field(default_factory=dict)
+    # host memory (--offload-optimizer): its peak and each category's largest value; not in the above
+    host_peak_bytes: int = 0
+    host_by_category: dict[str, int] = field(default_factory=dict)
+    trainable_params: int = 0
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -76,6 +87,19 @@ class MemoryTracker(TorchDispatchMode):
         self.at_peak: dict[str, int] = {}
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.allocations: list[Allocation] = []
+        self.host_category: str | None = None  # set: what is allocated now is host memory of this kind
+        self.host_current: Counter[str] = Counter()
+        self.host_largest: Counter[str] = Counter()
+        self.host_total = self.host_peak = 0
+
+    @contextlib.contextmanager
+    def on_host(self, category: str) -> Iterator[None]:
+        """What is allocated inside lives in host memory, counted as `category` there."""
+        old, self.host_category = self.host_category, category
+        try:
+            yield
+        finally:
+            self.host_category = old
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -89,6 +113,8 @@ class MemoryTracker(TorchDispatchMode):
         if key in self.live:
             return
         nbytes = storage.nbytes() if nbytes is None else nbytes
+        if self.host_category is not None:
+            category = HOST + (category or self.host_category)
         cat = category or PHASE_CATEGORY[self.phase]
         self.live[key] = (nbytes, cat)
         self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._free(key))
@@ -109,6 +135,13 @@ class MemoryTracker(TorchDispatchMode):
             self._add(category, nbytes)
 
     def _add(self, cat: str, nbytes: int) -> None:
+        if cat.startswith(HOST):
+            cat = cat.removeprefix(HOST)
+            self.host_current[cat] += nbytes
+            self.host_total += nbytes
+            self.host_largest[cat] = max(self.host_largest[cat], self.host_current[cat])
+            self.host_peak = max(self.host_peak, self.host_total)
+            return
         self.current[cat] += nbytes
         self.total += nbytes
         self.largest[cat] = max(self.largest[cat], self.current[cat])
@@ -121,7 +154,10 @@ class MemoryTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
         self._refs.pop(key, None)
-        if entry is not None:
+        if entry is not None and entry[1].startswith(HOST):
+            self.host_current[entry[1].removeprefix(HOST)] -= entry[0]
+            self.host_total -= entry[0]
+        elif entry is not None:
             self.current[entry[1]] -= entry[0]
             self.total -= entry[0]
 
@@ -133,6 +169,8 @@ class MemoryTracker(TorchDispatchMode):
             at_peak={c: int(self.at_peak.get(c, 0)) for c in CATEGORIES},
             allocations=list(self.allocations),
             phase_peaks=dict(self.phase_peaks),
+            host_peak_bytes=self.host_peak,
+            host_by_category={c: int(self.host_largest[c]) for c in self.host_largest},
         )
 
     # -- dispatch --------------------------------------------------------------------------------
@@ -149,10 +187,19 @@ class MemoryTracker(TorchDispatchMode):
         # An output on an input's storage (a view, an in-place or out= op) is no new memory, also
         # when the input predates the tracker.
         inputs = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if _strided(t)}
+        category = self._copy_of_weight(func, args)
         for t in tree_flatten(out)[0]:
             if _strided(t) and id(t.untyped_storage()) not in inputs:
-                self.track(t)
+                self.track(t, category)
         return out
+
+    def _copy_of_weight(self, func: Any, args: tuple) -> str | None:
+        """ "weight_copies" when `func` casts a weight (a tracked "weights" storage) in forward or
+        backward, else None (the phase's category)."""
+        if func not in _CASTS or self.phase not in _COPY_PHASES or not args or not _strided(args[0]):
+            return None
+        entry = self.live.get(id(args[0].untyped_storage()))
+        return "weight_copies" if entry is not None and entry[1] == "weights" else None
 
 
 def _strided(t: Any) -> bool:

@@ -27,6 +27,7 @@ from rrhf_fast.config import OPTIMIZERS
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import import_bitsandbytes
 from rrhf_fast.training.in_backward import InBackwardOptimizer
+from rrhf_fast.training.offload import OffloadOptimizer
 from rrhf_fast.training.paramwise import ParamwiseOptimizer
 
 
@@ -42,6 +43,7 @@ def build_optimizer(
     in_backward: bool = False,
     bf16_update: str = "nearest",
     seed: int = 0,
+    offload: bool = False,
 ) -> Any:
     """An AdamW flavour over the trainable `(name, param)` pairs (e.g. `model.named_parameters()`);
     `sharded`: the parameters are FSDP2's DTensors.
@@ -58,6 +60,12 @@ def build_optimizer(
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
+    if offload:  # --offload-optimizer: one optimizer per host copy, on the CPU (offload.py)
+
+        def make_host(ps: list[torch.nn.Parameter], decay: float) -> torch.optim.Optimizer:
+            return _build(name, [{"params": ps, "weight_decay": decay}], lr, betas, eps, False)
+
+        return OffloadOptimizer(groups, make_host, order=trainable)
     if in_backward or bf16_update != "nearest":
 
         def make(ps: list[torch.nn.Parameter], decay: float) -> torch.optim.Optimizer:
@@ -101,6 +109,22 @@ def _torchao_adamw8bit() -> type:
 
     functorch_config.enable_autograd_cache = False
     return AdamW8bit
+
+
+def cpu_step_throughput(optim: str, numel: int = 1 << 22, steps: int = 3) -> float:
+    """Parameters per second of `optim`'s step on this machine's CPU, with torch's current thread
+    count: one tensor of `numel` fp32 values stepped `steps` times after a first (state-creating)
+    step. What `plan --offload-optimizer` divides the trainable parameters by."""
+    import time
+
+    p = torch.nn.Parameter(torch.randn(numel))
+    p.grad = torch.randn(numel)
+    opt = _build(optim, [{"params": [p], "weight_decay": 0.0}], 1e-5, (0.9, 0.999), 1e-8, False)
+    opt.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    return numel * steps / (time.perf_counter() - start)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

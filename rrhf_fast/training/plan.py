@@ -16,11 +16,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.training.in_backward import check_one_microbatch
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
+from rrhf_fast.training.optim import cpu_step_throughput
 from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
 
 GiB = 1 << 30
@@ -28,7 +31,7 @@ GiB = 1 << 30
 MEMORY_FLAGS = (
     "micro_batch_tokens", "grad_accum", "dtype", "optim", "optim_in_backward", "bf16_update",
     "max_grad_norm", "gradient_checkpointing", "lora_r", "lora_target_modules", "load_in_4bit",
-    "load_in_8bit", "loss", "attn", "kernels",
+    "load_in_8bit", "loss", "attn", "kernels", "offload_optimizer",
 )  # fmt: skip
 # What the allocator and CUDA need besides the tensors: the CUDA context, cuBLAS and NCCL
 # workspaces (~1 GiB together on an H100 with torch 2.x), plus fragmentation of the caching
@@ -66,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     hf_config = read_config(config.model)
     lengths = dict(prompt_len=args.plan_prompt_len, response_len=args.plan_response_len, k=args.plan_k)
     result = run_plan(hf_config, config, gpu, search=args.search, **lengths)
+    if config.offload_optimizer:  # measured once here, not in each planned step of a search
+        result.cpu_params_per_s = cpu_step_throughput(config.optim)
     print(json.dumps(result.as_json()) if args.json else result.describe(config))
     return 0
 
@@ -79,6 +84,14 @@ class PlanResult:
     gpu_bytes: int | None
     max_micro_batch_tokens: int | None = None
     searched: bool = False
+    cpu_params_per_s: float | None = None  # --offload-optimizer: the host step's measured throughput
+
+    @property
+    def cpu_step_seconds(self) -> float | None:
+        """The host optimizer step's time: trainable parameters / measured parameters per second."""
+        if not self.cpu_params_per_s:
+            return None
+        return self.report.trainable_params / self.cpu_params_per_s
 
     @property
     def fits(self) -> bool | None:
@@ -92,6 +105,11 @@ class PlanResult:
             "micro_batch_tokens": self.micro_batch_tokens,
             "fits": self.fits,
             "max_micro_batch_tokens": self.max_micro_batch_tokens,
+            "host_peak_bytes": self.report.host_peak_bytes,
+            "host_by_category": dict(self.report.host_by_category),
+            "trainable_params": self.report.trainable_params,
+            "cpu_params_per_s": self.cpu_params_per_s,
+            "cpu_step_seconds": self.cpu_step_seconds,
         }
 
     def describe(self, config: TrainConfig) -> str:
@@ -102,8 +120,18 @@ class PlanResult:
             f"micro-batch: {self.micro_batch_tokens} tokens budget, simulated as {self.shape.describe()}",
             f"peak: {r.peak_bytes / GiB:.2f} GiB, during {r.peak_phase}",
             "largest value of each category over the step (they need not peak together):",
-            *(f"  {c:<12} {r.by_category[c] / GiB:8.2f} GiB" for c in CATEGORIES),
+            *(f"  {c:<14} {r.by_category[c] / GiB:8.2f} GiB" for c in CATEGORIES),
         ]
+        if r.host_peak_bytes:
+            host = ", ".join(f"{c} {v / GiB:.2f}" for c, v in sorted(r.host_by_category.items()))
+            lines.append(f"host memory (--offload-optimizer): peak {r.host_peak_bytes / GiB:.2f} GiB "
+                         f"({host} GiB); the GPU figures above exclude it")  # fmt: skip
+        if self.cpu_step_seconds is not None:
+            lines.append(
+                f"CPU optimizer step: {r.trainable_params:,} parameters / {self.cpu_params_per_s:,.0f} "
+                f"parameters/s (--optim {config.optim} measured on this CPU, {torch.get_num_threads()} "
+                f"threads) = {self.cpu_step_seconds:.1f} s a step on top of the GPU's forward and backward"
+            )
         if self.gpu_bytes is not None:
             lines.append(
                 f"fits in {self.gpu_bytes / GiB:.1f} GiB: {'yes' if self.fits else 'no'} (usable "
@@ -195,10 +223,14 @@ def method(config: TrainConfig) -> str:
         kind = f"QLoRA r={config.lora_r} ({'4' if config.load_in_4bit else '8'}-bit base)"
     else:
         kind = f"LoRA r={config.lora_r}" if config.lora_r else "full fine-tuning"
+    if config.loss == "rm":
+        kind += " of a reward model (score head, no lm_head)"
     weights = "bf16 weights" if config.dtype == "bfloat16" else "fp32 weights"
     extras = [kind, f"{weights}, bf16 autocast", f"--optim {config.optim}"]
     if config.bf16_update != "nearest":
         extras.append(f"--bf16-update {config.bf16_update}")
+    if config.offload_optimizer:
+        extras.append("optimizer offloaded to the host")
     if config.optim_in_backward:
         extras.append("in backward" + (" (two passes: clipping)" if config.max_grad_norm else ""))
     extras.append("gradient checkpointing" if config.gradient_checkpointing else "no checkpointing")

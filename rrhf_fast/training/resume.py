@@ -32,7 +32,7 @@ SCHEDULE_FLAGS = ("max_steps", "epochs", "lr", "min_lr", "warmup_steps")
 # makes the resumed run differ from the original.
 _BOOKKEEPING = {"output_dir", "resume", "max_steps", "epochs", "eval_data", "eval_every", "save_every",
                 "keep_checkpoints", "log_every", "plot", "max_bad_steps", "device", "report_to", "run_name",
-                "project"}  # fmt: skip
+                "project", "fit_check"}  # fmt: skip
 
 
 def data_fingerprint(items: Sequence[TokenizedExample]) -> dict[str, Any]:

@@ -26,21 +26,23 @@ from typing import Any
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized
 from rrhf_fast.kernels import ops
 from rrhf_fast.kernels import utils as kernel_utils
-from rrhf_fast.models import attention
+from rrhf_fast.models import attention, reward
 from rrhf_fast.models.loading import finish_model, weight_dtype
 from rrhf_fast.models.logprobs import prepare_model
 from rrhf_fast.objectives import Metrics, build_objective
+from rrhf_fast.objectives import reward as reward_objective
 from rrhf_fast.training import optim, plan_cuda
+from rrhf_fast.training.backward import forward_backward
 from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
-from rrhf_fast.training.setup import make_optimizer
-from rrhf_fast.training.train import forward_backward
+from rrhf_fast.training.offload import OffloadOptimizer
+from rrhf_fast.training.setup import make_optimizer, training_autocast
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,7 @@ def simulate(
     with torch.device("meta") if fake else contextlib.nullcontext():
         model = build_model(hf_config, config)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with _cuda_paths(cuda), mode:
+    with _cuda_paths(cuda), _reward_loss(fake), mode:
         if fake:
             _fake_storage(model)
         stored = {id(m.weight): m.stored_bytes for m in model.modules() if hasattr(m, "stored_bytes")}
@@ -116,14 +118,39 @@ def simulate(
         # before the optimizer's: --optim-in-backward's hooks free each gradient they step
         hooks = watch_gradients(tracker, params)
         optimizer = _optimizer(model, config, fake, cuda)
+        offloaded = isinstance(optimizer, OffloadOptimizer)
+        host = _on_host(tracker, optimizer) if offloaded else contextlib.nullcontext()
         try:
-            with tracker:  # two steps: from the second on, the optimizer state lives through the
+            with tracker, host:  # two steps: from the second on, the optimizer state lives through the
                 for _ in range(2):  # forward and backward (the first creates it in its update)
                     _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer)
         finally:
             for hook in hooks:
                 hook.remove()
-    return tracker.report()
+    report = tracker.report()
+    report.trainable_params = sum(p.numel() for p in params)
+    return report
+
+
+@contextlib.contextmanager
+def _on_host(tracker: MemoryTracker, optimizer: OffloadOptimizer) -> Iterator[None]:
+    """--offload-optimizer: its master copies, the gradients it moves and its step are host memory."""
+    for t in optimizer.host_tensors():
+        tracker.track(t, "host weights")
+
+    def on_host(method: Any, category: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with tracker.on_host(category):
+                return method(*args, **kwargs)
+
+        return run
+
+    with (
+        mock.patch.object(optimizer, "to_host", on_host(optimizer.to_host, "gradients")),
+        mock.patch.object(optimizer, "clip_grad_norm_", on_host(optimizer.clip_grad_norm_, "optimizer")),
+        mock.patch.object(optimizer, "step_param", on_host(optimizer.step_param, "optimizer")),
+    ):
+        yield
 
 
 def _step(model, batches, config, tracker, params, optimizer) -> None:
@@ -143,11 +170,12 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         tracker.phase = "backward"
         backward(self, *args, **kwargs)
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = training_autocast("cpu")
     no_metrics = classmethod(lambda cls, names, *_: cls.zeros(names))
     with (
         mock.patch.object(Metrics, "of_batch", no_metrics),
         mock.patch.object(torch.Tensor, "backward", tracked_backward),
+        mock.patch.object(reward, "pooled_rows", _on_the_host(reward.pooled_rows)),
     ):
         if isinstance(optimizer, InBackwardOptimizer):
             with mock.patch.object(optimizer, "step_param", _in_phase(tracker, optimizer.step_param)):
@@ -156,10 +184,23 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         else:  # backward_step's own, without its read of the norm's value
             forward_backward(model, forward, batches, autocast)
             tracker.phase = "clip"
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+            if isinstance(optimizer, OffloadOptimizer):
+                optimizer.clip_grad_norm_(config.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     tracker.phase = "optimizer"
     optimizer.step()  # after an update in backward: no gradient is left, nothing happens
     optimizer.zero_grad(set_to_none=True)
+
+
+def _on_the_host(pooled_rows: Any) -> Any:
+    """train-rm's pooling reads the batch's token ids on the host (real tensors, never fake ones)."""
+
+    def rows(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with unset_fake_temporarily():
+            return pooled_rows(*args, **kwargs)
+
+    return rows
 
 
 def _in_phase(tracker: MemoryTracker, step_param: Any) -> Any:
@@ -179,15 +220,21 @@ def build_model(hf_config: Any, config: TrainConfig) -> torch.nn.Module:
     """The model as `load_model` would return it, from the config alone; for --load-in-4bit/8bit,
     the decoder linears stay in bf16 here but run as bitsandbytes' layers, and their attribute
     `stored_bytes` says what their weight takes as bitsandbytes stores it."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quant = config.load_in_4bit or config.load_in_8bit
     dtype = torch.bfloat16 if quant else weight_dtype(config.dtype)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    task = "SEQ_CLS" if config.loss == "rm" else "CAUSAL_LM"
+    if task == "SEQ_CLS":  # train-rm's model: the backbone and a one-label score head, no lm_head
+        hf_config = copy.deepcopy(hf_config)
+        hf_config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(hf_config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     if quant:
         _as_quantized(model, config)
         config = dataclasses.replace(config, load_in_4bit=False, load_in_8bit=False)
-    return prepare_model(finish_model(model, config))
+    return prepare_model(finish_model(model, config, task))
 
 
 def _fake_storage(model: torch.nn.Module) -> None:
@@ -257,6 +304,25 @@ def with_layers(hf_config: Any, layers: int | None) -> Any:
 
 
 @contextlib.contextmanager
+def _reward_loss(fake: bool) -> Iterator[None]:
+    """train-rm's loss selects pairs with boolean masks, whose sizes fake tensors cannot know: on
+    them a Bradley-Terry loss over every pair stands in ([R, R] for the R responses of a micro-batch,
+    at most a few MiB: nothing next to the model)."""
+    if not fake:
+        yield
+        return
+
+    def every_pair(rewards: torch.Tensor, *args: Any, **kwargs: Any) -> reward_objective.RewardLossOutput:
+        r = rewards.float()
+        loss = -torch.nn.functional.logsigmoid(r[:, None] - r[None, :]).mean()
+        zero = r.new_zeros(())
+        return reward_objective.RewardLossOutput(loss, loss, zero, zero)
+
+    with mock.patch.object(reward_objective, "reward_loss", every_pair):
+        yield
+
+
+@contextlib.contextmanager
 def _cuda_paths(cuda: bool) -> Iterator[None]:
     """On CUDA, attention is flash-attn's varlen (auto, varlen; flex: the same memory pattern, out
     and an fp32 LSE) and the kernels are the Triton ones (here their fake kernels: nothing runs)."""
@@ -312,4 +378,10 @@ def plan_step(
         by_category={c: line(a.by_category[c], b.by_category[c]) for c in CATEGORIES},
         at_peak={c: line(a.phase_peaks[phase][1][c], b.phase_peaks[phase][1][c]) for c in CATEGORIES},
         phase_peaks={ph: (phases[ph], {}) for ph in phases},
+        host_peak_bytes=line(a.host_peak_bytes, b.host_peak_bytes),
+        host_by_category={
+            c: line(a.host_by_category.get(c, 0), b.host_by_category.get(c, 0))
+            for c in a.host_by_category.keys() | b.host_by_category.keys()
+        },  # fmt: skip
+        trainable_params=line(a.trainable_params, b.trainable_params),
     )

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import PackedBatch, TokenizedExample
+from rrhf_fast.data.packing import TokenizedExample
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import load_tokenizer
-from rrhf_fast.objectives import Metrics, Objective, build_objective
+from rrhf_fast.objectives import Metrics, build_objective
 from rrhf_fast.training import distributed, tracking
+from rrhf_fast.training.backward import forward_backward
 from rrhf_fast.training.checkpoint import (
     check_finite_weights,
     complete_checkpoints,
@@ -44,6 +45,7 @@ from rrhf_fast.training.checkpoint import (
     save_checkpoint,
 )
 from rrhf_fast.training.evaluate import evaluate
+from rrhf_fast.training.fit_check import check_fit
 from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
 from rrhf_fast.training.model_card import model_card
 from rrhf_fast.training.optim import lr_at, set_lr
@@ -149,6 +151,11 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     schedule, saved_config = plan_schedule(config, planner, data.fingerprint, checkpoint, log)
     if config.optim_in_backward:  # each step must be one micro-batch per rank
         check_one_microbatch(config, planner.steps_of_epoch, schedule["total_steps"], dist.world)
+    if config.offload_optimizer and dist.world > 1:
+        raise UserError("--offload-optimizer is for one GPU: under torchrun the gradients would leave "
+                        "each GPU before DDP averages them; drop it or use --fsdp")  # fmt: skip
+    # on CUDA: will the step fit? `rrhf-fast plan` on these flags (seconds), before any weights load
+    check_fit(config, device, max(it.packed_len for it in data.items), log)
 
     # ---------------------------------------------------------------------------------------------
     # model and optimizer; a resumed run's weights go in before DDP / FSDP2 wrap the model (FSDP2
@@ -253,37 +260,6 @@ def train_step(job: Job, work: RankStep) -> StepResult:
         torch.cuda.synchronize(job.device)
     seconds = time.perf_counter() - t0
     return StepResult(metrics, grad_norm, tokens, finite, seconds, _peak_memory_mib(job.device))
-
-
-def forward_backward(
-    model: Any,
-    objective: Objective,
-    batches: list[PackedBatch],
-    autocast: contextlib.AbstractContextManager,
-    *,
-    queries: int | None = None,
-    own: int | None = None,
-    world: int = 1,
-) -> Metrics:
-    """Backward of the step's mean loss over all its queries; returns the summed metrics of the batches.
-
-    Under torchrun, `queries` is the step's query count over every rank, the batches after the
-    first `own` only keep this rank in step with the others (they train with weight 0), and the
-    loss is multiplied by `world`, since DDP and FSDP2 average the ranks' gradients.
-    """
-    queries = float(sum(b.num_queries for b in batches) if queries is None else queries)
-    own = len(batches) if own is None else own
-    metrics = None
-    for i, batch in enumerate(batches):
-        weight = world if i < own else 0
-        with distributed.gradient_sync(model, enabled=i == len(batches) - 1):
-            out = objective(model, batch, normalizer=queries, autocast=autocast)
-            (out.loss if weight == 1 else out.loss * weight).backward()
-        if i < own and metrics is None:
-            metrics = out.metrics
-        elif i < own:
-            metrics += out.metrics
-    return metrics if metrics is not None else objective.zero_metrics()
 
 
 def _sum_over_ranks(metrics: Metrics, tokens: int, device: torch.device, world: int) -> tuple[Metrics, int]:
