@@ -42,7 +42,7 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q --upgrade torch
 	$(LATEST)/bin/python -m pip install -q --upgrade -e ".[$(EXTRAS)]"
-	$(LATEST)/bin/python -m pip freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//' > $(LATEST)/freeze.txt
+	$(LATEST)/bin/python -m pip list --format=freeze --exclude-editable | sed 's/+[a-z0-9.]*$$//' > $(LATEST)/freeze.txt
 	$(LATEST)/bin/pytest -m "not slow"
 	touch $(LATEST)/.passed
 
@@ -52,7 +52,7 @@ lock:
 	{ echo "# The exact versions the test suite last passed with (make test-latest, then make lock)."; \
 	  echo "# Installed as pip constraints by make install / demo / test; torch's local build tag"; \
 	  echo "# (+cpu, +cu128) is left out so that one lock serves CPU and CUDA builds."; \
-	  grep -v '^pip==' $(LATEST)/freeze.txt; } > $(LOCK)
+	  grep -v -E '^(pip|setuptools|wheel)==' $(LATEST)/freeze.txt; } > $(LOCK)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -44,6 +44,16 @@ _EXPORTS = {
     "DPOOutput": "rrhf_fast.objectives.dpo",
     "reward_loss": "rrhf_fast.objectives.reward",
     "RewardLossOutput": "rrhf_fast.objectives.reward",
+    "lists_of": "rrhf_fast.objectives.ranking",  # the ranking losses' [G, K] inputs from the packed order
+    "Lists": "rrhf_fast.objectives.ranking",
+    "list_inputs": "rrhf_fast.objectives.ranking",
+    "ListInputs": "rrhf_fast.objectives.ranking",
+    "RankingOutput": "rrhf_fast.objectives.ranking",
+    "dpo_pl_loss": "rrhf_fast.objectives.listwise",
+    "lipo_loss": "rrhf_fast.objectives.listwise",
+    "pro_loss": "rrhf_fast.objectives.listwise",
+    "simpo_loss": "rrhf_fast.objectives.pairwise",
+    "orpo_loss": "rrhf_fast.objectives.pairwise",
     # a training run from code
     "TrainConfig": "rrhf_fast.config",
     "train": "rrhf_fast.training.train",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from rrhf_fast.errors import UserError
@@ -56,6 +57,7 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_optional_imports()
     parser, chosen = build_parser(argv)
     args = parser.parse_args(argv)
     if chosen is None or args.command is None:
@@ -70,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"rrhf-fast {chosen}: interrupted", file=sys.stderr)
         return 130
+
+
+def quiet_optional_imports() -> None:
+    """Import-time chatter of optional packages that transformers imports when they are installed:
+    torchao logs a warning for each native library its wheel ships for another Python or GPU, and
+    torch's pytree one for each Enum it registers. Neither concerns the command; a user's stderr keeps
+    the one sentence of an error. Their errors still print."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,16 @@ def test_torchrun_two_processes_train_from_the_repository_root(tiny_run):
            "-m", "rrhf_fast.cli", *train_argv(model, data, root / "torchrun")]  # fmt: skip
     run(cmd, cwd=ROOT, timeout=600)
     assert json.loads((root / "torchrun" / "run.json").read_text())["world_size"] == 2
+
+
+def test_the_readme_names_the_locked_versions():
+    """The README's tested versions are constraints.txt's pins, which `make install` installs."""
+    lock = dict(
+        line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
+    )
+    tested = (ROOT / "README.md").read_text().split("Tested with ", 1)[1].split("New releases", 1)[0]
+    tested = " ".join(tested.replace("`", "").split())
+    for name in ("torch", "transformers", "triton", "bitsandbytes", "peft", "datasets", "kernels", "TRL"):
+        assert f"{name} {lock[name.lower()]}" in tested, (name, lock[name.lower()], tested)
+    make = (ROOT / "Makefile").read_text()
+    assert "-c $(LOCK)" in make and "LOCK := constraints.txt" in make

@@ -45,7 +45,10 @@ class Lists(NamedTuple):
 
     def rows(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """[R] per response -> [G, K], `fill` in the padding."""
-        return values[self.index].masked_fill(~self.mask, fill)
+        # index_select: its backward is deterministic on a multi-threaded CPU (an indexing backward
+        # accumulates repeated indices, here the padding's 0, in a thread-dependent order)
+        rows = values.index_select(0, self.index.flatten()).view(*self.index.shape, *values.shape[1:])
+        return rows.masked_fill(~self.mask, fill)
 
     def to(self, device: torch.device) -> Lists:
         return Lists(self.index.to(device), self.mask.to(device))
