@@ -60,6 +60,9 @@ def argv(cfg: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):  # a repeatable flag (--report-to): once per value
+            for item in value:
+                args += [flag, str(item)]
         elif value is not None:
             args += [flag, str(value)]
     return args

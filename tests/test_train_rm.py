@@ -217,7 +217,12 @@ def argv_rm(cfg: TrainConfig) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if key in train_rm.NOT_FOR_RM or value is None:
             continue
-        args += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):  # a repeatable flag (--report-to): once per value
+            args += [part for item in value for part in (flag, str(item))]
+        else:
+            args += [flag, str(value)]
     return args
 
 
