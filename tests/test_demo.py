@@ -103,8 +103,7 @@ def test_short_online_run_raises_the_reward_in_every_round(tmp_path):
 @pytest.mark.usefixtures("one_thread")
 def test_online_demo_beats_one_offline_round_with_the_same_steps(tmp_path, capsys):
     """The default demo --online, seed 0. Measured (offline; online by round) with 2 torch threads:
-    0.667; 0.634 0.688 0.715, 1 thread: 0.623; 0.627 0.704 0.735, 3 threads: 0.642; 0.635 0.681 0.719.
-    Over seeds 0-7 (2 threads) online minus offline was +0.009 to +0.098, mean +0.061.
+    0.623; 0.627 0.704 0.735 (`demo --online --seeds 0-2`: online minus offline +0.033 to +0.112).
     With --reward-model (run after the other two, which it leaves unchanged), 1 thread, commit
     8e0c651 and its pre-rebase parent alike: reward model held-out accuracy 0.508 -> 0.777 (2344
     pairs); the RM-scored online run 0.495 -> 0.534 0.491 0.466 by the function while the reward
