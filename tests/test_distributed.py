@@ -142,9 +142,13 @@ def test_ddp_two_ranks_equal_one_process_for_the_ranking_losses(tmp_path, files,
     assert [r["margin"] for r in a] == pytest.approx([r["margin"] for r in b], rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("extra", [dict(), dict(lora_r=4, lora_dropout=0.0, gradient_checkpointing=True)],
-                         ids=["full", "lora-checkpointing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param(dict(), id="full"),  # default suite: held-out evaluation under FSDP2 left the root
+     # group unsharded, and its gradients then went unreduced (evaluate._reshard)
+     pytest.param(dict(lora_r=4, lora_dropout=0.0, gradient_checkpointing=True), id="lora-checkpointing",
+                  marks=pytest.mark.slow)],
+)  # fmt: skip
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, files, extra):
     kw = dict(max_steps=2, grad_accum=2, eval_data=str(files[1]), **extra)  # evaluated before and after
     one = train(flags(files, tmp_path / "one", **kw))

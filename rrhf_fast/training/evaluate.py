@@ -38,4 +38,19 @@ def evaluate(
             batch = pack_tokenized([items[i] for i in group])
             normalizer = objective.normalizer(items)
             metrics += objective(model, batch, normalizer=normalizer, autocast=autocast).metrics
+    _reshard(model)
     return metrics.summary("eval_")
+
+
+def _reshard(model: Any) -> None:
+    """Under FSDP2, free what a forward without backward left gathered. The root module keeps its
+    parameters unsharded after its forward (it expects the backward next); left so, the next
+    training step's gradients of the root group (embedding, final norm, head) came out wrong, and 2
+    ranks no longer equalled 1 process (tests/test_distributed.py)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in model.modules() if isinstance(model, torch.nn.Module) else ():
+        if isinstance(module, FSDPModule):
+            module.reshard()
