@@ -19,7 +19,7 @@ LATEST := .venv-latest
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)" -c $(LOCK)
+	$(PY) -m pip install -q $(TORCH) -c $(LOCK)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]" -c $(LOCK)
 	touch $(STAMP)
 
