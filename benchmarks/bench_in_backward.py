@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -35,25 +34,10 @@ WARMUP = 5
 
 
 def demo_data(cfg, out: Path) -> Path:
-    """`make demo`'s initial model and training data (tests/test_bf16_update.py builds them so too)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """`make demo`'s initial model and training data (demo_task.prepare_task, as the demo builds them)."""
+    from rrhf_fast.pipelines.demo_task import prepare_task
 
-    from rrhf_fast.data.records import write_examples
-    from rrhf_fast.pipelines import demo
-
-    rng = random.Random(cfg.seed)
-    model_dir = demo.save_tiny_model(
-        out / "init", seed=cfg.seed, hidden_size=cfg.hidden_size, layers=cfg.layers
-    )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    queries = demo.distinct_queries(rng, cfg.train_queries + cfg.eval_queries, cfg)
-    samples = demo.generate(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer,
-                            [demo.prompt_of(d) for d in queries], cfg.max_digits + 2, temperature=1.0,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
-    examples = demo.build_examples(rng, queries, samples, cfg.gold_fraction)
-    write_examples(out / "train.jsonl", examples[: cfg.train_queries])
-    write_examples(out / "eval.jsonl", examples[cfg.train_queries :])
-    return model_dir
+    return prepare_task(cfg, out).model_dir
 
 
 def step_seconds(run_dir: Path) -> list[float]:

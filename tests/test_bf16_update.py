@@ -4,7 +4,6 @@ exactly; on the demo task bf16 weights with stochastic rounding track fp32 maste
 
 import copy
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -165,28 +164,16 @@ def test_bf16_stochastic_rounding_tracks_fp32_on_the_demo_task(tmp_path):
     scored in fp32) is no more than 0.03 below fp32's: stochastic rounding must not cost reward. One
     sided: the two runs part along the way and bf16 may end higher (0.988 against 0.955 at 981a939).
     About 3 to 25 minutes on a 2-core CPU, by load, bf16 being slow there."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rrhf_fast.data.records import write_examples
     from rrhf_fast.pipelines import demo
+    from rrhf_fast.pipelines.demo_task import prepare_task
 
     cfg = demo.DemoConfig(output_dir=str(tmp_path), optim="adamw", sft_baseline=False)
-    rng = random.Random(cfg.seed)
-    model_dir = demo.save_tiny_model(tmp_path / "init", seed=cfg.seed, hidden_size=cfg.hidden_size,
-                                     layers=cfg.layers)  # fmt: skip
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    queries = demo.distinct_queries(rng, cfg.train_queries + cfg.eval_queries, cfg)
-    samples = demo.generate(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer,
-                            [demo.prompt_of(d) for d in queries], cfg.max_digits + 2, temperature=1.0,
-                            generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
-    examples = demo.build_examples(rng, queries, samples, cfg.gold_fraction)
-    write_examples(tmp_path / "train.jsonl", examples[: cfg.train_queries])
-    write_examples(tmp_path / "eval.jsonl", examples[cfg.train_queries :])
+    task = prepare_task(cfg, tmp_path)  # `make demo`'s initial model, train.jsonl and eval.jsonl
     rewards = {}
     for name, flags in [("fp32", {}), ("bf16", dict(dtype="bfloat16", bf16_update="stochastic"))]:
-        run = demo.train_config(cfg, model_dir, tmp_path, name, 1.0)
+        run = demo.train_config(cfg, task.model_dir, tmp_path, name, 1.0)
         model = train(dataclasses.replace(run, plot=False, **flags)).model.float()
-        rewards[name] = demo.score_greedy(model, tokenizer, queries[cfg.train_queries :], cfg.max_digits)[0]
+        rewards[name] = demo.score_greedy(model, task.tokenizer, task.eval_queries, cfg.max_digits)[0]
     assert rewards["fp32"] > 0.5  # it trained
     assert rewards["bf16"] >= rewards["fp32"] - 0.03, rewards
 
