@@ -134,7 +134,20 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, hidden_size=32, layers=1)
 
 
-def test_bf16_trainer_run_with_kahan_resumes_bitwise(tmp_path, model_dir):
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole", "in-pieces"])
+def test_bf16_trainer_run_with_kahan_resumes_bitwise(tmp_path, model_dir, monkeypatch, pieces):
+    """In pieces: every weight over 512 values is updated 256 values at a time, through the trainer's
+    checkpoints (which hold each tensor's state whole)."""
+    if pieces:
+        from rrhf_fast.training import bf16_update, paramwise
+
+        monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 256)
+        monkeypatch.setattr(paramwise, "UPDATE_CHUNK", 256)
+    stepped = []
+    original = ParamwiseOptimizer._step_pieces
+    monkeypatch.setattr(
+        ParamwiseOptimizer, "_step_pieces", lambda self, slot: (stepped.append(slot), original(self, slot))
+    )
     data = write_data(tmp_path / "d.jsonl", 8)
     kw = dict(
         max_steps=4,
@@ -151,6 +164,7 @@ def test_bf16_trainer_run_with_kahan_resumes_bitwise(tmp_path, model_dir):
     resumed = train(dataclasses.replace(half, resume=True))
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and a["lm_head.weight"].dtype == torch.bfloat16
+    assert bool(stepped) == pieces
 
 
 # -------------------------------------------------------------------------------------------------
@@ -203,3 +217,94 @@ def test_chunked_rounding_is_unbiased_and_bounded_in_memory():
     n, chunk = x.numel(), 4096
     assert peak(n) >= 12 * n  # int32 noise, the sum, the mask, bf16 results: ~16 bytes a value
     assert peak(chunk) <= 20 * chunk
+
+
+# -------------------------------------------------------------------------------------------------
+# large weights step in pieces
+
+
+def _embedding_model():
+    """An embedding of 12000 values: with 4096-value pieces, two pieces (4096 and 7904 values, the
+    second ending in a partial 256-value block of bitsandbytes' states); the linear steps whole."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(300, 40), torch.nn.Linear(40, 24)).bfloat16()
+
+
+def _embedding_steps(model, opt, seeds):
+    for seed in seeds:
+        ids = torch.randint(0, 300, (16,), generator=torch.Generator().manual_seed(seed))
+        model(ids).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _same(a, b):
+    """Nested optimizer states equal: tensors bitwise, in shape and dtype."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+@pytest.mark.parametrize("in_backward", [False, True], ids=["after", "in-backward"])
+def test_a_weight_stepped_in_pieces_is_the_whole_step_bitwise(monkeypatch, optim, mode, in_backward):
+    """A weight over 2 pieces is updated piece by piece (paramwise.UPDATE_CHUNK values of fp32 copies
+    at a time, not the whole tensor's): the weights, and the states a checkpoint holds, equal the
+    unchunked update's bitwise; a checkpoint of either loads into the other and the runs go on equal."""
+    from rrhf_fast.training import bf16_update, paramwise
+
+    monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 4096)
+
+    def build(chunk):
+        monkeypatch.setattr(paramwise, "UPDATE_CHUNK", chunk)
+        model = _embedding_model()
+        kw = dict(lr=1e-2, weight_decay=0.1, bf16_update=mode, seed=3, in_backward=in_backward)
+        return model, build_optimizer(model.named_parameters(), optim, **kw)
+
+    (cut, opt_cut), (whole, opt_whole) = build(4096), build(1 << 20)
+    assert [len(s.pieces or []) for s in opt_cut.slots] == [2, 0, 0]
+    assert [len(s.pieces or []) for s in opt_whole.slots] == [0, 0, 0]
+    _embedding_steps(cut, opt_cut, range(3))
+    _embedding_steps(whole, opt_whole, range(3))
+    assert all(torch.equal(a, b) for a, b in zip(cut.parameters(), whole.parameters(), strict=True))
+    saved = {"cut": copy.deepcopy(opt_cut.state_dict()), "whole": copy.deepcopy(opt_whole.state_dict())}
+    assert _same(saved["cut"], saved["whole"])
+    assert set(saved["cut"]["state"][0]) >= {"bf16_round_step", "step"}
+    for source, (chunk, other) in {"whole": (4096, whole), "cut": (1 << 20, cut)}.items():
+        model, opt = build(chunk)
+        model.load_state_dict(other.state_dict())
+        opt.load_state_dict(copy.deepcopy(saved[source]))
+        _embedding_steps(model, opt, range(3, 5))
+        if source == "whole":
+            _embedding_steps(whole, opt_whole, range(3, 5))
+            reference = whole
+        else:
+            _embedding_steps(cut, opt_cut, range(3, 5))
+            reference = cut
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
+
+
+def test_pieces_bound_the_update_transients(monkeypatch):
+    """The live bytes of a rounded update (MemoryTracker on real tensors) grow with the piece, not
+    with the weight: the fp32 copies of weight and gradient and the rounding's noise of one piece."""
+    from rrhf_fast.training import bf16_update, paramwise
+    from rrhf_fast.training.memtrack import MemoryTracker
+
+    monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 4096)
+    weight = torch.nn.Parameter(torch.randn(64 * 4096).bfloat16())
+
+    def peak(chunk):
+        monkeypatch.setattr(paramwise, "UPDATE_CHUNK", chunk)
+        opt = build_optimizer([("w", weight)], "adamw8bit", lr=1e-3, bf16_update="stochastic")
+        for _ in range(2):  # the states exist from the first step on
+            weight.grad = torch.randn_like(weight)
+            with MemoryTracker() as tracker:
+                opt.step()
+        return tracker.report().peak_bytes
+
+    whole, pieces = peak(1 << 30), peak(4096)
+    assert whole >= 8 * weight.numel()  # fp32 copies of the whole weight and gradient
+    assert pieces <= 40 * 4096, pieces  # fp32 copies, AdamW8bit's and the rounding's temporaries

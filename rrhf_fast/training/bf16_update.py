@@ -41,13 +41,14 @@ ROUND_CHUNK = 1 << 24  # values rounded at a time: 64 MiB of int32 noise, not th
 
 
 def stochastic_round_into(
-    out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None, chunk: int = ROUND_CHUNK
+    out: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None, chunk: int | None = None
 ) -> None:
     """`out` (bf16) = stochastic_round(`x`), `chunk` values at a time: the noise and intermediates of
     the rounding take about 16 bytes a value, which for Llama-3.1-8B's 525M-value embedding is ~8
     GiB at once (rrhf-fast plan); in chunks, 16 bytes a chunk value. Each value is rounded with the
     same rule and its own noise draw (the draws come from one generator in order), so the result
-    is unbiased as before and a function of (seed, parameter, step)."""
+    is unbiased as before and a function of (seed, parameter, step). `chunk`: ROUND_CHUNK."""
+    chunk = chunk or ROUND_CHUNK
     flat_out, flat_x = out.view(-1), x.reshape(-1)
     for start in range(0, flat_x.numel(), chunk):
         part = slice(start, start + chunk)
