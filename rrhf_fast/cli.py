@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def quiet_optional_imports() -> None:
     """Import-time chatter of optional packages that transformers imports when they are installed:
-    torchao logs a warning for each native library its wheel ships for another Python or GPU, and
-    torch's pytree one for each Enum it registers. Neither concerns the command; a user's stderr keeps
-    the one sentence of an error. Their errors still print."""
-    for name in ("torchao", "torch.utils._pytree"):
+    torchao logs a warning for each native library its wheel ships for another Python or GPU,
+    torch's pytree one for each Enum it registers, and bitsandbytes (on a CPU with AVX512-BF16) one
+    when it cannot fetch its optional 4-bit CPU kernel from the Hugging Face Hub. None concerns the
+    command; a user's stderr keeps the one sentence of an error. Their errors still print."""
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

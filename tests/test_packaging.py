@@ -101,3 +101,17 @@ def test_the_readme_names_the_locked_versions():
         assert f"{name} {lock[name.lower()]}" in tested, (name, lock[name.lower()], tested)
     make = (ROOT / "Makefile").read_text()
     assert "-c $(LOCK)" in make and "LOCK := constraints.txt" in make
+
+
+def test_the_cli_keeps_optional_packages_chatter_off_stderr(tmp_path):
+    """What the CLI does first (quiet_optional_imports), then the optional packages it may import:
+    their import-time warnings (torchao's native libraries for other GPUs, torch's pytree
+    registrations, bitsandbytes' hub-kernel fallback on CPUs with AVX512-BF16, as this machine's)
+    never reach a user's stderr; `--help` prints nothing there either."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("from rrhf_fast.cli import quiet_optional_imports; quiet_optional_imports(); "
+            "import transformers, torchao, bitsandbytes, peft")  # fmt: skip
+    for command in (["-c", code], ["-m", "rrhf_fast.cli", "plan", "--help"]):
+        done = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
