@@ -36,6 +36,10 @@ WORKERS = 15  # gpu_run1.sh's warm_compile --jobs: the GPU host's 16 cores less 
 KERNEL_ROW_S = 2.0
 STEP_PROVIDER_S = 14  # the 1B model built on the GPU, a warm-up step, 1.5 s timed, peak, profile
 ATTENTION_PROVIDER_S = 3
+# benchmarks/plan_vs_gpu.py: a plan on the host (~5 s for 8B), the model built on the GPU, two steps
+# (two passes each with --optim-in-backward); the offload rows add a CPU optimizer step, last.
+PLAN_VS_GPU_RUNS = 7
+PLAN_VS_GPU_ROW_S = 15
 # The GPU tests each pytest part selects (tests/test_gpu_runs.py's dry runs count them).
 TESTS = {"kernel-tests": 11, "gpu-tests": 14, "gpu-tests-flex": 7}
 
@@ -77,6 +81,13 @@ def run1_parts(liger_cce: bool) -> list[Part]:
             START_S + 8 + providers * len(MODES) * KERNEL_ROW_S + third_party * TRITON_COMPILE_S,
             f"{providers} providers x {len(MODES)} modes x {KERNEL_ROW_S:.0f} s"
             + (f" + {third_party} third-party compiles" if third_party else " (Liger / CCE not carried)"),
+        ),
+        Part(
+            "plan-vs-gpu",
+            0,
+            START_S + PLAN_VS_GPU_RUNS * PLAN_VS_GPU_ROW_S,
+            f"{PLAN_VS_GPU_RUNS} plan + two real steps x {PLAN_VS_GPU_ROW_S} s (8B rows first; the rest of "
+            "the budget, each row kept as it ends; adamw8bit needs the carried bitsandbytes wheel)",
         ),
     ]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# First GPU command (about 5.5 minutes, estimated): the kernel headline. Run gpu_run2.sh right after
-# it, while the machine is warm and keeps its Triton cache (~/.triton/cache: run 1 compiles run 2's
+# First GPU command (about 7.5 minutes, estimated): the kernel headline, then plan vs the GPU. Run
+# gpu_run2.sh right after it, while the machine is warm and keeps its Triton cache (~/.triton/cache: run 1 compiles run 2's
 # kernels too).
 #
 #   bash benchmarks/gpu_run1.sh             # on the GPU machine (device tool: RRHF_BENCH_COMMIT=<sha>)
@@ -14,7 +14,11 @@
 #      out_dtype probe's answer and both of its branches)
 #   4. kernels-headline: M=8192 D=4096 V=128256 bf16, fwd and fwd+bwd: torch, triton,
 #      triton/cublas-dlogits, Liger and CCE if carried (.whl/); time and peak memory side by side
-#   5. the reports, the headline table, the copies into $OUT
+#   5. plan-vs-gpu (issue #24's first GPU check): `rrhf-fast plan`'s peak beside
+#      torch.cuda.max_memory_allocated of two real steps, Llama-3.1-8B fp32 / bf16 + stochastic
+#      updates in backward, then Llama-3.2-1B in every memory mode (offload last): the rest of the
+#      budget, each row written as it ends (adamw8bit: bitsandbytes' wheel carried in .whl/)
+#   6. the reports, the headline table, the copies into $OUT
 # Results: benchmarks/results/ (CSV rows appended, markdown regenerated, probe_<gpu>.txt, the log
 # gpu_run1_<UTC time>.log and the tests' junit XML), all of it also as $OUT/results.tar.gz.
 RUN=run1
@@ -28,5 +32,6 @@ pytest_part kernel-tests "$PLAN_LIMIT_kernel_tests" -m gpu \
   tests/test_gpu_preflight.py
 run_part kernels-headline "$PLAN_LIMIT_kernels_headline" "$PYTHON" benchmarks/bench_kernels.py "${bench[@]}" \
   --headline-only --profile --providers torch,triton,triton/cublas-dlogits,liger,cce
+run_part plan-vs-gpu "$PLAN_LIMIT_plan_vs_gpu" "$PYTHON" benchmarks/plan_vs_gpu.py "${bench[@]}"
 finish_run probe kernels
 "$PYTHON" benchmarks/headline.py "$out_dir"/probe*.csv "$out_dir"/kernels*.csv | tee -a "$log"

@@ -231,3 +231,21 @@ def test_report_shows_the_latest_row_of_each_provider_and_config():
     new = gpu_row("b", "c", "p", ms_median=1.0)
     other = gpu_row("b", "c", "q", ms_median=3.0)
     assert report.latest([old, other, new]) == [new, other]
+
+
+def test_plan_vs_gpu_smoke(tmp_path):
+    """benchmarks/plan_vs_gpu.py (issue #24's GPU check) on the CPU: each mode's plan beside the
+    tracked live bytes of two real steps, one row each, the markdown report; a missing optimizer
+    package is a skipped row with its reason, not a crash."""
+    import plan_vs_gpu
+
+    modes = "fp32,bf16-stochastic-in-backward,bf16-offload"
+    assert plan_vs_gpu.main(["--cpu-smoke", "--out-dir", str(tmp_path), "--modes", modes]) == 0
+    rows = list(csv.DictReader((tmp_path / "plan_vs_gpu_cpu_smoke.csv").open()))
+    assert [r["mode"] for r in rows] == modes.split(",")
+    for r in rows:
+        assert r["status"] == "ok" and r["gpu"] == "cpu" and r["allocated_gib"] == ""
+        assert float(r["planned_gib"]) > 0 and float(r["tracked_gib"]) > 0
+    assert float(rows[2]["planned_host_gib"]) > 0 and float(rows[2]["tracked_host_gib"]) > 0
+    assert "| bf16-offload |" in (tmp_path / "plan_vs_gpu_cpu_smoke.md").read_text()
+    assert plan_vs_gpu.runs("A:*,B:x", ["m", "n"]) == [("A", "m"), ("A", "n"), ("B", "x")]

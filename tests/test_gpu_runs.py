@@ -52,7 +52,7 @@ def test_plan_names_every_part_and_fits_a_command(run):
         assert p.limit_s == 0 or p.expected_s <= p.limit_s, p  # a limit below its own estimate
     assert sum(p.limit_s for p in parts.values()) <= gpu_plan.COMMAND_S - gpu_plan.MARGIN_S
     expected = sum(p.expected_s for p in parts.values())
-    assert expected <= {"run1": 340, "run2": 420}[run]  # about 5.5 and 6.5 minutes
+    assert expected <= {"run1": 460, "run2": 420}[run]  # about 7.5 and 7 minutes
     text = SCRIPTS[run].read_text()
     for name in ran:  # each part takes its limit from the plan (or the rest of the budget)
         line = re.search(rf"^(?:run_part|pytest_part) {name} (\S+)", text, re.M).group(1)
@@ -65,7 +65,7 @@ def test_plan_option_prints_the_estimates():
     )
     assert done.returncode == 0, done.stderr
     for part in script_parts("run1"):
-        assert re.search(rf"^  {part} +expected +\d+ s  limit +\d+ s", done.stdout, re.M), done.stdout
+        assert re.search(rf"^  {part} +expected +\d+ s  limit +(\d+ s|rest)", done.stdout, re.M), done.stdout
     compiles = warm_compile.compiles(warm_compile.WORKLOADS)
     assert f"{compiles} Triton compiles" in done.stdout
     assert "total: expected" in done.stdout

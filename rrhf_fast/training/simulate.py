@@ -92,18 +92,20 @@ def packed_batch(shape: BatchShape, vocab_size: int) -> PackedBatch:
 
 def simulate(
     hf_config: Any, config: TrainConfig, shape: BatchShape, *, layers: int | None = None,
-    fake: bool = True, cuda: bool = True,
+    fake: bool = True, cuda: bool = True, device: torch.device | str = "cpu",
 ) -> MemoryReport:  # fmt: skip
     """Memory of one training step of `config` on a model of `hf_config` (with its first `layers`
-    decoder layers when given). `fake=False` runs it for real (tests); `cuda` as module doc."""
+    decoder layers when given). `fake=False` runs it for real (tests), on `device` (a GPU:
+    benchmarks/plan_vs_gpu.py, with `cuda=False` so that its own paths run); `cuda` as module doc."""
     hf_config = with_layers(hf_config, layers)
+    device = torch.device("cpu" if fake else device)
     if cuda and config.kernels == "auto":  # what auto picks on CUDA
         config = dataclasses.replace(config, kernels="triton")
-    batch = packed_batch(shape, hf_config.get_text_config().vocab_size)
+    batch = packed_batch(shape, hf_config.get_text_config().vocab_size).to(device)
     tracker = MemoryTracker(inline=ops.BODIES)
     # Built on the meta device, then given fake CPU storage: peft's adapter moves cannot swap
     # parameters created under FakeTensorMode (it keeps weak references to them).
-    with torch.device("meta") if fake else contextlib.nullcontext():
+    with torch.device("meta") if fake else device:
         model = build_model(hf_config, config)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with _cuda_paths(cuda), _reward_loss(fake), mode:
@@ -123,7 +125,8 @@ def simulate(
         try:
             with tracker, host:  # two steps: from the second on, the optimizer state lives through the
                 for _ in range(2):  # forward and backward (the first creates it in its update)
-                    _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer)
+                    _step(model, [batch] * min(config.grad_accum, 2), config, tracker, params, optimizer,
+                          device.type)  # fmt: skip
         finally:
             for hook in hooks:
                 hook.remove()
@@ -153,7 +156,7 @@ def _on_host(tracker: MemoryTracker, optimizer: OffloadOptimizer) -> Iterator[No
         yield
 
 
-def _step(model, batches, config, tracker, params, optimizer) -> None:
+def _step(model, batches, config, tracker, params, optimizer, device_type: str = "cpu") -> None:
     """train.py's step on fake tensors: its forward_backward (the objective's forward and backward
     for each micro-batch), clipping, the optimizer step, or with --optim-in-backward its
     backward_step (one or two passes, the updates inside the backward); without the host reads of
@@ -170,7 +173,7 @@ def _step(model, batches, config, tracker, params, optimizer) -> None:
         tracker.phase = "backward"
         backward(self, *args, **kwargs)
 
-    autocast = training_autocast("cpu")
+    autocast = training_autocast(device_type)
     no_metrics = classmethod(lambda cls, names, *_: cls.zeros(names))
     with (
         mock.patch.object(Metrics, "of_batch", no_metrics),
