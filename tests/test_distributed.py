@@ -129,13 +129,15 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, files):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("loss", ["simpo", "pro"])
-def test_ddp_two_ranks_equal_one_process_for_the_ranking_losses(tmp_path, files, loss):
+def test_ddp_two_ranks_equal_one_process_for_the_ranking_losses(tmp_path, files, loss, wrap):
     """The same equivalence for a loss averaged over the queries with a pair (simpo) and one with an
-    SFT term (pro): the step's normaliser is global, a filler micro-batch adds nothing."""
+    SFT term (pro), under DDP and FSDP2: the step's normaliser is global, a filler micro-batch adds
+    nothing."""
     kw = dict(max_steps=2, grad_accum=3, loss=loss)
     train(flags(files, tmp_path / "one", **kw))
-    torchrun(flags(files, tmp_path / "two", **kw))
+    torchrun(flags(files, tmp_path / "two", fsdp=wrap == "fsdp2", **kw))
     assert max_diff(weights(tmp_path / "two", 2), weights(tmp_path / "one", 2)) <= 1e-5
     a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert_rows_close(a, b)
