@@ -261,6 +261,8 @@ def _join(parts: list[dict[str, Any]], first_numel: int, shape: torch.Size) -> d
         values = [part[key] for part in parts]
         if isinstance(first, dict):
             whole[key] = _join(values, first_numel, shape)
+        elif key.startswith("qmap"):  # bitsandbytes' 256-entry map, shared (a piece may be 256 values)
+            whole[key] = first
         elif key.startswith("absmax"):
             whole[key] = torch.cat(values)
         elif isinstance(first, torch.Tensor) and first.numel() == first_numel:
