@@ -90,10 +90,13 @@ def wrap(model: Any, dist: Dist, fsdp: bool, unit: Callable[[Any], torch.nn.Modu
 
         # device_ids=None: packed_logprobs moves the batch itself (a dataclass DDP would copy).
         # No buffer sync in each forward: the only buffers are rotary tables, equal on every rank,
-        # and evaluation (no backward) must not wait on the other ranks.
+        # and evaluation (no backward) must not wait on the other ranks. gradient_as_bucket_view:
+        # each .grad is a view into DDP's all-reduce buckets, not a second copy of every gradient
+        # beside them (4 bytes a weight for fp32 full fine-tuning: 30 GiB for an 8B model), so a
+        # rank holds what `rrhf-fast plan` counts for one process.
         params = inspect.signature(DistributedDataParallel.__init__).parameters
         no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
-        return DistributedDataParallel(unit(model), device_ids=None, **no_sync)
+        return DistributedDataParallel(unit(model), device_ids=None, gradient_as_bucket_view=True, **no_sync)
     return model
 
 
