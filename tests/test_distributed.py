@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_runs import on_two_gloo_ranks
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
@@ -303,46 +304,31 @@ def test_fsdp2_optim_in_backward_equals_the_ordinary_step_and_resumes(tmp_path, 
 # DDP's memory
 
 
-def _ddp_gradients(rank: int, store_dir: str, results: dict) -> None:
+def _ddp_gradients(rank: int) -> tuple[int, int, bool]:
     """One of two gloo ranks: the trainer's DDP wrapper around a tiny model, two backward passes
     (the second after zero_grad(set_to_none=True), as the loop does)."""
-    import datetime
-
-    import torch.distributed as tdist
-
     from rrhf_fast.data.packing import pack
     from rrhf_fast.models.logprobs import prepare_model
     from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
     from rrhf_fast.training.distributed import wrap
 
-    store = tdist.FileStore(os.path.join(store_dir, "store"), 2)
-    tdist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        model = prepare_model(build_tiny_model("llama").train())
-        ddp = wrap(model, Dist(rank=rank, world=2), fsdp=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        batch = pack([Example("sort 31:", ["13", "31"], [1.0, 0.0])], build_tokenizer())
-        for _ in range(2):
-            for p in params:
-                p.grad = None
-            ddp(batch, attn="dense", impl="torch").sum().backward()
-        buckets = {p.grad.untyped_storage().data_ptr() for p in params}
-        results[rank] = (len(params), len(buckets), all(p.grad._base is not None for p in params))
-    finally:
-        tdist.destroy_process_group()
+    model = prepare_model(build_tiny_model("llama").train())
+    ddp = wrap(model, Dist(rank=rank, world=2), fsdp=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = pack([Example("sort 31:", ["13", "31"], [1.0, 0.0])], build_tokenizer())
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        ddp(batch, attn="dense", impl="torch").sum().backward()
+    buckets = {p.grad.untyped_storage().data_ptr() for p in params}
+    return len(params), len(buckets), all(p.grad._base is not None for p in params)
 
 
 def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
     """Under DDP each .grad is a view into the all-reduce buckets (gradient_as_bucket_view), also
     after the loop's zero_grad(set_to_none=True): no second copy of every gradient beside them, so
     a rank holds what `rrhf-fast plan` counts for one process."""
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_ddp_gradients, args=(str(tmp_path), results), nprocs=2, join=True)
-        results = dict(results)
+    results = on_two_gloo_ranks(_ddp_gradients, tmp_path)
+    assert len(results) == 2
     for params, storages, views in results.values():
         assert views and storages < params / 4, (params, storages)  # a few buckets hold them all

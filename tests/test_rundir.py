@@ -8,7 +8,7 @@ import textwrap
 import time
 
 import pytest
-from training_runs import config, metrics, write_data
+from training_runs import config, metrics, on_two_gloo_ranks, write_data
 
 import rrhf_fast.training.train as train_module
 from rrhf_fast.cli import main
@@ -127,18 +127,9 @@ def test_the_lock_is_released_when_train_returns(tmp_path, model_dir):
     claim_output_dir(cfg.output_dir, resume=True, dist=Dist()).release()
 
 
-def _claim_with_a_failing_rank0(rank: int, store_dir: str, out: str, results: dict) -> None:
+def _claim_with_a_failing_rank0(rank: int, out: str) -> str:
     """One of two gloo ranks: rank 0's cleanup fails with an unexpected error (not a UserError)."""
-    import datetime
-
-    import torch.distributed as tdist
-
     import rrhf_fast.training.rundir as rundir
-
-    store = tdist.FileStore(os.path.join(store_dir, "store"), 2)
-    tdist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
-    )
 
     def broken(path):
         raise PermissionError(13, "Permission denied", str(path))
@@ -146,23 +137,15 @@ def _claim_with_a_failing_rank0(rank: int, store_dir: str, out: str, results: di
     rundir.remove_partial_saves = broken
     try:
         rundir.claim_output_dir(out, resume=False, dist=Dist(rank=rank, world=2))
-        results[rank] = "returned"
+        return "returned"
     except Exception as err:
-        results[rank] = f"{type(err).__name__}: {err}"
-    finally:
-        tdist.destroy_process_group()
+        return f"{type(err).__name__}: {err}"
 
 
 def test_every_rank_exits_when_rank0_fails_unexpectedly_while_claiming(tmp_path):
     """An error other than a UserError on rank 0 still reaches the broadcast the other ranks wait at:
     rank 0 re-raises it, rank 1 exits with one sentence naming it, and neither hangs."""
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_claim_with_a_failing_rank0, args=(str(tmp_path), str(tmp_path / "out"), results), nprocs=2,
-                 join=True)  # fmt: skip
-        results = dict(results)
+    results = on_two_gloo_ranks(_claim_with_a_failing_rank0, tmp_path, str(tmp_path / "out"))
     assert results[0].startswith("PermissionError: [Errno 13] Permission denied"), results
     sentence = f"UserError: --output-dir {tmp_path / 'out'}: rank 0 failed while claiming it "
     assert results[1].startswith(sentence + "(PermissionError: "), results

@@ -32,3 +32,29 @@ def config(tmp_path, model_dir, data, name="run", **overrides):
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _gloo_rank(rank: int, fn, store_dir: str, args: tuple, results: dict) -> None:
+    import datetime
+
+    import torch.distributed as tdist
+
+    store = tdist.FileStore(f"{store_dir}/store", 2)
+    tdist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        results[rank] = fn(rank, *args)
+    finally:
+        tdist.destroy_process_group()
+
+
+def on_two_gloo_ranks(fn, store_dir, *args) -> dict:
+    """fn(rank, *args) on two spawned processes in one gloo group (a FileStore in store_dir); each
+    rank's return value by rank. fn must be a module-level function (spawn pickles it)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gloo_rank, args=(fn, str(store_dir), args, results), nprocs=2, join=True)
+        return dict(results)
