@@ -184,26 +184,34 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Registers and spills of each config, compiled for sm_90 (bf16, Triton 3.9; benchmarks/README.md,
-# "Compile evidence"): a 128 x 256 tile at 8 warps needs 255 registers and spills (forward 16 bytes
-# of stack, dlogits 248); at 16 warps the forward's fits in 128 registers without a spill. The
-# dlogits epilogue holds more live values: every tile larger than 128 x 128 spilled (256 x 128:
-# 576 bytes), so its configs are 128 x 128 (3 and 4 stages) and 64 x 128, none spilling.
+# Registers and spills of each config, compiled for sm_90 at the headline shape (D = 4096, bf16 and
+# the autocast variant, no soft-cap) with Triton 3.9 and 3.6, the GPU machine's (benchmarks/README.md,
+# "Compile evidence"; the slow test in tests/test_kernel_compile.py fails on a spill). An SM has
+# 65536 registers: 256 threads (8 warps) at <= 128 registers a thread let two blocks share an SM,
+# at 129 only one. The dlogits 128 x 128 tiles at 8 warps took 129 registers under 3.6 (128 under
+# 3.9); `maxnreg=128` on them made 3.6 spill 8 bytes, so they run at 16 warps instead: at most 112
+# registers on both Tritons, soft-cap included, no spill. The forward's 128 x 256 tile at 16 warps
+# spilled with a 64-deep K step (3.9: 16 bytes in bf16; autocast 104 / 88 bytes on 3.9 / 3.6); with
+# a 32-deep step and 4 stages it fits 128 registers without a spill on both. A 128 x 256 tile at 8
+# warps needs 255 registers (config 1: no spill in bf16; autocast does not fit shared memory and is
+# skipped by the autotuner). The fallback GEMM's 128 x 256 tile spilled 192 bytes on both Tritons:
+# its second config is 128 x 128 with 4 stages. Every dlogits tile larger than 128 x 128 spilled
+# (256 x 128: 576 bytes).
 FWD_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
-    _cfg(16, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
+    _cfg(16, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=32),
 ]
 DLOGITS_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+    _cfg(16, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+    _cfg(16, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
 ]
 MM_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 ]
 
