@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -461,7 +462,9 @@ def token_logprobs(
     indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V) (checked on the
     host for CPU tensors; on CUDA an index out of range gives a NaN log-prob, never a sync). `softcap`
     applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
-    the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
+    the [M, V] logits), "torch" (naive reference) or "auto" (the fused kernel on CUDA unless a
+    measurement in auto_table.json says the torch path is faster where its logits fit; the torch
+    path elsewhere, and after a Triton failure, with one warning: rrhf_fast/kernels/auto.py).
     Under torch.autocast, hidden is cast to the autocast dtype and the logits are computed as a
     Linear would (weight rounded to that dtype); an fp32 weight is rounded tile by tile inside the
     kernels rather than copied, and its gradient is fp32.
@@ -470,8 +473,13 @@ def token_logprobs(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"token_logprobs: softcap must be positive or None, got {softcap}")
     device_type = hidden.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    auto = impl == "auto"
+    if auto:  # auto.py: the fused kernel unless measured slower where the logits fit, or it failed
+        dtype = torch.get_autocast_dtype(device_type) if autocasting else hidden.dtype
+        impl = _auto.choose(hidden.device, weight.shape[1], weight.shape[0], rows.numel(), dtype)
     impl = resolve_impl(impl, hidden.device)
-    if torch.is_autocast_enabled(device_type):
+    if autocasting:
         dtype = torch.get_autocast_dtype(device_type)
         hidden = hidden.to(dtype)
         # weight.to(dtype) would be a fresh [V, D] copy at every call, held from forward to backward
@@ -492,18 +500,24 @@ def token_logprobs(
         # clamped for the loads (the kernels' and the reference's gather) and their log-probs are NaN.
         valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
         rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
-    if impl == "torch":
-        # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
-        logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
-        return logp if valid is None else logp.where(valid, float("nan"))
-    with torch.autocast(device_type, enabled=False):
-        logp, _lse = _ops.token_logprobs_op(
-            hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-            weight.contiguous(),
-            rows.contiguous(),
-            targets.contiguous(),
-            None if softcap is None else float(softcap),
-        )
+    if impl != "torch":
+        try:
+            with torch.autocast(device_type, enabled=False), _auto.auto_call() if auto else nullcontext():
+                logp, _lse = _ops.token_logprobs_op(
+                    hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                    weight.contiguous(),
+                    rows.contiguous(),
+                    targets.contiguous(),
+                    None if softcap is None else float(softcap),
+                )
+            return logp if valid is None else logp.where(valid, float("nan"))
+        except Exception as exc:
+            if not (auto and _auto.is_triton_failure(exc)):
+                raise
+            _auto.record_failure(hidden.device, exc, "launch")
+            weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
+    logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     return logp if valid is None else logp.where(valid, float("nan"))
 
 
@@ -539,4 +553,5 @@ def _check_inputs(hidden, weight, rows, targets) -> None:
 
 
 # The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import auto as _auto  # noqa: E402
 from . import ops as _ops  # noqa: E402
