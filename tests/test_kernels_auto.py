@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 from test_token_logprobs import make_inputs
 
-from rrhf_fast.kernels import autotune, token_logprobs, token_logprobs_torch
+from rrhf_fast.kernels import autotune, rrhf_loss, token_logprobs, token_logprobs_torch
 
 auto = importlib.import_module("rrhf_fast.kernels.auto")
 tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
@@ -107,7 +108,7 @@ def test_a_triton_failure_falls_back_to_torch_with_one_warning(cpu_auto, where):
     for a, b, c in zip(got, again, expected, strict=True):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
-    assert str(torch.device("cpu")) in auto._FAILED
+    assert auto.failed("token_logprobs", torch.device("cpu"))
 
 
 def test_explicit_triton_raises_and_our_own_errors_are_not_swallowed(cpu_auto, monkeypatch):
@@ -147,3 +148,50 @@ def test_auto_table_is_filled_from_the_kernel_benchmark(tmp_path):
     assert data["entries"] == [dict(gpu="NVIDIA H100", D=4096, V=128256, M=8192, dtype="bfloat16",
                                     torch_ms=48.0, triton_ms=55.0, source="kernels.csv d1 c1")]  # fmt: skip
     assert "format" in data  # the rest of the file kept
+
+
+@triton.jit
+def _refused_bwd_kernel(TOKEN_RESPONSE, COEF, GRAD_LOGP, M, R, BLOCK: tl.constexpr):
+    tl.store(GRAD_LOGP + tl.arange(0, 3), tl.zeros((3,), dtype=tl.float32))  # 3: Triton refuses it
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_rrhf_loss_falls_back_to_torch_too(cpu_auto, monkeypatch, where):
+    from test_rrhf_loss import make_batch
+
+    rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")
+    logp, tr, rq, scores, pl = make_batch([3, 2, 4], seed=3)
+    logp = logp.float()
+
+    def loss_and_grad(impl):
+        x = logp.clone().requires_grad_()
+        out = rrhf_loss(x, tr, rq, scores, prompt_len=pl, impl=impl)
+        out.loss.backward()
+        return out.loss.detach(), x.grad
+
+    expected = loss_and_grad("torch")
+    if where == "forward":  # a block of 3 responses: tl.arange(0, 3) is refused at the first launch
+        monkeypatch.setattr(rl, "next_power_of_2", lambda n: 3)
+    else:
+        monkeypatch.setattr(rl, "_rrhf_bwd_kernel", _refused_bwd_kernel)
+    with pytest.warns(RuntimeWarning, match="rrhf_loss: the fused Triton kernel failed at its first"):
+        got = loss_and_grad("auto")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert auto.failed("rrhf_loss", torch.device("cpu")) and not auto.failed(
+        "token_logprobs", torch.device("cpu")
+    )
+    with pytest.raises(Exception) as info:
+        rrhf_loss(logp.clone().requires_grad_(), tr, rq, scores, prompt_len=pl, impl="triton").loss.backward()
+    assert auto.is_triton_failure(info.value)
+
+
+def test_run_info_names_what_auto_resolves_to(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(auto, "device_name", lambda d: "NVIDIA H100")
+    with_table(monkeypatch)
+    assert auto.describe("auto", cuda) == "triton" and auto.describe("auto", cpu) == "torch"
+    assert auto.describe("torch", cuda) == "torch"
+    with_table(monkeypatch, entry(gpu="NVIDIA H100"))
+    assert auto.describe("auto", cuda).startswith("auto: triton, torch at the shapes")
+    assert auto.describe("triton", cuda) == "triton"

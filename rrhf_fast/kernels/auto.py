@@ -18,8 +18,9 @@ reserved (read without a sync).
 
 A Triton failure: an exception raised by Triton's code (a compile error, a ptxas failure, a launch
 out of resources), at a forward or a backward launch under `auto`. The call then runs the torch
-path, one warning names the failure, and every later call on that device takes the torch path.
-`impl="triton"` never falls back: it raises.
+path, one warning names the failure, and every later call of that kernel on that device takes the
+torch path. rrhf_loss's kernels fall back the same way (on CUDA auto is always their Triton path
+otherwise: no table). `impl="triton"` never falls back: it raises.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from .utils import m_bucket
 TABLE_PATH = Path(__file__).with_name("auto_table.json")
 TORCH_BYTES_PER_LOGIT = {torch.float32: 16, torch.float16: 14, torch.bfloat16: 14}
 DEVICES = ("cuda",)  # where auto considers the fused kernel (tests add "cpu" under the interpreter)
-_FAILED: dict[str, str] = {}  # device -> the Triton failure that switched it to the torch path
+# (kernel, device) -> the Triton failure that switched that kernel to the torch path there
+_FAILED: dict[tuple[str, str], str] = {}
 # True while a token_logprobs call under impl="auto" runs the fused op: its autograd context then
 # knows that a failing backward may fall back too.
 AUTO_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("rrhf_fast_auto_call", default=False)
@@ -82,7 +84,7 @@ def choose(device: torch.device, D: int, V: int, M: int, dtype: torch.dtype) -> 
     """'triton' or 'torch' for a token_logprobs call under impl="auto" (the module doc's rule)."""
     if device.type not in DEVICES:
         return "torch"
-    if str(device) in _FAILED:
+    if failed("token_logprobs", device):
         return "torch"
     if not table():  # nothing measured: the fused kernel (and no device query)
         return "triton"
@@ -91,6 +93,20 @@ def choose(device: torch.device, D: int, V: int, M: int, dtype: torch.dtype) -> 
         return "triton"
     fits = M * V * TORCH_BYTES_PER_LOGIT.get(dtype, 16) <= logits_budget(device)
     return "torch" if fits else "triton"
+
+
+def describe(impl: str, device: torch.device) -> str:
+    """What a run's `--kernels` resolves to on `device`, for its run.json: 'torch', 'triton', or for
+    auto on a GPU the table has entries for, that the choice is made per shape."""
+    from .utils import resolve_impl
+
+    resolved = resolve_impl(impl, device)
+    if impl != "auto" or resolved != "triton" or device.type != "cuda":
+        return resolved
+    name = device_name(device)
+    if any(e["gpu"] == name for e in table()):
+        return "auto: triton, torch at the shapes auto_table.json measured faster"
+    return resolved
 
 
 def is_triton_failure(exc: BaseException) -> bool:
@@ -104,17 +120,22 @@ def is_triton_failure(exc: BaseException) -> bool:
     return any(Path(f.filename).resolve().is_relative_to(root) for f in frames)
 
 
-def record_failure(device: torch.device, exc: BaseException, where: str) -> None:
-    """Switch `device` to the torch path, with one warning."""
-    key = str(device)
+def failed(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel`'s Triton path failed on `device` (auto then takes the torch path)."""
+    return (kernel, str(device)) in _FAILED
+
+
+def record_failure(kernel: str, device: torch.device, exc: BaseException, where: str) -> None:
+    """Switch `kernel` on `device` to the torch path, with one warning."""
+    key = (kernel, str(device))
     if key in _FAILED:
         return
     reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     _FAILED[key] = reason
+    cost = {"token_logprobs": " (same values, the [tokens, vocab] logits held in memory)"}.get(kernel, "")
     warnings.warn(
-        f"token_logprobs: the fused Triton kernel failed at its first {where} on {key} ({reason}); "
-        "--kernels auto takes the torch path from now on (same values, the [tokens, vocab] logits "
-        "held in memory). --kernels triton would raise instead.",
+        f"{kernel}: the fused Triton kernel failed at its first {where} on {device} ({reason}); "
+        f"--kernels auto takes the torch path from now on{cost}. --kernels triton would raise instead.",
         RuntimeWarning,
         stacklevel=3,
     )

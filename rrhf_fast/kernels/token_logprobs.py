@@ -514,7 +514,7 @@ def token_logprobs(
         except Exception as exc:
             if not (auto and _auto.is_triton_failure(exc)):
                 raise
-            _auto.record_failure(hidden.device, exc, "launch")
+            _auto.record_failure("token_logprobs", hidden.device, exc, "launch")
             weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
     # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
     logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
