@@ -170,6 +170,8 @@ class Runner:
             row["state"] = "ok"
         else:
             row["state"] = f"failed (exit {rc})"
+        if row["state"] != "ok":  # why, as far as its log says: its last line
+            row["note"] = _last_line(self.out / f"{part.name}.log")
         if part.topics:
             self.add_headlines(part)
         self.say(f"{part.name}: {row['state']} after {row['seconds']:.0f} s")
@@ -247,6 +249,11 @@ def _stop(child: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+def _last_line(path: Path) -> str:
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:160].replace("|", "/")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -140,7 +140,7 @@ def fake_parts(_liger_cce: bool) -> list:
     return [
         gpu_plan.Part("writes", 30, 1, "writes a file", py(write)),
         gpu_plan.Part("hangs", 2, 1, "sleeps past its cap", py(sleep)),
-        gpu_plan.Part("fails", 30, 1, "exits 3", py("raise SystemExit(3)")),
+        gpu_plan.Part("fails", 30, 1, "exits 3", py("import sys; print('no GPU here'); sys.exit(3)")),
         gpu_plan.Part("too-long", 0, 10_000, "needs more than the budget", py("print('never')")),
         gpu_plan.Part("last", 0, 1, "the rest", py("print('last')")),
     ]
@@ -168,6 +168,7 @@ def test_runner_saves_each_part_and_marks_what_it_cut_failed_and_skipped(tmp_pat
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# gpu_fake.sh: finished") and "commit abc1234" in md
     assert "| too-long | skipped: needs ~10000 s" in md and "in progress" not in md
+    assert rows["fails"]["note"] == "no GPU here" and rows["hangs"]["note"] == "KeyboardInterrupt"
 
 
 def test_a_budget_too_small_for_any_part_marks_every_part_skipped(tmp_path):
