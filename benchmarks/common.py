@@ -141,7 +141,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--headline-only",
         action="store_true",
-        help="the headline config only, no sweep (a first GPU run: run 1 and run 2 of benchmarks/README.md)",
+        help="the headline config only, no sweep (the GPU visit: benchmarks/README.md)",
     )
     p.add_argument(
         "--sweep-only",

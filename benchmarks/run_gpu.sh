@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark in one command, for a session with a GPU. A first, short GPU lease runs
-# gpu_run1.sh and gpu_run2.sh instead (benchmarks/README.md, "The first GPU run").
+# benchmarks/gpu_visit.sh instead (benchmarks/README.md, "The GPU visit").
 # Results go to benchmarks/results/ (CSV rows appended, markdown + PNG regenerated, profiler summaries) and, where $OUT is set (the
 # device tool), also to $OUT: results.tar.gz (the whole results folder), the three reports and the log.
 #

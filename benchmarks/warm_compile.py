@@ -9,7 +9,8 @@ launches the kernel with that config pinned (rrhf_fast.kernels.autotune.pinned_c
 workload's real shapes, which compiles it into Triton's on-disk cache (~/.triton/cache). The
 autotuners of the benchmarks and tests that follow find every config there and only time them.
 
-WORKLOADS lists the shapes of run 1 and run 2 (benchmarks/README.md, "The first GPU run"): the
+WORKLOADS lists the shapes gpu_visit.sh and gpu_more.sh launch (benchmarks/README.md, "The GPU
+visit"; gpu_plan.py splits them between the two scripts, `--only`): the
 kernel benchmark's headline and its correctness gate, the GPU kernel tests, and the 1B model's
 lm_head in the step and attention benchmarks; tests/test_gpu_runs.py checks them against the
 tests' and benchmarks' own constants. A config that does not fit the chip (shared memory) fails

@@ -1,7 +1,8 @@
 """What the GPU runs import and train, with the packages the GPU machine lacks made unimportable.
 
 `python tests/gpu_machine_check.py OUT_DIR` (from the repository root; tests/test_gpu_runs.py runs
-it): every test file the two GPU scripts name collects, every benchmark script they start imports,
+it): every test file the GPU scripts' parts name (benchmarks/gpu_plan.py) collects, every benchmark
+script they start imports,
 and the trainer of tests/test_train_gpu.py trains two steps on the CPU. Prints the losses.
 """
 
@@ -22,10 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(out: Path) -> None:
-    scripts = "".join((ROOT / "benchmarks" / f"gpu_run{i}.sh").read_text() for i in (1, 2))
+    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+    import gpu_plan
+
+    ctx = gpu_plan.Context(out_dir=str(out))
+    scripts = " ".join(" ".join(p.command(ctx)) for s in gpu_plan.SCRIPTS for p in gpu_plan.parts(s))
     files = sorted(set(re.findall(r"tests/test_\w+\.py", scripts)))
     assert pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files]) == 0
-    sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
     for module in sorted(set(re.findall(r"benchmarks/(\w+)\.py", scripts))):
         __import__(module)
 

@@ -248,7 +248,7 @@ def test_pinned_configs_restore_and_reject_unknown_kernels():
 
 
 # ---------------------------------------------------------------------------------------------
-# On the GPU (run 1's kernel tests): the probe's answer there, and both branches on real bf16
+# On the GPU (the visit's kernel-tests part): the probe's answer there, and both branches on real bf16
 
 
 @pytest.mark.gpu

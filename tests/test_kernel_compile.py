@@ -7,7 +7,9 @@ subprocess without TRITON_INTERPRET (tests/aot_compile.py), its matrix multiplie
 tensor-core instructions whose operands are loaded asynchronously (a software-pipelined loop), and
 its shared memory must fit the chip; the cubin's SASS (read with the cuobjdump that ships with Triton)
 must hold the tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) fed by cp.async (LDGSTS).
-Registers and spills per config: benchmarks/README.md, "Compile evidence".
+Registers and spills per config: benchmarks/README.md, "Compile evidence" (`python
+tests/aot_compile.py --table DIR` regenerates its table); the slow
+`test_headline_configs_do_not_spill` prints them per config and fails on a spill.
 
 Another Triton (the GPU machines have 3.6; this venv 3.9): `pip install --target DIR --no-deps
 triton==3.6.0`, then `AOT_TRITON_PATH=DIR pytest tests/test_kernel_compile.py -m "slow or not slow"`.
@@ -39,6 +41,7 @@ DEFAULT_CASES = (
         for cc in (90, 80)
     ]
     + ["epilogue:0:bf16:90", "epilogue:0:fp16:80"]
+    + ["fwd:0:bf16:90:softcap", "dlogits:0:bf16:90:softcap"]  # Gemma 2's soft-capped variant
 )
 DTYPES = {
     "fwd": ("bf16", "fp16", "fp32", "bf16w32"),
@@ -65,6 +68,11 @@ def compile_all(cases: list[str], timeout: int = 1200) -> dict:
     return json.loads(results)
 
 
+HEADLINE_DTYPES = {"fwd": ("bf16", "bf16w32"), "dlogits": ("bf16", "bf16w32"), "mm_acc": ("bf16",)}
+HEADLINE_CASES = [f"{k}:{i}:{dt}:90" for k, dts in HEADLINE_DTYPES.items() for i in range(N_CONFIGS[k])
+                  for dt in dts]  # fmt: skip
+
+
 def triton_at(path: str) -> str:
     (info,) = Path(path).glob("triton-*.dist-info")
     return info.name.removeprefix("triton-").removesuffix(".dist-info")
@@ -73,7 +81,7 @@ def triton_at(path: str) -> str:
 def check(case: str, result: dict) -> None:
     assert "error" not in result, result.get("error")
     assert result["cubin_bytes"] > 0
-    kernel, _, dtype, cc = case.split(":")
+    kernel, _, dtype, cc, *_variant = case.split(":")
     if kernel in N_CONFIGS and dtype != "fp32":  # fp32 runs in exact IEEE arithmetic, not on tensor cores
         assert result["ptx_mma"], "matmul did not lower to tensor-core instructions"
         assert result["pipelined"], "no asynchronous loads: the matmul loop is not software-pipelined"
@@ -110,3 +118,23 @@ def test_every_autotune_config_compiles_for_every_dtype_and_chip():
             clean = [results[f"{kernel}:{i}:{dtype}:{cc}"]["stack"] == 0 for i in range(n)]
             ok = any(f and c for f, c in zip(fits, clean, strict=True))
             assert ok or dtype == "fp32", f"{kernel} {dtype} sm_{cc}: every fitting config spills"
+
+
+@pytest.mark.slow
+def test_headline_configs_do_not_spill():
+    """Every config of the three matmul kernels, compiled for sm_90 at the headline (D = 4096, no
+    soft-cap) in bf16 and the autocast variant: registers and spill bytes printed per config, and
+    none that fits shared memory spills (one that does not fit is skipped by the autotuner)."""
+    results = compile_all(HEADLINE_CASES)
+    lines, spills = [f"Triton {results['_toolchain']['triton']}, ptxas {results['_toolchain']['ptxas']}"], []
+    for case in HEADLINE_CASES:
+        r = results[case]
+        assert "error" not in r, (case, r["error"])
+        fits = r["shared"] <= SMEM_LIMIT["90"]
+        skipped = "" if fits else "  (does not fit: skipped)"
+        kib = r["shared"] // 1024
+        lines.append(f"{case:<22} regs {r['regs']:>3}  spill {r['stack']:>3} B  shared {kib:>3} KiB{skipped}")
+        if fits and r["stack"] != 0:
+            spills.append(f"{case}: {r['stack']} bytes")
+    print("\n".join(lines))
+    assert not spills, "configs that spill: " + ", ".join(spills)

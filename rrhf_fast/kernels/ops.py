@@ -24,6 +24,7 @@ import torch
 # The package attributes `rrhf_loss` and `token_logprobs` are the functions (rrhf_fast/kernels/__init__.py):
 # the launcher modules come from the import system.
 _rl = importlib.import_module(f"{__package__}.rrhf_loss")
+_auto = importlib.import_module(f"{__package__}.auto")
 _tl = importlib.import_module(f"{__package__}.token_logprobs")
 
 F32 = torch.float32
@@ -119,6 +120,7 @@ def _tlp_setup_context(ctx, inputs, output):
     _logp, lse = output
     ctx.save_for_backward(hidden, weight, rows, targets, lse)
     ctx.softcap, ctx.dlogits = softcap, _tl.DLOGITS
+    ctx.auto = _auto.AUTO_CALL.get()  # impl="auto": a failing backward falls back (auto.py)
     ctx.mark_non_differentiable(lse)
 
 
@@ -126,9 +128,15 @@ def _tlp_backward(ctx, grad, _grad_lse):
     hidden, weight, rows, targets, lse = ctx.saved_tensors
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad = grad.float().contiguous()
-    dh, dw = torch.ops.rrhf_fast.token_logprobs_backward(
-        hidden, weight, rows, targets, lse, grad, ctx.softcap, need_dh, need_dw, ctx.dlogits
-    )
+    try:
+        dh, dw = torch.ops.rrhf_fast.token_logprobs_backward(
+            hidden, weight, rows, targets, lse, grad, ctx.softcap, need_dh, need_dw, ctx.dlogits
+        )
+    except Exception as exc:
+        if not (getattr(ctx, "auto", False) and _auto.is_triton_failure(exc)):
+            raise
+        _auto.record_failure("token_logprobs", hidden.device, exc, "backward launch")
+        dh, dw = _auto.torch_backward(hidden, weight, rows, targets, grad, ctx.softcap, need_dh, need_dw)
     return (dh if need_dh else None), (dw if need_dw else None), None, None, None
 
 
@@ -192,6 +200,7 @@ def _rrhf_setup_context(ctx, inputs, output):
     _loss, _rank, _sft, p, coef_rank, coef_sft = output
     ctx.save_for_backward(token_response, coef_rank, coef_sft)
     ctx.weights, ctx.norm = (rank_weight, sft_weight), norm
+    ctx.auto = _auto.AUTO_CALL.get()  # impl="auto": a failing backward falls back (auto.py)
     ctx.mark_non_differentiable(p, coef_rank, coef_sft)
 
 
@@ -200,7 +209,14 @@ def _rrhf_backward(ctx, g_loss, g_rank, g_sft, *_unused):
     rank_weight, sft_weight = ctx.weights
     # d/dS_i of every differentiable output, weighted by its upstream gradient.
     coef = (g_loss * rank_weight + g_rank) * coef_rank + (g_loss * sft_weight + g_sft) * coef_sft
-    grad = torch.ops.rrhf_fast.rrhf_loss_backward(token_response, (coef / ctx.norm).float().contiguous())
+    coef = (coef / ctx.norm).float().contiguous()
+    try:
+        grad = torch.ops.rrhf_fast.rrhf_loss_backward(token_response, coef)
+    except Exception as exc:
+        if not (getattr(ctx, "auto", False) and _auto.is_triton_failure(exc)):
+            raise
+        _auto.record_failure("rrhf_loss", coef.device, exc, "backward launch")
+        grad = coef[token_response.long()]  # what the kernel computes: each token its response's coef
     return (grad,) + (None,) * 12
 
 

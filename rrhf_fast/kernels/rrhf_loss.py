@@ -15,10 +15,13 @@ context). The torch reference accepts any order.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
 
+from . import auto as _auto
 from .constants import MODES, SFT_REDUCTIONS
 from .reference import RRHFOutput, rrhf_loss_torch
 from .utils import next_power_of_2, on_host, resolve_impl
@@ -176,14 +179,19 @@ def rrhf_loss(
     packed order, or whose scores are not finite, makes the losses NaN.
     """
     _check_options(logp, token_response, response_query, scores, prompt_len, mode, sft_reduction)
+    auto = impl == "auto"
+    if auto:  # the Triton path on CUDA unless it failed there (auto.py)
+        usable = logp.device.type in _auto.DEVICES and not _auto.failed("rrhf_loss", logp.device)
+        impl = "triton" if usable else "torch"
     impl = resolve_impl(impl, logp.device)
     if on_host(scores):
         check_scores(scores)
+    reference = lambda: rrhf_loss_torch(  # noqa: E731
+        logp, token_response, response_query, scores, prompt_len, length_penalty,
+        rank_weight, sft_weight, mode, sft_reduction, normalizer,
+    )  # fmt: skip
     if impl == "torch":
-        return rrhf_loss_torch(
-            logp, token_response, response_query, scores, prompt_len, length_penalty,
-            rank_weight, sft_weight, mode, sft_reduction, normalizer,
-        )  # fmt: skip
+        return reference()
     num_queries = prompt_len.numel() if prompt_len is not None else int(response_query.max()) + 1
     if on_host(token_response) and on_host(response_query):
         check_packed_order(token_response, response_query, num_queries)
@@ -193,6 +201,25 @@ def rrhf_loss(
     # A tensor normalizer (a count summed over ranks) divides outside the op, whose arguments are
     # plain numbers: the losses are linear in 1 / normalizer.
     divide = isinstance(norm, torch.Tensor)
+    options = (length_penalty, rank_weight, sft_weight, mode, sft_reduction, 1.0 if divide else norm)
+    try:
+        with _auto.auto_call() if auto else nullcontext():
+            out = _fused(
+                logp, token_response, response_query, scores, prompt_len, num_queries, k_max, *options
+            )
+    except Exception as exc:
+        if not (auto and _auto.is_triton_failure(exc)):
+            raise
+        _auto.record_failure("rrhf_loss", logp.device, exc, "launch")
+        return reference()
+    loss, rank_loss, sft_loss, p = out
+    if divide:
+        loss, rank_loss, sft_loss = loss / norm, rank_loss / norm, sft_loss / norm
+    return RRHFOutput(loss, rank_loss, sft_loss, p)
+
+
+def _fused(logp, token_response, response_query, scores, prompt_len, num_queries, k_max, length_penalty,
+           rank_weight, sft_weight, mode, sft_reduction, norm):  # fmt: skip
     loss, rank_loss, sft_loss, p, _, _ = _ops.rrhf_loss_op(
         logp.float().contiguous(),
         token_response.contiguous(),
@@ -206,11 +233,9 @@ def rrhf_loss(
         float(sft_weight),
         mode == "official",
         sft_reduction == "sum",
-        1.0 if divide else float(norm),
+        float(norm),
     )
-    if divide:
-        loss, rank_loss, sft_loss = loss / norm, rank_loss / norm, sft_loss / norm
-    return RRHFOutput(loss, rank_loss, sft_loss, p)
+    return loss, rank_loss, sft_loss, p
 
 
 def _check_options(logp, token_response, response_query, scores, prompt_len, mode, sft_reduction) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -184,26 +185,34 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
-# Registers and spills of each config, compiled for sm_90 (bf16, Triton 3.9; benchmarks/README.md,
-# "Compile evidence"): a 128 x 256 tile at 8 warps needs 255 registers and spills (forward 16 bytes
-# of stack, dlogits 248); at 16 warps the forward's fits in 128 registers without a spill. The
-# dlogits epilogue holds more live values: every tile larger than 128 x 128 spilled (256 x 128:
-# 576 bytes), so its configs are 128 x 128 (3 and 4 stages) and 64 x 128, none spilling.
+# Registers and spills of each config, compiled for sm_90 at the headline shape (D = 4096, bf16 and
+# the autocast variant, no soft-cap) with Triton 3.9 and 3.6, the GPU machine's (benchmarks/README.md,
+# "Compile evidence"; the slow test in tests/test_kernel_compile.py fails on a spill). An SM has
+# 65536 registers: 256 threads (8 warps) at <= 128 registers a thread let two blocks share an SM,
+# at 129 only one. The dlogits 128 x 128 tiles at 8 warps took 129 registers under 3.6 (128 under
+# 3.9); `maxnreg=128` on them made 3.6 spill 8 bytes, so they run at 16 warps instead: at most 112
+# registers on both Tritons, soft-cap included, no spill. The forward's 128 x 256 tile at 16 warps
+# spilled with a 64-deep K step (3.9: 16 bytes in bf16; autocast 104 / 88 bytes on 3.9 / 3.6); with
+# a 32-deep step and 4 stages it fits 128 registers without a spill on both. A 128 x 256 tile at 8
+# warps needs 255 registers (config 1: no spill in bf16; autocast does not fit shared memory and is
+# skipped by the autotuner). The fallback GEMM's 128 x 256 tile spilled 192 bytes on both Tritons:
+# its second config is 128 x 128 with 4 stages. Every dlogits tile larger than 128 x 128 spilled
+# (256 x 128: 576 bytes).
 FWD_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64),
     _cfg(8, 3, BLOCK_M=64, BLOCK_V=256, BLOCK_D=64),
-    _cfg(16, 3, BLOCK_M=128, BLOCK_V=256, BLOCK_D=64),
+    _cfg(16, 4, BLOCK_M=128, BLOCK_V=256, BLOCK_D=32),
 ]
 DLOGITS_CONFIGS = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+    _cfg(16, 3, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
+    _cfg(16, 4, BLOCK_M=128, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_V=128, BLOCK_D=64, GROUP_M=8),
 ]
 MM_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
 ]
 
@@ -453,7 +462,9 @@ def token_logprobs(
     indexes hidden (repeats allowed: their gradients add up); targets [M] in [0, V) (checked on the
     host for CPU tensors; on CUDA an index out of range gives a NaN log-prob, never a sync). `softcap`
     applies softcap * tanh(logits / softcap) first (Gemma 2). impl: "triton" (fused, never holds
-    the [M, V] logits), "torch" (naive reference) or "auto" (triton on CUDA, torch elsewhere).
+    the [M, V] logits), "torch" (naive reference) or "auto" (the fused kernel on CUDA unless a
+    measurement in auto_table.json says the torch path is faster where its logits fit; the torch
+    path elsewhere, and after a Triton failure, with one warning: rrhf_fast/kernels/auto.py).
     Under torch.autocast, hidden is cast to the autocast dtype and the logits are computed as a
     Linear would (weight rounded to that dtype); an fp32 weight is rounded tile by tile inside the
     kernels rather than copied, and its gradient is fp32.
@@ -462,8 +473,13 @@ def token_logprobs(
     if softcap is not None and not softcap > 0:
         raise ValueError(f"token_logprobs: softcap must be positive or None, got {softcap}")
     device_type = hidden.device.type
+    autocasting = torch.is_autocast_enabled(device_type)
+    auto = impl == "auto"
+    if auto:  # auto.py: the fused kernel unless measured slower where the logits fit, or it failed
+        dtype = torch.get_autocast_dtype(device_type) if autocasting else hidden.dtype
+        impl = _auto.choose(hidden.device, weight.shape[1], weight.shape[0], rows.numel(), dtype)
     impl = resolve_impl(impl, hidden.device)
-    if torch.is_autocast_enabled(device_type):
+    if autocasting:
         dtype = torch.get_autocast_dtype(device_type)
         hidden = hidden.to(dtype)
         # weight.to(dtype) would be a fresh [V, D] copy at every call, held from forward to backward
@@ -484,18 +500,24 @@ def token_logprobs(
         # clamped for the loads (the kernels' and the reference's gather) and their log-probs are NaN.
         valid = (rows >= 0) & (rows < N) & (targets >= 0) & (targets < V)
         rows, targets = rows.clamp(0, max(N - 1, 0)), targets.clamp(0, V - 1)
-    if impl == "torch":
-        # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
-        logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
-        return logp if valid is None else logp.where(valid, float("nan"))
-    with torch.autocast(device_type, enabled=False):
-        logp, _lse = _ops.token_logprobs_op(
-            hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
-            weight.contiguous(),
-            rows.contiguous(),
-            targets.contiguous(),
-            None if softcap is None else float(softcap),
-        )
+    if impl != "torch":
+        try:
+            with torch.autocast(device_type, enabled=False), _auto.auto_call() if auto else nullcontext():
+                logp, _lse = _ops.token_logprobs_op(
+                    hidden if hidden.stride(-1) == 1 else hidden.contiguous(),
+                    weight.contiguous(),
+                    rows.contiguous(),
+                    targets.contiguous(),
+                    None if softcap is None else float(softcap),
+                )
+            return logp if valid is None else logp.where(valid, float("nan"))
+        except Exception as exc:
+            if not (auto and _auto.is_triton_failure(exc)):
+                raise
+            _auto.record_failure("token_logprobs", hidden.device, exc, "launch")
+            weight = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
+    # The reference keeps fp64 for fp64 inputs (tests); the public contract is fp32.
+    logp = token_logprobs_torch(hidden, weight, rows, targets, softcap=softcap).float()
     return logp if valid is None else logp.where(valid, float("nan"))
 
 
@@ -531,4 +553,5 @@ def _check_inputs(hidden, weight, rows, targets) -> None:
 
 
 # The custom ops (ops.py) wrap the launchers above; imported last, as they import this module.
+from . import auto as _auto  # noqa: E402
 from . import ops as _ops  # noqa: E402

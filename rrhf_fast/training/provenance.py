@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rrhf_fast import __version__
-from rrhf_fast.kernels.utils import resolve_impl
+from rrhf_fast.kernels import auto as kernels_auto
 from rrhf_fast.models import attention
 from rrhf_fast.models.wrapping import unwrap
 
@@ -40,7 +40,7 @@ def resolved_settings(
     head = base.get_output_embeddings() or getattr(base, "score", None)  # a reward model: its score head
     return {
         "attn": attention.resolve_backend(config.attn, device, softcapped),
-        "kernels": resolve_impl(config.kernels, device),
+        "kernels": kernels_auto.describe(config.kernels, device),
         "weight_dtype": _name(base.get_input_embeddings().weight.dtype),
         "lm_head_dtype": _name(head.weight.dtype),
         "trainable_dtypes": trainable,
