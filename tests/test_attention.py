@@ -220,18 +220,30 @@ def run_backend(batch, backend, heads, kv_heads, window, softcap, seed=5):
     return (out, *torch.autograd.grad((out * w).sum(), (q, k, v)))
 
 
-@pytest.mark.parametrize(
-    "call_entries", [pytest.param(0, id="many-buckets"), pytest.param(1 << 14, id="default")]
-)
+LAYOUTS = [  # (CALL_ENTRIES, GROUP_SLACK): many buckets with padding, responses per segment or grouped
+    pytest.param(0, 0.0, id="per-response"),
+    pytest.param(0, 100.0, id="grouped"),
+    pytest.param(1 << 14, 1.25, id="default"),
+]
+
+
+def with_layout(monkeypatch, call_entries, group_slack):
+    monkeypatch.setattr(segment_attention, "CALL_ENTRIES", call_entries)
+    monkeypatch.setattr(segment_attention, "GROUP_SLACK", group_slack)
+
+
+@pytest.mark.parametrize("call_entries, group_slack", LAYOUTS)
 @pytest.mark.parametrize("heads, kv_heads, window, softcap", SEGMENT_CASES)
 def test_dense_per_segment_equals_dense_full_and_varlen_fp32(
-    heads, kv_heads, window, softcap, call_entries, monkeypatch
+    heads, kv_heads, window, softcap, call_entries, group_slack, monkeypatch
 ):
-    monkeypatch.setattr(segment_attention, "CALL_ENTRIES", call_entries)
+    with_layout(monkeypatch, call_entries, group_slack)
     batch = many_queries()
     assert batch.num_queries == 9 and batch.num_responses > 20
-    buckets = SharedPromptMeta.from_batch(batch, "dense").layout().buckets
-    assert len(buckets) > (8 if call_entries == 0 else 0) and any(b.n > 1 for b in buckets)  # padding occurs
+    layout = SharedPromptMeta.from_batch(batch, "dense").layout()
+    assert len(layout.buckets) > (8 if call_entries == 0 else 0) and any(b.n > 1 for b in layout.buckets)
+    if group_slack != 1.25:  # all responses of a query in one segment, or one segment each
+        assert len(layout.segments) == (2 * 9 if group_slack > 1 else 9 + batch.num_responses)
     new = run_backend(batch, "dense", heads, kv_heads, window, softcap)
     for reference in (attention.DENSE_FULL, "varlen"):
         ref = run_backend(batch, reference, heads, kv_heads, window, softcap)
@@ -266,7 +278,9 @@ def test_dense_costs_the_rule_not_the_square_of_the_pack(backend, softcap):
     batch = many_queries(seed=2, queries=24)
     T = batch.num_tokens
     layout = SharedPromptMeta.from_batch(batch, "dense").layout()
-    rule = sum(s.q_len * s.k_len for s in layout.segments)
+    P, R = batch.prompt_len, batch.response_len
+    rule = int((P * P).sum() + (R * (P[batch.response_query] + R)).sum())  # prompts whole, as computed
+    rule *= segment_attention.GROUP_SLACK  # grouped responses may cost that much more
     calls = len(layout.buckets)
     assert layout.padded_cost() <= segment_attention.PAD_SLACK * rule + calls * segment_attention.CALL_ENTRIES
     assert layout.padded_cost() < T * T / 4
@@ -278,10 +292,13 @@ def test_dense_costs_the_rule_not_the_square_of_the_pack(backend, softcap):
         assert most >= T * T
 
 
+@pytest.mark.parametrize("call_entries, group_slack", LAYOUTS[:2])
 @pytest.mark.parametrize("window", [pytest.param(None, id="causal"), pytest.param(6, id="window6")])
 @pytest.mark.parametrize("block", [4, 8])
-def test_block_mask_equals_create_block_mask(window, block):
+def test_block_mask_equals_create_block_mask(window, block, call_entries, group_slack, monkeypatch):
     from torch.nn.attention.flex_attention import create_block_mask
+
+    with_layout(monkeypatch, call_entries, group_slack)
 
     batch = many_queries(seed=3)
     meta = SharedPromptMeta.from_batch(batch, "flex")

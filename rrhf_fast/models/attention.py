@@ -255,7 +255,7 @@ def _flex(q, k, v, block_mask, scaling, softcap):
 def _flex_per_query(q, k, v, meta: SharedPromptMeta, window, scaling, softcap) -> torch.Tensor:
     """Uncompiled flex (the CPU's, forward only) computes the scores of every (q, kv) pair it is
     given: it is given one query's rows at a time, never the [T, T] of the whole row."""
-    starts = [s.q_start for s in meta.layout().segments if s.b_len == 0] + [q.shape[2]]
+    starts = [s.q_start for s in meta.layout().segments if s.is_prompt] + [q.shape[2]]
     outs = []
     for r0, r1 in zip(starts[:-1], starts[1:], strict=False):
 

@@ -34,56 +34,76 @@ PAD_SLACK = 1.25
 CALL_ENTRIES = 1 << 14
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Queries rows[q_start : q_start + q_len]; keys run A then run B (rows), k_len = a_len + b_len."""
-
-    q_start: int
-    q_len: int
-    a_start: int
-    a_len: int
-    b_start: int = 0
-    b_len: int = 0
-
-    @property
-    def k_len(self) -> int:
-        return self.a_len + self.b_len
+# All k responses of a query share one [prompt; responses] key run (one call, the prompt's keys once)
+# when that costs at most GROUP_SLACK of the responses' own P + R_i each: long prompts, short
+# responses (the common case). Otherwise each response has its own [prompt; response] keys.
+GROUP_SLACK = 1.25
 
 
 @dataclass
-class Bucket:
-    q_rows: torch.Tensor  # [n * Lq] rows of T (padding: row 0)
-    k_rows: torch.Tensor  # [n * Lk] rows of T (padding: row 0)
-    last: torch.Tensor  # [n, Lq] the last key each query sees (index in its key list)
-    n: int
+class Segment:
+    """Query rows q_start .. q_start + q_len against a key list of k_len rows (key_runs, in order).
+
+    Per query row, in key-list indices: the prompt part [0, a_hi) and its own part [b_lo, b_hi)
+    (causal: b_hi - 1 is the row itself); `pos` is its logical position, so that key-list index i
+    of the prompt part has position i and of its own part pos - (b_hi - 1 - i)."""
+
+    q_start: int
     q_len: int
-    k_len: int
-    prompts_only: bool  # q_len == k_len for each segment: top-left causal is exact
+    key_runs: list[tuple[int, int]]  # (first row, rows)
+    pos: list[int]
+    a_hi: list[int]
+    b_lo: list[int]
+    b_hi: list[int]
+    is_prompt: bool = False
+
+    @property
+    def k_len(self) -> int:
+        return sum(n for _, n in self.key_runs)
+
+    def key_rows(self) -> list[int]:
+        return [r for start, n in self.key_runs for r in range(start, start + n)]
 
 
 def segments_of(prompt_len: list[int], response_len: list[int], response_query: list[int]) -> list[Segment]:
-    """The packing's segments, in row order (pack_tokenized's layout)."""
+    """The packing's rows (pack_tokenized's layout) as segments: each prompt, then its responses
+    together or one segment each (GROUP_SLACK)."""
     out: list[Segment] = []
     row, r = 0, 0
-    for g, plen in enumerate(prompt_len):
+    for g, P in enumerate(prompt_len):
         prompt = row
-        out.append(Segment(row, plen, row, plen))
-        row += plen
+        out.append(Segment(row, P, [(row, P)], list(range(P)), [0] * P, [0] * P, list(range(1, P + 1)), True))
+        row += P
+        lens = []
         while r < len(response_query) and response_query[r] == g:
-            n = response_len[r]
-            out.append(Segment(row, n, prompt, plen, row, n))
-            row, r = row + n, r + 1
+            lens.append(response_len[r])
+            r += 1
+        total = sum(lens)
+        if total * (P + total) <= GROUP_SLACK * sum(n * (P + n) for n in lens):
+            pos, b_lo, b_hi, off = [], [], [], P
+            for n in lens:
+                pos += range(P, P + n)
+                b_lo += [off] * n
+                b_hi += range(off + 1, off + n + 1)
+                off += n
+            out.append(Segment(row, total, [(prompt, P + total)], pos, [P] * total, b_lo, b_hi))
+            row += total
+        else:
+            for n in lens:
+                out.append(Segment(row, n, [(prompt, P), (row, n)], list(range(P, P + n)), [P] * n, [P] * n,
+                                   list(range(P + 1, P + n + 1))))  # fmt: skip
+                row += n
     return out
 
 
 def plan_buckets(segments: list[Segment], slack: float = PAD_SLACK) -> list[list[Segment]]:
     """Greedy over segments sorted by (prompt or not, q_len, k_len) descending: a segment joins the
     open bucket while the padded cost stays within `slack` of the segments' own + CALL_ENTRIES."""
-    order = sorted(segments, key=lambda s: (s.b_len == 0, s.q_len, s.k_len), reverse=True)
+    order = sorted(segments, key=lambda s: (s.is_prompt, s.q_len, s.k_len), reverse=True)
     buckets: list[list[Segment]] = []
     own = lq = lk = 0
     for s in order:
-        if buckets and (buckets[-1][0].b_len == 0) == (s.b_len == 0):
+        if buckets and buckets[-1][0].is_prompt == s.is_prompt:
             n, q, k, c = len(buckets[-1]) + 1, max(lq, s.q_len), max(lk, s.k_len), own + s.q_len * s.k_len
             if n * q * k <= slack * c + CALL_ENTRIES:
                 buckets[-1].append(s)
@@ -92,6 +112,17 @@ def plan_buckets(segments: list[Segment], slack: float = PAD_SLACK) -> list[list
         buckets.append([s])
         own, lq, lk = s.q_len * s.k_len, s.q_len, s.k_len
     return buckets
+
+
+@dataclass
+class Bucket:
+    q_rows: torch.Tensor  # [n * Lq] rows of T (padding: row 0)
+    k_rows: torch.Tensor  # [n * Lk] rows of T (padding: row 0)
+    rule: torch.Tensor  # [4, n, Lq, 1]: pos, a_hi, b_lo, b_hi per query row (padding: sees key 0)
+    n: int
+    q_len: int
+    k_len: int
+    prompts_only: bool  # each query row sees keys 0..row: top-left causal is exact
 
 
 class SegmentLayout:
@@ -104,12 +135,13 @@ class SegmentLayout:
         offset = 0
         for group in plan_buckets(segments):
             lq, lk = max(s.q_len for s in group), max(s.k_len for s in group)
-            q_rows, k_rows, last = [], [], []
+            q_rows, k_rows, rule = [], [], [[], [], [], []]
             for slot, s in enumerate(group):
-                q_rows += [*range(s.q_start, s.q_start + s.q_len), *[0] * (lq - s.q_len)]
-                k_rows += [*range(s.a_start, s.a_start + s.a_len), *range(s.b_start, s.b_start + s.b_len)]
-                k_rows += [0] * (lk - s.k_len)
-                last += [*range(s.k_len - s.q_len, s.k_len), *[0] * (lq - s.q_len)]  # pad rows see key 0
+                pad = lq - s.q_len
+                q_rows += [*range(s.q_start, s.q_start + s.q_len), *[0] * pad]
+                k_rows += [*s.key_rows(), *[0] * (lk - s.k_len)]
+                for dst, src, fill in zip(rule, (s.pos, s.a_hi, s.b_lo, s.b_hi), (0, 1, 0, 0), strict=True):
+                    dst += [*src, *[fill] * pad]
                 base = offset + slot * lq
                 out_pos[s.q_start : s.q_start + s.q_len] = range(base, base + s.q_len)
             offset += len(group) * lq
@@ -117,33 +149,39 @@ class SegmentLayout:
                 Bucket(
                     q_rows=torch.tensor(q_rows, device=device),
                     k_rows=torch.tensor(k_rows, device=device),
-                    last=torch.tensor(last, device=device).view(len(group), lq),
+                    rule=torch.tensor(rule, device=device).view(4, len(group), lq, 1),
                     n=len(group),
                     q_len=lq,
                     k_len=lk,
-                    prompts_only=all(s.b_len == 0 for s in group),
+                    prompts_only=all(s.is_prompt for s in group),
                 )
             )
         self.out_pos = torch.tensor(out_pos, device=device)  # row t's place in the buckets' outputs
         self._masks: dict[int | None, list[torch.Tensor]] = {}
 
     def masks(self, window: int | None) -> list[torch.Tensor]:
-        """[n, 1, Lq, Lk] boolean masks per bucket: key i <= last, and last - i < window."""
+        """[n, 1, Lq, Lk] boolean masks per bucket: key i in [a_lo, a_hi) or [b_lo', b_hi)."""
         if window not in self._masks:
             masks = []
             for b in self.buckets:
                 i = torch.arange(b.k_len, device=self.device)
-                last = b.last[:, None, :, None]
-                ok = i <= last
-                if window is not None:
-                    ok = ok & (last - i < window)
-                masks.append(ok)
+                lo_a, hi_a, lo_b, hi_b = window_rule(b.rule, window)
+                masks.append((((i >= lo_a) & (i < hi_a)) | ((i >= lo_b) & (i < hi_b)))[:, None])
             self._masks[window] = masks
         return self._masks[window]
 
     def padded_cost(self) -> int:
         """Score entries the buckets compute (prompts counted whole): what the tests bound."""
         return sum(b.n * b.q_len * b.k_len for b in self.buckets)
+
+
+def window_rule(rule: torch.Tensor, window: int | None) -> tuple[torch.Tensor, ...]:
+    """(a_lo, a_hi, b_lo, b_hi) in key-list indices: the prompt part keeps positions > pos - window,
+    the own part its last `window` keys."""
+    pos, a_hi, b_lo, b_hi = rule
+    if window is None:
+        return torch.zeros_like(pos), a_hi, b_lo, b_hi
+    return (pos - window + 1).clamp(min=0), a_hi, torch.maximum(b_lo, b_hi - window), b_hi
 
 
 def dense_segments(
@@ -190,20 +228,23 @@ def _sdpa(q, k, v, mask, scaling, dropout):
 
 
 def token_intervals(layout: SegmentLayout, window: int | None) -> torch.Tensor:
-    """[T, 2, 2] the key rows each query row sees, as two half-open row intervals (A part, B part)."""
-    rows = []
+    """[T, 2, 2] the key rows each query row sees, as two half-open row intervals."""
+    T = layout.num_tokens
+    rule = torch.zeros(4, T, dtype=torch.long)
+    a_base, b_base = torch.zeros(T, dtype=torch.long), torch.zeros(T, dtype=torch.long)
     for s in layout.segments:
-        for j in range(s.q_len):
-            last = s.k_len - s.q_len + j
-            lo = 0 if window is None else max(0, last - window + 1)
-            a = (s.a_start + lo, s.a_start + min(last + 1, s.a_len)) if lo < s.a_len else (0, 0)
-            b = (0, 0)
-            if last >= s.a_len:
-                b = (s.b_start + max(lo, s.a_len) - s.a_len, s.b_start + last + 1 - s.a_len)
-            if a[1] == b[0] and a[1] > a[0]:  # adjacent (response 1 after its prompt): one interval
-                a, b = (a[0], b[1]), (0, 0)
-            rows.append((a, b))
-    return torch.tensor(rows, dtype=torch.long).view(-1, 2, 2)
+        rows = slice(s.q_start, s.q_start + s.q_len)
+        rule[:, rows] = torch.tensor([s.pos, s.a_hi, s.b_lo, s.b_hi])
+        a_base[rows] = s.key_runs[0][0]  # the prompt part lies in the first run, the own part in the last
+        last_start, last_len = s.key_runs[-1]
+        b_base[rows] = last_start - (s.k_len - last_len)
+    lo_a, hi_a, lo_b, hi_b = window_rule(rule, window)
+    a = torch.stack([a_base + lo_a, a_base + hi_a], -1) * (hi_a > lo_a)[:, None]
+    b = torch.stack([b_base + lo_b, b_base + hi_b], -1) * (hi_b > lo_b)[:, None]
+    joined = (a[:, 1] == b[:, 0]) & (hi_a > lo_a)  # adjacent: one interval
+    a = torch.where(joined[:, None], torch.stack([a[:, 0], b[:, 1]], -1), a)
+    b = torch.where(joined[:, None], torch.zeros_like(b), b)
+    return torch.stack([a, b], 1)
 
 
 def block_mask(layout: SegmentLayout, window: int | None, mask_mod: Callable, block: int = 128):
