@@ -3,7 +3,7 @@ micro-batch to 16k tokens, dense attention per segment (`dense`) against one SDP
 packed row with its [T, T] mask (`dense-full`, the path before issue 31); and a real model's DPO step.
 
 `python benchmarks/bench_pack_budget.py [--budgets 1100,2048,4096,8192,16384] [--steps 3]
-[--gguf PATH] [--hh PATH] [--smoke] [--out-dir DIR]`
+[--full-budgets 1100,4096,8192] [--gguf PATH] [--hh PATH] [--smoke] [--out-dir DIR]`
 
 Every configuration runs `rrhf-fast train`'s own loop (training.train.train) in a fresh Python
 process, one torch thread, and reports the median step time (steps after the first: a step's tokens
@@ -24,6 +24,7 @@ Writes `<out-dir>/pack_budget_cpu.csv` (appended; common.COLUMNS, peak_mem_gib =
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import json
 import os
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import common
@@ -57,7 +59,19 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(1)
     from rrhf_fast.config import TrainConfig
     from rrhf_fast.models import attention
-    from rrhf_fast.training.train import train
+    from rrhf_fast.training import train as train_module
+
+    cpu_seconds = []  # each step's process CPU time: with one thread, what a shared machine's load
+    step = train_module.train_step  # changes least (the wall time is in metrics.jsonl)
+
+    def timed_step(*args, **kwargs):
+        t0 = time.process_time()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            cpu_seconds.append(time.process_time() - t0)
+
+    train_module.train_step = timed_step
 
     if spec.pop("attn") == attention.DENSE_FULL:  # the path before issue 31, under the name "dense"
         resolve = attention.resolve_backend
@@ -65,12 +79,14 @@ def worker(spec: dict) -> dict:
             attention.DENSE_FULL if attn == "dense" else resolve(attn, *a, **k)
         )
     out = Path(spec["output_dir"])
-    train(TrainConfig(**spec, attn="dense", device="cpu", optim="adamw", save_every=0, keep_checkpoints=1,
-                      log_every=0, plot=False, eval_every=0, warmup_steps=0, lr=1e-5))  # fmt: skip
+    fixed = dict(attn="dense", device="cpu", optim="adamw", save_every=0, keep_checkpoints=1, log_every=0,
+                 plot=False, eval_every=0, warmup_steps=0, lr=1e-5)  # fmt: skip
+    train_module.train(TrainConfig(**spec, **fixed))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["tokens"] / r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     return {
         "step_s": statistics.median(seconds[1:] or seconds),
+        "cpu_s": statistics.median(cpu_seconds[1:] or cpu_seconds),
         "steps": len(seconds),
         "tokens": rows[-1].get("tokens"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -147,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="--micro-batch-tokens values")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="dense, dense-full")
+    p.add_argument("--full-budgets", default="1100,4096,8192",
+                   help="the budgets dense-full runs at (T^2: 16384 takes minutes a step)")  # fmt: skip
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (first not timed)")
     p.add_argument("--gguf", type=Path, default=GGUF, help="SmolLM2-135M-Instruct GGUF file (section 2)")
     p.add_argument("--hh", type=Path, default=HH, help="HH-RLHF {chosen, rejected} .jsonl.gz (section 2)")
@@ -161,14 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE if args.smoke else SWEEP
     topic = "pack_budget_cpu_smoke" if args.smoke else "pack_budget_cpu"
     csv_path = args.out_dir / f"{topic}.csv"
-    common.open_csv(csv_path)
+    open_csv(csv_path)
     env = common.environment(__import__("torch").device("cpu"))
     results: list[tuple[str, str, str, dict]] = []  # (section, provider, config, numbers)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model_dir, data = sweep_data(tmp, shape)
         for provider in providers:
-            for budget in budgets:
+            full = [int(x) for x in args.full_budgets.split(",") if x]
+            for budget in budgets if provider == "dense" else [b for b in budgets if b in full]:
                 run_dir = str(tmp / f"{provider}-{budget}")
                 spec = dict(model=str(model_dir), data=str(data), output_dir=run_dir, attn=provider,
                             micro_batch_tokens=budget, queries_per_step=shape["queries"],
@@ -197,11 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def open_csv(path: Path) -> None:
+    """common.open_csv, plus the column cpu_ms_median (each step's process CPU time)."""
+    common.open_csv(path)
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows, header = list(reader), list(reader.fieldnames or [])
+    if "cpu_ms_median" not in header:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*header, "cpu_ms_median"], restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def record(csv_path, env, benchmark, provider, config, x, r, shape) -> None:
     what = "RRHF step, tiny Llama" if shape else "DPO step, SmolLM2-135M-Instruct, 8 HH-RLHF records"
     common.append_row(csv_path, {
         "benchmark": benchmark, "provider": provider, "config": config, "dtype": "float32", **env,
         "ms_median": f"{r['step_s'] * 1e3:.1f}", "peak_mem_gib": f"{r['peak_rss_mib'] / 1024:.4f}",
+        "cpu_ms_median": f"{r['cpu_s'] * 1e3:.1f}",
         "tokens_per_s": f"{r['tokens'] / r['step_s']:.1f}" if r.get("tokens") else "",
         "sweep": what, "x": str(x), "status": "ok",
         "note": "peak RSS of a fresh process (ru_maxrss); 1 torch thread; 2-core CPU shared with other jobs",
@@ -215,8 +248,10 @@ def report(results, env, shape, args) -> str:
         f"Generated by `python benchmarks/bench_pack_budget.py{' --smoke' if args.smoke else ''} --steps "
         f"{args.steps}` on {env['date']}, commit {env['commit']}, torch {env['torch']}; machine: "
         f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread, **shared with parallel work** "
-        "(times vary with the load; peak RSS does not). Each row: a fresh process running `train`'s loop; "
-        "median step time over the steps after the first; peak RSS of the whole process.",
+        "(wall times vary with the load; CPU time, one thread, much less; peak RSS not at all). Each row: a "
+        "fresh process running `train`'s loop; the median over the steps after the first of each step's "
+        "process CPU time and wall time; the peak RSS of the whole process. The first budget is the "
+        "baseline.",
         "",
         f"## 1. Tiny Llama, {shape['queries']} queries a step (prompts {shape['prompt'][0]}-"
         f"{shape['prompt'][1]} tokens, {shape['responses']} responses of {shape['response'][0]}-"
@@ -225,21 +260,26 @@ def report(results, env, shape, args) -> str:
         f"Goal (issue 31): `dense` within {GOALS['time']}x the time and {GOALS['rss']}x the peak RSS of one "
         "query per micro-batch, at every budget.",
         "",
-        "| attention | --micro-batch-tokens | step time | vs one query | peak RSS | vs one query |",
-        "|---|---|---|---|---|---|",
+        "| attention | --micro-batch-tokens | step CPU time | vs one query | wall time | peak RSS | vs one query |",  # noqa: E501
+        "|---|---|---|---|---|---|---|",
     ]
     for provider in dict.fromkeys(p for s, p, _, _ in results if s == "sweep"):
         rows = [(c, r) for s, p, c, r in results if s == "sweep" and p == provider]
         base = rows[0][1]
         for c, r in rows:
-            t, m = r["step_s"] / base["step_s"], r["peak_rss_mib"] / base["peak_rss_mib"]
-            rss = r["peak_rss_mib"]
-            lines.append(f"| {provider} | {c} | {r['step_s']:.2f} s | {t:.2f}x | {rss:.0f} MiB | {m:.2f}x |")
+            t, m = r["cpu_s"] / base["cpu_s"], r["peak_rss_mib"] / base["peak_rss_mib"]
+            rss, wall = r["peak_rss_mib"], r["step_s"]
+            lines.append(
+                f"| {provider} | {c} | {r['cpu_s']:.2f} s | {t:.2f}x | {wall:.2f} s | {rss:.0f} MiB | {m:.2f}x |"  # noqa: E501
+            )
     smol = [(p, r) for s, p, _, r in results if s == "smollm2"]
     if smol:
         title = "## 2. SmolLM2-135M-Instruct, 8 HH-RLHF records, `train --loss dpo`, one micro-batch"
-        lines += ["", title, "", "| attention | step time | peak RSS |", "|---|---|---|"]
-        lines += [f"| {p} | {r['step_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB |" for p, r in smol]
+        lines += ["", title, "", "| attention | step CPU time | wall time | peak RSS |", "|---|---|---|---|"]
+        lines += [
+            f"| {p} | {r['cpu_s']:.2f} s | {r['step_s']:.2f} s | {r['peak_rss_mib']:.0f} MiB |"
+            for p, r in smol
+        ]
     return "\n".join(lines) + "\n"
 
 
