@@ -20,6 +20,7 @@ micro-batch 31.1 s and 487 MiB (issue 31).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -265,10 +266,13 @@ def block_mask(layout: SegmentLayout, window: int | None, mask_mod: Callable, bl
     rows_in_block[-1] = T - (nb - 1) * block
     full = (covered == rows_in_block[:, None]) & (rows_in_block[:, None] == block)
     partial = (touched > 0) & ~full
-    args = [*_ordered(partial), *_ordered(full)]
-    return BlockMask.from_kv_blocks(
-        *(x.to(layout.device) for x in args), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T)
+    args = [x.to(layout.device) for x in (*_ordered(partial), *_ordered(full))]
+    lengths = (
+        {"seq_lengths": (T, T)}
+        if "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
+        else {}
     )
+    return BlockMask.from_kv_blocks(*args, BLOCK_SIZE=block, mask_mod=mask_mod, **lengths)
 
 
 def _count_ranges(q_block, lo, hi, keep, nb) -> torch.Tensor:
