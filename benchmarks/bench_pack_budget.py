@@ -74,6 +74,12 @@ def worker(spec: dict) -> dict:
     train_module.train_step = timed_step
 
     if spec.pop("attn") == attention.DENSE_FULL:  # the path before issue 31, under the name "dense"
+        from rrhf_fast.objectives import base
+
+        # Its rounding on SmolLM2 in fp32 (a response after another moved by 1.53e-05 nats, measured
+        # here) is over the packing probe's bound (4x the alone gap + 1e-05), which the new path
+        # meets: the probe is skipped for the reference only, so that its step can be measured.
+        base.check_logit_parity = lambda *a, **k: 0.0
         resolve = attention.resolve_backend
         attention.resolve_backend = lambda attn, *a, **k: (
             attention.DENSE_FULL if attn == "dense" else resolve(attn, *a, **k)
