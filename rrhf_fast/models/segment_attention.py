@@ -8,9 +8,11 @@ whole row with a [T, T] mask costs T^2: 26 queries of ~940-token prompts and 4 r
 micro-batch 31.1 s and 487 MiB (issue 31).
 
 `SegmentLayout` is built once per batch from host integers (the packing's lengths), never per layer:
+- `segments`: each prompt; then its responses, either together against one [prompt; responses]
+  key run (the prompt's keys gathered once, `GROUP_SLACK`) or each against [prompt; response];
 - `buckets`: segments of similar shape grouped so that one padded SDPA call runs many at once
-  (few calls per layer, padding bounded by `PAD_SLACK`); `dense_segments` gathers each bucket's
-  queries and [prompt; response] keys, runs SDPA (or the explicit soft-capped math) with a
+  (few calls per layer, padding bounded by `PAD_SLACK` and `CALL_ENTRIES`); `dense_segments`
+  gathers each bucket's queries and keys, runs SDPA (or the explicit soft-capped math) with a
   [n, 1, Lq, Lk] mask and puts every output row back in its place;
 - `block_mask`: FlexAttention's BlockMask computed from the segments' row intervals in
   O(T + blocks^2), where torch's `create_block_mask` evaluates the mask on the full T x T grid
