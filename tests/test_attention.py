@@ -7,7 +7,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from rrhf_fast.data.packing import TokenizedExample, pack_tokenized
-from rrhf_fast.models import attention
+from rrhf_fast.models import attention, segment_attention
 from rrhf_fast.models.attention import (
     NAME,
     SharedPromptMeta,
@@ -180,3 +180,139 @@ def test_cuda_backends_bf16(backend, window, softcap):
     )
     base_err = (base.double() - ref).abs().max().item()
     assert (out.double() - ref).abs().max().item() <= 2 * base_err + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-segment dense path (issue 31): the same values and gradients as one SDPA over the whole
+# row (`dense-full`) and as the varlen reference, on packs of many ragged queries; cost of the rule.
+
+
+def many_queries(seed: int = 0, queries: int = 9):
+    """Queries with prompts of 1 to 23 tokens and 1 to 5 responses of 1 to 13 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(queries):
+        plen, k = int(torch.randint(1, 24, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+        lens = torch.randint(1, 14, (k,), generator=g).tolist()
+        items.append(TokenizedExample(list(range(plen)), [[7] * n for n in lens], [0.0] * k))
+    return pack_tokenized(items)
+
+
+SEGMENT_CASES = [
+    pytest.param(4, 2, None, None, id="gqa"),
+    pytest.param(3, 3, None, None, id="mha"),
+    pytest.param(4, 1, 5, None, id="mqa-window5"),
+    pytest.param(4, 2, 1, None, id="gqa-window1"),
+    pytest.param(4, 2, None, 3.0, id="gqa-softcap"),
+    pytest.param(4, 2, 9, 3.0, id="gqa-window9-softcap"),
+]
+
+
+def run_backend(batch, backend, heads, kv_heads, window, softcap, seed=5):
+    q, k, v = (
+        x.requires_grad_() for x in qkv(batch.num_tokens, heads, kv_heads, dtype=torch.float32, seed=seed)
+    )
+    meta = SharedPromptMeta.from_batch(batch, backend)
+    out, _ = shared_prompt_attention(
+        None, q, k, v, None, scaling=0.3, sliding_window=window, softcap=softcap, sp_meta=meta
+    )
+    w = torch.linspace(-1.5, 2.0, out.numel()).view_as(out) ** 3  # non-uniform upstream gradient
+    return (out, *torch.autograd.grad((out * w).sum(), (q, k, v)))
+
+
+LAYOUTS = [  # (CALL_ENTRIES, GROUP_SLACK): many buckets with padding, responses per segment or grouped
+    pytest.param(0, 0.0, id="per-response"),
+    pytest.param(0, 100.0, id="grouped"),
+    pytest.param(1 << 14, 1.25, id="default"),
+]
+
+
+def with_layout(monkeypatch, call_entries, group_slack):
+    monkeypatch.setattr(segment_attention, "CALL_ENTRIES", call_entries)
+    monkeypatch.setattr(segment_attention, "GROUP_SLACK", group_slack)
+
+
+@pytest.mark.parametrize("call_entries, group_slack", LAYOUTS)
+@pytest.mark.parametrize("heads, kv_heads, window, softcap", SEGMENT_CASES)
+def test_dense_per_segment_equals_dense_full_and_varlen_fp32(
+    heads, kv_heads, window, softcap, call_entries, group_slack, monkeypatch
+):
+    with_layout(monkeypatch, call_entries, group_slack)
+    batch = many_queries()
+    assert batch.num_queries == 9 and batch.num_responses > 20
+    layout = SharedPromptMeta.from_batch(batch, "dense").layout()
+    assert len(layout.buckets) > (8 if call_entries == 0 else 0) and any(b.n > 1 for b in layout.buckets)
+    if group_slack != 1.25:  # all responses of a query in one segment, or one segment each
+        assert len(layout.segments) == (2 * 9 if group_slack > 1 else 9 + batch.num_responses)
+    new = run_backend(batch, "dense", heads, kv_heads, window, softcap)
+    for reference in (attention.DENSE_FULL, "varlen"):
+        ref = run_backend(batch, reference, heads, kv_heads, window, softcap)
+        for name, a, b in zip(("out", "dq", "dk", "dv"), new, ref, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=1e-5, atol=2e-5, msg=lambda m, n=name, r=reference: f"{n} vs {r}: {m}"
+            )
+
+
+def largest_intermediate(fn) -> int:
+    """The most elements of any tensor an op returns while fn runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.most = max(Largest.most, t.numel())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.most
+
+
+@pytest.mark.parametrize("softcap", [pytest.param(None, id="sdpa"), pytest.param(3.0, id="softcap-math")])
+@pytest.mark.parametrize("backend", ["dense", attention.DENSE_FULL])
+def test_dense_costs_the_rule_not_the_square_of_the_pack(backend, softcap):
+    batch = many_queries(seed=2, queries=24)
+    T = batch.num_tokens
+    layout = SharedPromptMeta.from_batch(batch, "dense").layout()
+    P, R = batch.prompt_len, batch.response_len
+    rule = int((P * P).sum() + (R * (P[batch.response_query] + R)).sum())  # prompts whole, as computed
+    rule *= segment_attention.GROUP_SLACK  # grouped responses may cost that much more
+    calls = len(layout.buckets)
+    assert layout.padded_cost() <= segment_attention.PAD_SLACK * rule + calls * segment_attention.CALL_ENTRIES
+    assert layout.padded_cost() < T * T / 4
+    most = largest_intermediate(lambda: run_backend(batch, backend, 2, 1, 7, softcap))
+    if backend == "dense":
+        assert most <= 2 * layout.padded_cost()  # [n, H, Lq, Lk] scores (2 heads) at most
+        assert calls <= 6  # few SDPA calls per layer for 24 + 70 segments
+    else:  # the reference's [T, T] mask: what the test exists to catch
+        assert most >= T * T
+
+
+@pytest.mark.parametrize("call_entries, group_slack", LAYOUTS[:2])
+@pytest.mark.parametrize("window", [pytest.param(None, id="causal"), pytest.param(6, id="window6")])
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_mask_equals_create_block_mask(window, block, call_entries, group_slack, monkeypatch):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    with_layout(monkeypatch, call_entries, group_slack)
+
+    batch = many_queries(seed=3)
+    meta = SharedPromptMeta.from_batch(batch, "flex")
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return meta.allowed(q_idx, kv_idx, window)
+
+    T = batch.num_tokens
+    ours = segment_attention.block_mask(meta.layout(), window, mask_mod, block=block)
+    torchs = create_block_mask(mask_mod, None, None, T, T, device="cpu", BLOCK_SIZE=block)
+    assert ours.seq_lengths == torchs.seq_lengths and ours.BLOCK_SIZE == torchs.BLOCK_SIZE
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        torch.testing.assert_close(getattr(ours, name), getattr(torchs, name), msg=name)
+    for num, name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        for i, n in enumerate(getattr(torchs, num)[0, 0].tolist()):
+            assert getattr(ours, name)[0, 0, i, :n].tolist() == getattr(torchs, name)[0, 0, i, :n].tolist()
+    assert (ours.kv_num_blocks > 0).any() and (window is not None or (ours.full_kv_num_blocks > 0).any())

@@ -19,6 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_attention  # noqa: E402
 import bench_kernels  # noqa: E402
+import bench_pack_budget  # noqa: E402
 import bench_step  # noqa: E402
 import common  # noqa: E402
 import report  # noqa: E402
@@ -93,6 +94,29 @@ def test_step_micro_batch_sweep_smoke(tmp_path):
         f"k={k} P={p} R=4" for k, p in bench_step.SMOKE_CONFIGS
     ]
     assert {r["status"] for r in rows} == {"ok"} and rows[0]["sweep"].startswith("micro-batch tokens")
+
+
+def test_pack_budget_smoke(tmp_path):
+    """Two budgets of the new dense path and one of dense-full, each a fresh `train` process."""
+    argv = [
+        "--smoke",
+        "--budgets",
+        "100,256",
+        "--full-budgets",
+        "100",
+        "--steps",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert bench_pack_budget.main(argv) == 0
+    rows = read_csv(tmp_path / "pack_budget_cpu_smoke.csv")
+    assert [(r["provider"], r["config"]) for r in rows] == [
+        ("dense", "budget=100"), ("dense", "budget=256"), ("dense-full", "budget=100")
+    ]  # fmt: skip
+    assert all(float(r["cpu_ms_median"]) > 0 and 0.1 < float(r["peak_mem_gib"]) < 8 for r in rows)
+    md = (tmp_path / "pack_budget_cpu_smoke.md").read_text()
+    assert "| dense | 256 |" in md and "| dense-full | 100 |" in md and "1.00x" in md
 
 
 def test_attention_smoke(tmp_path):

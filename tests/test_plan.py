@@ -311,3 +311,19 @@ def test_planned_peak_of_updates_in_pieces_is_the_real_steps(launches_unseen, mo
         assert planned.by_category[category] == pytest.approx(real.by_category[category], rel=0.02)
     embedding = 512 * 128
     assert whole.by_category["optimizer"] - planned.by_category["optimizer"] >= 6 * embedding
+
+
+@pytest.mark.parametrize("attn", ["dense", "dense-full"])
+def test_planned_dense_attention_grows_with_the_queries_not_the_square_of_the_pack(attn):
+    """16 queries in one micro-batch plan 16x the activations of one (the per-segment dense path
+    of issue 31); the [T, T] mask of dense-full, which plan counted before, grows faster."""
+    hf, config = tiny_config("llama", num_layers=2), flags(attn=attn)
+    acts = {}
+    for queries in (1, 16):
+        shape = batch_shape(queries * 112, prompt_len=48, response_len=16, k=4)
+        assert shape.queries == queries
+        acts[queries] = simulate(hf, config, shape, cuda=False).at_peak["activations"]
+    if attn == "dense":
+        assert acts[16] <= 16.5 * acts[1]
+    else:
+        assert acts[16] > 24 * acts[1]

@@ -31,8 +31,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rrhf_fast.config import ATTN_BACKENDS
 from rrhf_fast.data.packing import PackedBatch
 from rrhf_fast.errors import ModelError
+from rrhf_fast.models import segment_attention as segments
 
 NAME = "rrhf_shared_prompt"
+# One SDPA over the whole row with the [T, T] mask: T^2 work and memory, kept as the tests' and the
+# benchmarks' reference for `dense` (reachable as attn="dense-full", not a CLI choice).
+DENSE_FULL = "dense-full"
 _PACKED_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("rrhf_packed_forward", default=False)
 
 
@@ -48,6 +52,8 @@ def packed_forward() -> Iterator[None]:
 
 def resolve_backend(attn: str, device: torch.device, softcap: bool = False) -> str:
     """`auto`: varlen on CUDA without attention soft-capping, flex on CUDA with it, else dense."""
+    if attn == DENSE_FULL:
+        return attn
     if attn not in ATTN_BACKENDS:
         raise ModelError(f"attn must be one of {ATTN_BACKENDS}, got {attn!r}")
     if attn != "auto":
@@ -72,6 +78,9 @@ class SharedPromptMeta:
     kv_index: torch.Tensor
     max_seqlen_q: int
     max_seqlen_k: int
+    prompt_len: torch.Tensor | None = None  # [G], [R], [R]: the segments (the layout, built on first use)
+    response_len: torch.Tensor | None = None
+    response_query: torch.Tensor | None = None
     fallback: str | None = None  # used when varlen cannot take the dtype (attn="auto" only)
     _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
 
@@ -87,6 +96,9 @@ class SharedPromptMeta:
             kv_index=batch.kv_index,
             max_seqlen_q=batch.max_seqlen_q,
             max_seqlen_k=batch.max_seqlen_k,
+            prompt_len=batch.prompt_len,
+            response_len=batch.response_len,
+            response_query=batch.response_query,
             fallback=fallback,
         )
 
@@ -102,7 +114,18 @@ class SharedPromptMeta:
             ok = ok & (p[q] - p[kv] < window)
         return ok
 
+    def layout(self) -> segments.SegmentLayout:
+        """The per-segment index tensors (segment_attention.py), from host integers, once per batch."""
+        if "layout" not in self._cache:
+            segs = segments.segments_of(
+                self.prompt_len.tolist(), self.response_len.tolist(), self.response_query.tolist()
+            )
+            T, device = self.seq_group.numel(), self.seq_group.device
+            self._cache["layout"] = segments.SegmentLayout(segs, T, device)
+        return self._cache["layout"]
+
     def dense_mask(self, window: int | None) -> torch.Tensor:
+        """The [1, 1, T, T] mask of the whole row: only `dense-full`, the reference, builds it."""
         key = ("dense", window)
         if key not in self._cache:
             idx = torch.arange(self.seq_group.numel(), device=self.seq_group.device)
@@ -110,17 +133,14 @@ class SharedPromptMeta:
         return self._cache[key]
 
     def block_mask(self, window: int | None) -> Any:
+        """FlexAttention's BlockMask of the rule, from the segments (no T x T evaluation)."""
         key = ("flex", window)
         if key not in self._cache:
-            from torch.nn.attention.flex_attention import create_block_mask
 
             def mask_mod(b, h, q_idx, kv_idx):
                 return self.allowed(q_idx, kv_idx, window)
 
-            T, device = self.seq_group.numel(), self.seq_group.device
-            self._cache[key] = create_block_mask(
-                mask_mod, None, None, T, T, device=device, _compile=device.type == "cuda"
-            )
+            self._cache[key] = segments.block_mask(self.layout(), window, mask_mod)
         return self._cache[key]
 
 
@@ -157,10 +177,16 @@ def shared_prompt_attention(
         if sp_meta.fallback is None:
             raise ModelError(f"attn='varlen' needs fp16/bf16 on CUDA, got {query.dtype}; use attn='flex'")
         backend = sp_meta.fallback
-    if dropout and backend != "dense":
+    if dropout and backend not in ("dense", DENSE_FULL):
         raise ModelError(f"attn={backend!r} has no attention dropout; set config.attention_dropout = 0")
     if backend == "dense":
-        out = _dense(query, key, value, sp_meta.dense_mask(window), scaling, softcap, dropout)
+        layout = sp_meta.layout()
+        out = segments.dense_segments(query, key, value, layout, window, scaling, softcap, dropout, _math)
+        return out, None
+    if backend == DENSE_FULL:
+        out = _dense_full(query, key, value, sp_meta.dense_mask(window), scaling, softcap, dropout)
+    elif backend == "flex" and not query.is_cuda:
+        return _flex_per_query(query, key, value, sp_meta, window, scaling, softcap), None
     elif backend == "flex":
         out = _flex(query, key, value, sp_meta.block_mask(window), scaling, softcap)
     elif backend == "varlen":
@@ -199,7 +225,7 @@ def _math(q, k, v, mask, scaling, softcap, dropout=0.0):
     return torch.matmul(probs, v)
 
 
-def _dense(q, k, v, mask, scaling, softcap, dropout):
+def _dense_full(q, k, v, mask, scaling, softcap, dropout):
     if softcap is not None:
         return _math(q, k, v, mask, scaling, softcap, dropout)
     n_rep = q.shape[1] // k.shape[1]
@@ -215,8 +241,7 @@ def _flex(q, k, v, block_mask, scaling, softcap):
         def score_mod(score, b, h, q_idx, kv_idx):
             return torch.tanh(score / softcap) * softcap
 
-    flex = _compiled_flex() if q.is_cuda else _eager_flex()
-    return flex(
+    return _compiled_flex()(
         q,
         k,
         v,
@@ -225,6 +250,24 @@ def _flex(q, k, v, block_mask, scaling, softcap):
         scale=scaling,
         enable_gqa=q.shape[1] != k.shape[1],
     )
+
+
+def _flex_per_query(q, k, v, meta: SharedPromptMeta, window, scaling, softcap) -> torch.Tensor:
+    """Uncompiled flex (the CPU's, forward only) computes the scores of every (q, kv) pair it is
+    given: it is given one query's rows at a time, never the [T, T] of the whole row."""
+    starts = [s.q_start for s in meta.layout().segments if s.is_prompt] + [q.shape[2]]
+    outs = []
+    for r0, r1 in zip(starts[:-1], starts[1:], strict=False):
+
+        def score_mod(score, b, h, q_idx, kv_idx, r0=r0):
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            return torch.where(meta.allowed(q_idx + r0, kv_idx + r0, window), score, -float("inf"))
+
+        part = (x[:, :, r0:r1] for x in (q, k, v))
+        gqa = q.shape[1] != k.shape[1]
+        outs.append(_eager_flex()(*part, score_mod=score_mod, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 @functools.cache

@@ -5,6 +5,11 @@ own (training/simulate.py), with a packed micro-batch of the token budget; memor
 category by a dispatch-mode tracker (training/memtrack.py). Models with more than four decoder
 layers are simulated with two and with four layers and extrapolated along the straight line the
 identical layers draw (tests/test_plan.py checks it against a full simulation).
+
+Attention is counted as the chosen backend runs it: `--attn auto|varlen|flex` by flash-attn's
+varlen allocations (plan_cuda.py), `--attn dense` by the per-segment dense path itself
+(models/segment_attention.py on fake tensors), whose memory grows with the micro-batch's queries,
+never with the square of its tokens (tests/test_plan.py).
 """
 
 from __future__ import annotations
