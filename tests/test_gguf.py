@@ -177,6 +177,28 @@ def test_a_lora_run_merges_into_the_gguf_base(tiny, tmp_path, monkeypatch):
     assert f"folded into `{tiny / 'tiny.gguf'}`" in text
 
 
+def test_qlora_on_a_gguf_quantises_a_temporary_dequantised_copy(tiny, tmp_path):
+    import tempfile
+
+    pytest.importorskip("bitsandbytes")
+    from rrhf_fast.config import TrainConfig
+    from rrhf_fast.models.loading import load_model
+
+    def copies():
+        return sorted(Path(tempfile.gettempdir()).glob("rrhf-fast-gguf-*"))
+
+    before = copies()
+    cfg = TrainConfig(model=str(tiny / "tiny.gguf"), data="-", output_dir="-", lora_r=4, load_in_4bit=True,
+                      device="cpu")  # fmt: skip
+    model = load_model(cfg, torch.device("cpu"))
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(q_proj).__name__ == "Linear4bit" and not q_proj.weight.is_floating_point()
+    head = model.get_base_model().lm_head.weight
+    source = AutoModelForCausalLM.from_pretrained(tiny / "source")
+    assert torch.equal(head.float(), source.lm_head.weight.bfloat16().float())  # bf16: unquantised
+    assert copies() == before  # the temporary copy is gone
+
+
 def test_train_rm_builds_its_reward_model_on_the_gguf(tiny, tmp_path, monkeypatch):
     checkpoint = _train(tiny, tmp_path / "rm", command="train-rm")
     monkeypatch.setitem(sys.modules, "gguf", None)
