@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from rrhf_fast import cpu_pins
 from rrhf_fast.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,6 +58,9 @@ def build_parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if cpu_pins.wanted(next((a for a in words if not a.startswith("-")), None)):
+        cpu_pins.pin()  # before any command module imports torch (rrhf_fast/cpu_pins.py)
     quiet_optional_imports()
     parser, chosen = build_parser(argv)
     args = parser.parse_args(argv)

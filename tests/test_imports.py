@@ -1,7 +1,7 @@
 """The package's import structure, read from the source with `ast` (no module is imported).
 
 Stages, earliest first: data < models < objectives < training < generation < pipelines. A module
-imports only from its own stage or earlier ones, and from the base modules (config, errors,
+imports only from its own stage or earlier ones, and from the base modules (config, errors, cpu_pins,
 kernels, and the package root with its __version__), which import no stage at all; cli.py, the
 entry point, sits outside and loads the command
 modules by name. Imports inside functions count too: a lazy import is still a dependency. No
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("data", "models", "objectives", "training", "generation", "pipelines")
-BASE = ("config", "errors", "kernels")
+BASE = ("config", "errors", "kernels", "cpu_pins")
 
 
 def module_files() -> dict[str, Path]:

@@ -308,10 +308,11 @@ def generate_candidates_vllm(
         raise UserError(
             f"--backend vllm supports --strategy sample only (got {config.strategy}); use --backend hf"
         )
-    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    from rrhf_fast.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, require_eos=False)
     prompts = [{"prompt_token_ids": _prompt_ids(q, tokenizer, config)} for q in queries]
     llm = LLM(model=model_path, dtype=dtype, seed=config.seed or 0)
     params = SamplingParams(

@@ -1,4 +1,5 @@
-"""Load the model and tokenizer a run trains, from `--model` (a save_pretrained directory or hub id).
+"""Load the model and tokenizer a run trains, from `--model` (a save_pretrained directory, a hub id
+or a GGUF file).
 
 `load_model` is the one place that decides how the weights come in: dtype, device, quantisation
 (`--load-in-4bit`, `--load-in-8bit`), LoRA adapters (`--lora-r`) and gradient checkpointing.
@@ -6,7 +7,9 @@
 memory instead of loading them. `load_pretrained` loads a model only to run it (sample, score,
 ref-logps, iterate's policy), in eval mode. Every command reads a model through `reading_model`
 (these, `load_config`, merge's base and adapter), so a crafted pickle, a corrupt safetensors file
-or an unreadable config is the same sentence everywhere, naming the flag that gave the path.
+or an unreadable config is the same sentence everywhere, naming the flag that gave the path; and
+every model is read through `pretrained` (and its config and tokenizer through `load_config` and
+`load_tokenizer`), so a GGUF file (models/gguf.py) works wherever a model path is taken.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 
 from rrhf_fast.errors import UserError, first_line
+from rrhf_fast.models import gguf
 from rrhf_fast.models.wrapping import unwrap
 
 # --dtype of the commands that only run a model (sample, score, ref-logps, iterate's policy): auto is
@@ -75,10 +79,10 @@ def load_pretrained(
     """
     dev = resolve_device(device)
     tokenizer = load_tokenizer(path, flag, require_eos=False)
-    with reading_model(flag, path, _KINDS.get(auto_class.__name__, "a model")), quiet_progress_bars():
-        model, info = auto_class.from_pretrained(
-            path, dtype=resolve_dtype(dtype, dev), output_loading_info=True
-        )
+    what = _KINDS.get(auto_class.__name__, "a model")
+    model, info = pretrained(
+        auto_class, path, flag, what, dtype=resolve_dtype(dtype, dev), output_loading_info=True
+    )
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise UserError(
@@ -94,6 +98,36 @@ _KINDS = {
 }
 
 
+def pretrained(auto_class: Any, path: str, flag: str = "--model", what: str = "a model", **kwargs) -> Any:
+    """`auto_class.from_pretrained(path, **kwargs)` by every command's rule (`reading_model`); a GGUF
+    file is loaded dequantised and returned as a plain model (models/gguf.py), so that it trains and
+    saves as any other."""
+    with reading_model(flag, path, what), quiet_progress_bars():
+        if not gguf.is_gguf(path):
+            return auto_class.from_pretrained(path, **kwargs)
+        folder, extra = gguf.source(path)
+        with gguf.quiet_dequantising():
+            loaded = auto_class.from_pretrained(folder, **extra, **gguf.model_kwargs(), **kwargs)
+        gguf.plain_model(loaded[0] if kwargs.get("output_loading_info") else loaded, path)
+        return loaded
+
+
+@contextlib.contextmanager
+def dequantised_copy(path: str, flag: str = "--model"):
+    """A GGUF file as a temporary save_pretrained folder (its causal LM, dequantised): for what
+    from_pretrained cannot combine with gguf_file, bitsandbytes' --load-in-4bit / --load-in-8bit."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    model = pretrained(AutoModelForCausalLM, path, flag, "a causal LM", dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="rrhf-fast-gguf-") as folder:
+        with quiet_progress_bars():
+            model.save_pretrained(folder)
+        del model
+        yield folder
+
+
 @contextlib.contextmanager
 def reading_model(flag: str, path: str, what: str = "a model"):
     """Every command's rule for a model that cannot be read: one sentence naming `flag` and `path`.
@@ -107,6 +141,11 @@ def reading_model(flag: str, path: str, what: str = "a model"):
     except UserError:
         raise
     except Exception as err:
+        if gguf.is_gguf(path):  # the GGUF reader's faults come in many types (struct, numpy, ...)
+            raise UserError(
+                f"{named(flag, path)}: cannot load {what} from this GGUF file ({first_line(err)}); give "
+                "a whole GGUF of an architecture transformers reads (llama, mistral, qwen2, ...)"
+            ) from None
         unreadable = _unreadable_weights(err)
         if unreadable is not None:
             suffix = ".bin" if "pickled" in unreadable else ".safetensors"
@@ -136,6 +175,10 @@ def load_config(path: str, flag: str = "--model") -> Any:
     """The model's configuration alone (no weights), read by the same rule as the model itself."""
     from transformers import AutoConfig
 
+    if gguf.is_gguf(path):  # the file's metadata: no tensor is read, none dequantised
+        with reading_model(flag, path, "its config"):
+            folder, extra = gguf.source(path)
+            return AutoConfig.from_pretrained(folder, **extra)
     with reading_model(flag, path, "its config.json"):
         return AutoConfig.from_pretrained(path)
 
@@ -144,10 +187,14 @@ def load_tokenizer(model: str, flag: str = "--model", require_eos: bool = True) 
     from transformers import AutoTokenizer
 
     _check_model_path(model, flag)
+    folder, extra = gguf.source(model) if gguf.is_gguf(model) else (model, {})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except Exception as err:  # OSError, ValueError; a corrupt tokenizer.json raises its own kinds
-        raise UserError(f"{named(flag, model)}: cannot load its tokenizer ({first_line(err)})") from None
+        source = " from this GGUF file" if extra else ""
+        raise UserError(
+            f"{named(flag, model)}: cannot load its tokenizer{source} ({first_line(err)})"
+        ) from None
     if require_eos and tokenizer.eos_token_id is None:
         raise UserError(f"{named(flag, model)}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer
@@ -171,8 +218,12 @@ def load_model(config: Any, device: torch.device, task_type: str = "CAUSAL_LM") 
         auto, what = AutoModelForSequenceClassification, "a one-label sequence-classification model"
         kwargs.update(num_labels=1, output_loading_info=True)
         quiet = _quiet_transformers()  # its load report lists the new head as MISSING: expected here
-    with reading_model("--model", config.model, what), quiet_progress_bars(), quiet:
-        model = auto.from_pretrained(config.model, **kwargs)  # RuntimeError: a score head of other shape
+    if quantization is not None and gguf.is_gguf(config.model):
+        with dequantised_copy(config.model) as folder, quiet:
+            model = pretrained(auto, folder, "--model", what, **kwargs)
+    else:
+        with quiet:  # a RuntimeError: a score head of other shape
+            model = pretrained(auto, config.model, "--model", what, **kwargs)
     if task_type == "SEQ_CLS":
         model, info = model
         _report_new_weights(config.model, info)
@@ -358,6 +409,9 @@ def _quiet_bitsandbytes():
 def _check_model_path(model: str, flag: str = "--model") -> None:
     """A path-looking --model that does not exist is a typo, not a hub id: say so at once."""
     model = str(model)
+    if gguf.is_gguf(model):
+        gguf.check_file(model, named(flag, model))
+        return
     looks_local = (
         model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or model.count("/") > 1
     )

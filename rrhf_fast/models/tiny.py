@@ -189,3 +189,100 @@ def save_tiny_model(path: str | Path, *, seed: int = 0, hidden_size: int = 64, l
         model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+def save_tiny_gguf(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    layers: int = 1,
+    dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    source_repo: str | None = None,
+) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny random llama and the ChatML byte-level BPE tokenizer written as one GGUF file with the
+    `gguf` package's writer, tensors in `dtype` (float32 or float16: no quantisation, so a loader must
+    give back these weights exactly), licence apache-2.0 and, given `source_repo`, the Hub repository
+    it says it was converted from; returns (file, the model, the tokenizer) for comparison."""
+    tokenizer = build_bpe_tokenizer(chatml=True)
+    model = build_tiny_model(
+        "llama", seed=seed, vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=layers,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_llama_gguf(path, model, tokenizer, source_repo)
+    return path, model, tokenizer
+
+
+def _write_llama_gguf(
+    path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, source_repo: str | None = None
+) -> None:
+    """llama.cpp's layout (convert_hf_to_gguf.py's LlamaModel): its metadata keys, tensor names, and
+    q/k rows permuted to its rotary order, which transformers' GGUF reader permutes back."""
+    import json
+
+    import gguf
+
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("rrhf-fast tiny llama")
+    writer.add_license("apache-2.0")
+    if source_repo:
+        writer.add_source_repo_url(f"https://huggingface.co/{source_repo}")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // heads)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    f16 = model.dtype == torch.float16
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    # the tokenizer as llama.cpp stores a byte-level BPE ("gpt2"): tokens in id order, their types
+    # (CONTROL for the special ones, which transformers adds back as special tokens), merges "a b"
+    tokens = sorted(tokenizer.get_vocab(), key=tokenizer.get_vocab().get)
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    kinds = [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    writer.add_token_types(kinds)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # a tied head is token_embd itself: the file has no output.weight
+        module, suffix = name.rsplit(".", 1)
+        array = tensor.detach().cpu().numpy()
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            array = _llama_cpp_rows(array, heads if "q_proj" in name else kv_heads)
+        if array.ndim == 1 and f16:  # llama.cpp keeps norms in float32
+            array = array.astype("float32")
+        writer.add_tensor(f"{names.get_name(module)}.{suffix}", array.copy(order="C"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _llama_cpp_rows(weight, heads: int):
+    """convert_hf_to_gguf.py's LlamaModel.permute: each head's rows from halves to interleaved pairs."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )

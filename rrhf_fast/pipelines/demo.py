@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rrhf_fast import config as config_module
+from rrhf_fast import cpu_pins
 from rrhf_fast.data.records import Example, write_examples  # noqa: F401 (importable from here, as before)
 from rrhf_fast.models.tiny import save_tiny_model  # noqa: F401 (importable from here, as before)
 from rrhf_fast.pipelines.demo_task import (  # noqa: F401 (build_examples .. generate: importable from here)
@@ -42,8 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = config_module.config_from_args(args, DemoConfig)
     check_config(config)
+    threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        print(cpu_pins.describe(cpu_pins.report()))
+        _run(config)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def _run(config: DemoConfig) -> None:
     if config.losses:
         from rrhf_fast.pipelines.demo_losses import run_loss_demo as run
     elif config.online:
@@ -56,7 +67,6 @@ def main(args: argparse.Namespace) -> int:
         run_seeds(config, run)
     else:
         run(config)
-    return 0
 
 
 # -------------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ class DemoConfig:
     optim: str = field(default="adamw8bit", metadata={"help": "optimizer", "choices": ("adamw8bit", "adamw")})
     seed: int = field(default=0, metadata={"help": "seed of the task, the model and the training"})
     sft_baseline: bool = field(default=True, metadata={"help": "also train the SFT-only baseline"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = field(default=2, metadata={
+        "help": "CPU threads for torch (0: torch's default); 2, the count the README's figures were "
+                "measured with: results depend on it"})  # fmt: skip
     seeds: str = field(default="", metadata={
         "help": "run once per seed ('0-4', '0,3,7') in OUTPUT_DIR/seed-N and print each figure per seed with "
                 "its mean, min and max (OUTPUT_DIR/seeds.json)", "metavar": "SEEDS"})  # fmt: skip

@@ -22,6 +22,7 @@ from rrhf_fast.models.loading import (
     import_peft,
     load_tokenizer,
     peft_quietly,
+    pretrained,
     quiet_progress_bars,
     reading_model,
 )
@@ -128,5 +129,4 @@ def _load_base(base: str, dtype: str, reward: bool = False):
     auto, extra, what = AutoModelForCausalLM, {}, "a causal LM"
     if reward:
         auto, extra, what = AutoModelForSequenceClassification, {"num_labels": 1}, "a reward model"
-    with reading_model("--base", base, what), quiet_progress_bars():
-        return auto.from_pretrained(base, dtype=torch_dtype, **extra)
+    return pretrained(auto, base, "--base", what, dtype=torch_dtype, **extra)

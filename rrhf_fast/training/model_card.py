@@ -2,8 +2,9 @@
 the Hub and `huggingface_hub.ModelCard.load` read, then what a reader needs to trust and reuse it.
 
 Front matter: `base_model` (the --model hub id; a local --model directory passes on the base_model
-of its own card, as a checkpoint of an earlier run or round has one, else it is left out: a path is
-not a Hub name), `library_name: rrhf-fast`, `tags` (rrhf-fast, the objective: rrhf, dpo or
+of its own card, as a checkpoint of an earlier run or round has one, a GGUF file the repository its
+metadata names, else it is left out: a path is not a Hub name; the body names a GGUF file),
+`library_name: rrhf-fast`, `tags` (rrhf-fast, the objective: rrhf, dpo or
 reward-model; lora and peft for an adapter), `pipeline_tag`, the base model's `license` when its
 card says it, and `datasets` when --data / --eval-data are Hub names rather than local paths.
 Body: the command line (the flags that differ from the defaults), the loss and hyperparameters,
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_fast.data.packing import describe_packing
+from rrhf_fast.models import gguf
 
 CARD_FILE = "README.md"
 LOAD_HEADING = "## Load it"
@@ -45,6 +47,7 @@ def model_card(
         f"{config.model} trained with rrhf-fast, objective `{config.loss}`"
         + (" (a LoRA adapter)" if adapter else "")
         + ".",
+        *([gguf_line(config.model)] if gguf.is_gguf(config.model) else []),
         "## Command line\n\n```bash\n" + command_line(config) + "\n```",
         "## Loss and hyperparameters\n\n" + _table(hyperparameters(config, run)),
         "## Data\n\n" + _data(run),
@@ -67,6 +70,14 @@ def metadata(config: Any, adapter: bool) -> dict[str, Any]:
         "datasets": [d for d in (config.data, config.eval_data) if d and _is_hub_name(d)] or None,
     }
     return {k: v for k, v in data.items() if v is not None}
+
+
+def gguf_line(path: str) -> str:
+    """The card's line on a GGUF base: the file, and what its metadata calls the model."""
+    meta = gguf.card_metadata(path)
+    name = f" ({meta['general.name']})" if meta.get("general.name") else ""
+    return (f"Base model: the GGUF file `{Path(path).name}`{name}, its weights dequantised when loaded "
+            f"(`{path}`).")  # fmt: skip
 
 
 def command_line(config: Any) -> str:
@@ -135,7 +146,12 @@ def _card(data: dict[str, Any], body: str) -> str:
 
 def _base_card(model: str) -> dict[str, Any]:
     """The front matter of the base model's own card: a local directory's README.md, or for a Hub id
-    the copy in the local Hugging Face cache (nothing is downloaded); {} when there is none."""
+    the copy in the local Hugging Face cache (nothing is downloaded), or what a GGUF file's metadata
+    says (its license, the Hub repository it was converted from); {} when there is none."""
+    if gguf.is_gguf(model):
+        meta = gguf.card_metadata(model)
+        found = {"base_model": gguf.hub_id(meta), "license": meta.get("general.license")}
+        return {k: v for k, v in found.items() if v}
     path = Path(model).expanduser() / CARD_FILE
     if not path.is_file() and _is_hub_name(model):
         from huggingface_hub import try_to_load_from_cache

@@ -26,6 +26,8 @@ import torch
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
+from rrhf_fast.models import gguf
+from rrhf_fast.models.loading import load_config
 from rrhf_fast.training.in_backward import check_one_microbatch
 from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
 from rrhf_fast.training.optim import cpu_step_throughput
@@ -256,9 +258,12 @@ def parse_memory(text: str) -> int:
 
 
 def read_config(model: str) -> Any:
-    """The model's configuration from PATH/config.json alone."""
+    """The model's configuration from PATH/config.json alone, or from a GGUF file's metadata (no
+    tensor read)."""
     from transformers import AutoConfig
 
+    if gguf.is_gguf(model):
+        return load_config(model)
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(
