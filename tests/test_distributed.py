@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import on_two_gloo_ranks
+from training_runs import on_two_gloo_ranks, reseal
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
@@ -220,10 +220,9 @@ def test_fsdp2_resume_never_unpickles_a_crafted_metadata(tmp_path, files):
     (path / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
     (path / "optimizer" / "metadata.json").unlink()  # as a checkpoint from elsewhere would be
     marker = json.loads((path / "COMPLETE.json").read_text())
-    held = [p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE.json"]
-    marker["files"] = {p.relative_to(path).as_posix(): p.stat().st_size for p in held}
     marker["required"].remove("optimizer/metadata.json")
     (path / "COMPLETE.json").write_text(json.dumps(marker))
+    reseal(path)  # sizes and hashes of what the checkpoint now holds
 
     cfg = flags(files, tmp_path / "run", max_steps=4, grad_accum=3, fsdp=True, resume=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -64,7 +64,7 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
             "already, load it with from_pretrained"
         )
     if (checkpoint / MARKER).is_file():
-        verify_checkpoint(checkpoint)
+        verify_checkpoint(checkpoint, "--checkpoint ")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)

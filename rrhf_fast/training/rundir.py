@@ -43,7 +43,8 @@ class RunDir:
             remove_created(self.created)
             self.created = []
         if self.fd is not None:
-            os.close(self.fd)
+            os.ftruncate(self.fd, 0)  # the pid goes with the lock: a run that changed nothing leaves
+            os.close(self.fd)  # the directory byte for byte as it found it
             self.fd = None
 
 
