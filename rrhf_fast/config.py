@@ -132,7 +132,7 @@ class TrainConfig:
     )
     dpo_loss: str = opt(
         "sigmoid", "--loss dpo: the pair's loss, as TRL's DPOTrainer loss_type (dpo-pl: sigmoid only)",
-        choices=DPO_LOSSES, losses=("dpo", "dpo-pl"),
+        choices=DPO_LOSSES, losses=("dpo",),
     )  # fmt: skip
     dpo_label_smoothing: float = opt(
         0.0,

@@ -89,7 +89,18 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
     """Fail now, before a model loads, if the output file `path` cannot be written (a directory, a
     path under a file or under /proc, a read-only directory); writes and leaves nothing: a probe file
     is created beside it and removed, and so are the directories made for it."""
+    if not str(path).strip():
+        raise UserError(f"{flag} is empty; give a file name")
     path = Path(path)
+    try:
+        _check_output_file(path, flag)
+    except OSError as err:  # a name over NAME_MAX: Path.is_dir() and exists() raise it
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        raise UserError(f"{flag} {_shown(path)}: {_too_long(path)}; give a shorter name") from None
+
+
+def _check_output_file(path: Path, flag: str) -> None:
     if path.is_dir():
         raise UserError(f"{flag} {path} is a directory; give a file name")
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -101,6 +112,8 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> None:
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
     except (OSError, UserError) as err:
         remove_created(created)
+        if getattr(err, "errno", None) == errno.ENAMETOOLONG:
+            raise
         why = getattr(err, "strerror", None) or "cannot create its directory"
         raise UserError(f"{flag} {path}: cannot write there ({why}); "
                         "give a writable directory") from None  # fmt: skip

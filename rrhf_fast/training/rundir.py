@@ -55,7 +55,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     error, unexpected = None, None
     if dist.main:
         try:
-            run.created = make_output_dir(run.path)
+            run.created = make_output_dir(output_dir)  # the flag as given: Path('') would be '.'
             run.fd = _lock(run.path)  # before anything in the directory is deleted or written
             remove_partial_saves(run.path)  # first: it puts back a checkpoint a crashed re-save had parked
         except UserError as err:
