@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ).stdout.strip()
     meta = dict(date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), commit=commit,
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                python=platform.python_version(), torch=torch.__version__)  # fmt: skip
+                python=platform.python_version(), torch=torch.__version__,
+                load=" / ".join(f"{x:.1f}" for x in os.getloadavg()))  # fmt: skip
     values = int(args.gb * GB) // 4
     per = values // 8  # eight tensors, as a model's layers
     weights = {f"layer{i}.weight": torch.randn(per) for i in range(8)}
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         plain, sealed, sha, blake, verify = [], [], [], [], []
         for r in range(args.repeats):
-            for seal, into in ((False, plain), (True, sealed)):
+            order = ((False, plain), (True, sealed))
+            for seal, into in order if r % 2 == 0 else order[::-1]:  # alternated: neither always goes first
                 directory = root / f"{'sealed' if seal else 'plain'}-{r}"
                 directory.mkdir()
                 into.append(_save(directory, weights, seal))
@@ -102,23 +104,18 @@ def main(argv: list[str] | None = None) -> None:
                     path.unlink()
                 directory.rmdir()
     gb = size / GB
-    median = {k: statistics.median(v) for k, v in dict(plain=plain, sealed=sealed, sha=sha, blake=blake,
-                                                        verify=verify).items()}  # fmt: skip
-    rows = [
-        dict(measure="sha256, page cache", seconds=median["sha"], s_per_gb=median["sha"] / gb),
-        dict(measure="blake2b, page cache", seconds=median["blake"], s_per_gb=median["blake"] / gb),
-        dict(measure="save: write + fsync", seconds=median["plain"], s_per_gb=median["plain"] / gb),
-        dict(
-            measure=f"save: write + {HASH} + fsync (seal_files)",
-            seconds=median["sealed"],
-            s_per_gb=median["sealed"] / gb,
-        ),  # fmt: skip
-        dict(
-            measure=f"verify before resume ({HASH}, page cache)",
-            seconds=median["verify"],
-            s_per_gb=median["verify"] / gb,
-        ),  # fmt: skip
-    ]
+    measured = {
+        "sha256, page cache": sha,
+        "blake2b, page cache": blake,
+        "save: write + fsync": plain,
+        f"save: write + {HASH} + fsync (seal_files)": sealed,
+        f"verify before resume ({HASH}, page cache)": verify,
+    }
+    rows = [dict(measure=name, seconds=statistics.median(v), s_per_gb=statistics.median(v) / gb,
+                 min_s=min(v), max_s=max(v)) for name, v in measured.items()]  # fmt: skip
+    median = dict(
+        zip(("sha", "blake", "plain", "sealed", "verify"), (r["seconds"] for r in rows), strict=True)
+    )
     for row in rows:
         row.update(gb=round(gb, 3), repeats=args.repeats, **meta)
         print(row, flush=True)
@@ -127,25 +124,32 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    extra = median["sealed"] - median["plain"]
+    a, b = rows[2], rows[3]  # the two saves
+    overlap = a["min_s"] <= b["max_s"] and b["min_s"] <= a["max_s"]
+    overlap = "within their ranges on this loaded machine" if overlap else "outside their ranges"
     lines = [
         "# Checkpoint content hashes: cost on a 1 GB checkpoint (benchmarks/bench_checkpoint_hash.py)",
         "",
         f"{meta['date']}, commit {commit}, {meta['machine']}, Python {meta['python']}, "
-        f"torch {meta['torch']}. "
-        f"One safetensors file of {gb:.3f} GB (fp32), median of {args.repeats} repeats, written under "
-        f"{args.dir}. A shared 2-core CPU: other jobs ran beside it, so the seconds vary from run to run; "
-        "the ratios were measured back to back in one process. 'Page cache': the file was just written, "
-        "so the hash reads memory, not the disk (a verify after a reboot reads the disk as well).",
+        f"torch {meta['torch']}. One safetensors file of {gb:.3f} GB (fp32), median (and range) of "
+        f"{args.repeats} repeats, written under {args.dir}. A shared 2-core CPU: other jobs ran beside "
+        f"it (load average {meta['load']} over 1 / 5 / 15 minutes at the start), so the seconds vary "
+        "from run to run; the rows were measured back to back in one process. 'Page cache': the file "
+        "was just written, so the hash reads memory, not the disk (a verify after a reboot reads the "
+        "disk as well).",
         "",
-        "| measure | seconds | seconds per GB |",
-        "|---|---|---|",
-        *(f"| {r['measure']} | {r['seconds']:.2f} | {r['s_per_gb']:.2f} |" for r in rows),
+        "| measure | seconds (median) | range | seconds per GB |",
+        "|---|---|---|---|",
+        *(
+            f"| {r['measure']} | {r['seconds']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} | "
+            f"{r['s_per_gb']:.2f} |"
+            for r in rows
+        ),  # fmt: skip
         "",
-        f"Hashing adds {extra:.2f} s to a {gb:.2f} GB save ({extra / median['plain']:.0%} of the save "
-        f"without it); a resume spends {median['verify'] / gb:.2f} s per GB verifying before it loads. "
         f"SHA-256 is {median['blake'] / median['sha']:.1f}x as fast as BLAKE2b here (this CPU has SHA "
-        "instructions, which OpenSSL's SHA-256 uses).",
+        f"instructions, which OpenSSL's SHA-256 uses). A save spends about {median['sha'] / gb:.1f} s per "
+        f"GB hashing (the first row); the two save rows differ by {median['sealed'] - median['plain']:+.2f} "
+        f"s, {overlap}. A resume spends {median['verify'] / gb:.1f} s per GB verifying before it loads.",
         "",
     ]
     Path(f"{args.out}.md").write_text("\n".join(lines), encoding="utf-8")
