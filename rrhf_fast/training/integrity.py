@@ -4,8 +4,8 @@ COMPLETE.json (checkpoint.py's marker) records, beside each file's size, its SHA
 `"sha256"`. A save hashes each file right after it was written, in the same open as its fsync, so
 the bytes come from the page cache, not a second read of the disk (the writers are save_pretrained,
 torch.save and DCP's: they take a path, not a stream to hash as it goes). SHA-256 because it is the
-fastest strong hash in hashlib on a CPU with SHA instructions (x86 SHA-NI, ARMv8 crypto): 0.8 s/GB
-against BLAKE2b's 1.8 s/GB on the 2-core machine of benchmarks/results/checkpoint_hash.md.
+fastest strong hash in hashlib on a CPU with SHA instructions (x86 SHA-NI, ARMv8 crypto): 1.6 s/GB
+against BLAKE2b's 2.9 s/GB on the shared 2-core machine of benchmarks/results/checkpoint_hash.md.
 
 `verify_marker` is every reader's check (resume, `merge`, any command whose --model is a
 checkpoint): sizes first (cheap), then each file's hash; the first file that differs is one
