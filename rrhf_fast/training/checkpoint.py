@@ -8,9 +8,10 @@ model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bi
 Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
-temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
-(the size of every file, and the files every checkpoint of this run must hold: a checkpoint
-lacking one is never complete) written last, and only then renamed into place: a crash or Ctrl-C
+temporary directory beside it, every file hashed (SHA-256, from the page cache) and fsynced, a
+`COMPLETE.json` marker (the size and hash of every file, and the files every checkpoint of this run
+must hold: a checkpoint lacking one is never complete) written last, and only then renamed into
+place: a crash or Ctrl-C
 at any moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed
 at the next start. A re-save of an existing step parks the old copy as `.parked-checkpoint-STEP`
 for the moment between two renames; the next start puts it back if the new copy never arrived.
@@ -18,7 +19,8 @@ Rotation (and any other delete of a checkpoint) first renames it to `.deleting-c
 a kill during the delete never leaves a part of a checkpoint under a checkpoint's name. Loading
 never unpickles arbitrary objects: safetensors for the weights, `torch.load(weights_only=True)`
 for the rest, and an FSDP2 run's sharded optimizer through safe_dcp (JSON metadata, not DCP's
-pickle).
+pickle). Before anything is read, every file is checked against the marker (integrity.py), and
+before the first step the optimizer state against the model and --optim (state_check.py).
 """
 
 from __future__ import annotations
