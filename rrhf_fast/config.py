@@ -127,26 +127,37 @@ class TrainConfig:
         "model (what `rrhf-fast train-rm` runs)",
         choices=LOSSES,
     )
-    dpo_beta: float = opt(0.1, "--loss dpo / dpo-pl: beta, the pull towards the reference model")
+    dpo_beta: float = opt(
+        0.1, "--loss dpo / dpo-pl: beta, the pull towards the reference model", losses=("dpo", "dpo-pl")
+    )
     dpo_loss: str = opt(
         "sigmoid", "--loss dpo: the pair's loss, as TRL's DPOTrainer loss_type (dpo-pl: sigmoid only)",
-        choices=DPO_LOSSES,
+        choices=DPO_LOSSES, losses=("dpo",),
     )  # fmt: skip
     dpo_label_smoothing: float = opt(
-        0.0, "--dpo-loss robust: the probability that a preference label is flipped, in [0, 0.5)"
+        0.0,
+        "--dpo-loss robust: the probability that a preference label is flipped, in [0, 0.5)",
+        losses=("dpo",),
     )
-    lipo_beta: float = opt(0.05, "--loss lipo: beta of the rewards beta * log(pi / pi_ref)")
+    lipo_beta: float = opt(0.05, "--loss lipo: beta of the rewards beta * log(pi / pi_ref)", losses=("lipo",))
     pro_sft_weight: float = opt(
         0.05,
         "--loss pro: the weight of the SFT term (the best response's log-prob sum) is this times (k - 1)^2",
+        losses=("pro",),
     )
-    pro_temperature: bool = opt(False, "--loss pro: scale the scores by the paper's score-gap temperature")
-    simpo_beta: float = opt(2.0, "--loss simpo: beta, the scale of the length-normalised reward")
-    simpo_gamma: float = opt(0.5, "--loss simpo: gamma, the target reward margin")
-    orpo_lambda: float = opt(0.1, "--loss orpo: lambda, the weight of the odds-ratio loss beside SFT")
+    pro_temperature: bool = opt(
+        False, "--loss pro: scale the scores by the paper's score-gap temperature", losses=("pro",)
+    )
+    simpo_beta: float = opt(
+        2.0, "--loss simpo: beta, the scale of the length-normalised reward", losses=("simpo",)
+    )
+    simpo_gamma: float = opt(0.5, "--loss simpo: gamma, the target reward margin", losses=("simpo",))
+    orpo_lambda: float = opt(
+        0.1, "--loss orpo: lambda, the weight of the odds-ratio loss beside SFT", losses=("orpo",)
+    )
     pairs: str = opt(
         "all", "--loss simpo / orpo with k > 2: every pair of different scores, or the best vs each other",
-        choices=PAIRS,
+        choices=PAIRS, losses=("simpo", "orpo"),
     )  # fmt: skip
     length_norm: str = opt(
         "paper",
@@ -164,11 +175,15 @@ class TrainConfig:
     # ---- the reward model's loss (train-rm; objectives/reward.py)
     rm_loss: str = opt(
         "bt", "Bradley-Terry over every pair of different scores, or listwise Plackett-Luce (ties grouped)",
-        choices=RM_LOSSES,
+        choices=RM_LOSSES, losses=("rm",),
     )  # fmt: skip
-    rm_margin: float = opt(0.0, "the margin the better response's reward must clear (--rm-loss bt)")
-    rm_margin_scale: bool = opt(False, "multiply --rm-margin by each pair's score gap")
-    rm_center: float = opt(0.0, "weight of the penalty on each query's mean reward squared (0: none)")
+    rm_margin: float = opt(
+        0.0, "the margin the better response's reward must clear (--rm-loss bt)", losses=("rm",)
+    )
+    rm_margin_scale: bool = opt(False, "multiply --rm-margin by each pair's score gap", losses=("rm",))
+    rm_center: float = opt(
+        0.0, "weight of the penalty on each query's mean reward squared (0: none)", losses=("rm",)
+    )
     # ---- model and kernels
     attn: str = opt("auto", "attention backend for the shared-prompt packing", choices=ATTN_BACKENDS)
     kernels: str = opt(
@@ -348,6 +363,18 @@ class TrainConfig:
                 "--optim paged-adamw8bit cannot step FSDP2's sharded parameters; with --fsdp use "
                 "--optim adamw8bit (torchao's 8-bit AdamW) or --optim adamw"
             )
+
+    def unread_loss_flags(self) -> list[str]:
+        """The flags given (a value other than their default) that belong to another --loss than the
+        chosen one, which therefore does not read them; each field's metadata `losses` names the
+        losses that read it, beside its definition (objectives/ read these fields)."""
+        unread = []
+        for f in dataclasses.fields(self):
+            losses = f.metadata.get("losses")
+            if losses and self.loss not in losses and getattr(self, f.name) != f.default:
+                unread.append(f"--{_flag(f.name)}" if f.type != "bool" or getattr(self, f.name) else
+                              f"--no-{_flag(f.name)}")  # fmt: skip
+        return unread
 
     @property
     def loss_impl(self) -> str:

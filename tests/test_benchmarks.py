@@ -273,3 +273,14 @@ def test_plan_vs_gpu_smoke(tmp_path):
     assert float(rows[2]["planned_host_gib"]) > 0 and float(rows[2]["tracked_host_gib"]) > 0
     assert "| bf16-offload |" in (tmp_path / "plan_vs_gpu_cpu_smoke.md").read_text()
     assert plan_vs_gpu.runs("A:*,B:x", ["m", "n"]) == [("A", "m"), ("A", "n"), ("B", "x")]
+
+
+def test_checkpoint_hash_benchmark_writes_its_table(tmp_path):
+    import bench_checkpoint_hash
+
+    out = tmp_path / "checkpoint_hash"
+    bench_checkpoint_hash.main(["--gb", "0.004", "--repeats", "1", "--dir", str(tmp_path), "--out", str(out)])
+    text = (out.with_suffix(".md")).read_text()
+    assert "| sha256, page cache |" in text and "| blake2b, page cache |" in text and "2-core" in text
+    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    assert len(rows) == 6 and rows[0].startswith("measure,seconds,s_per_gb")

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from training_runs import reseal
 
 import rrhf_fast.training.checkpoint as ckpt
 from rrhf_fast.config import TrainConfig
@@ -233,9 +234,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     path = _save(tmp_path, 1, model, opt)
     target = path / "trainer_state.pt"
     torch.save({"step": 1, "evil": _Payload()}, target, pickle_protocol=pickle.HIGHEST_PROTOCOL)
-    marker = json.loads((path / "COMPLETE.json").read_text())
-    marker["files"]["trainer_state.pt"] = target.stat().st_size  # a consistent, hostile checkpoint
-    (path / "COMPLETE.json").write_text(json.dumps(marker))
+    reseal(path)  # a consistent, hostile checkpoint: its marker matches the pickle's size and hash
     import os
 
     if os.path.exists("/tmp/rrhf_fast_pwned"):

@@ -71,17 +71,18 @@ class Case:
 
     def argv(self, command: str) -> list[str]:
         m, d, p, o = str(self.model), str(self.data), str(self.prompts), str(self.out)
+        r, s = str(Path(self.out) / "r.jsonl"), str(Path(self.out) / "s.jsonl")
         cpu = ["--device", "cpu"]
         train = ["--model", m, "--data", d, "--output-dir", o, *cpu, "--max-steps", "1", "--log-every", "0",
                  "--no-plot"]  # fmt: skip
         return {
             "train": ["train", *train],
             "train-rm": ["train-rm", *train],
-            "ref-logps": ["ref-logps", "--model", m, "--in", d, "--out", str(self.out / "r.jsonl"), *cpu],
+            "ref-logps": ["ref-logps", "--model", m, "--in", d, "--out", r, *cpu],
             "sample": ["sample", "--model", m, "--prompts", p, "-k", "2", "--max-new-tokens", "2",
-                       "--out", str(self.out / "s.jsonl"), *cpu],
+                       "--out", s, *cpu],
             "score": ["score", "--in", d, "--scorer", f"reward-model:{m}", "--overwrite",
-                      "--out", str(self.out / "s.jsonl"), *cpu],
+                      "--out", s, *cpu],
             "iterate": ["iterate", "--output-dir", o, "--prompts", p, "--scorer",
                         f"python:{self.scorer}:length", "--model", m, "--rounds", "1",
                         "--num-candidates", "2", "--sample-max-new-tokens", "2", *cpu],
@@ -199,6 +200,18 @@ def out_under_proc(case):
     return [str(case.out)]
 
 
+def out_too_long(case):
+    """A name over the file system's 255 bytes: Path.exists() raises ENAMETOOLONG, not False."""
+    case.out = case.tmp / ("x" * 300)
+    return ["a name of 300 bytes, the file system allows 255 per name"]
+
+
+def out_empty(case):
+    """`--output-dir ""`: Path("") is ".", so the run would write into the working directory."""
+    case.out = ""
+    return ["is empty; give a"]
+
+
 def mixed_folder(case):
     folder = case.tmp / "shards"
     folder.mkdir()
@@ -259,7 +272,8 @@ TABLE = (
     + [(c, config_not_json) for c in (*WEIGHTS, "inspect", "plan")]
     + [("merge", corrupt_adapter)]
     + [(c, f) for f in GGUF_FAULTS for c in (*WEIGHTS, "inspect", "plan")]
-    + [(c, f) for f in (out_under_a_file, out_under_proc) for c in OUTPUTS]
+    + [(c, f) for f in (out_under_a_file, out_under_proc, out_too_long) for c in OUTPUTS]
+    + [(c, out_empty) for c in ("train", "train-rm", "iterate", "merge")]  # the others: a file in it
     + [(c, mixed_folder) for c in DATA]
     + [(c, name) for name in SURROGATES for c in (*DATA, *PROMPTS)
        if name != "prompt-only" or c in PROMPTS]

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import on_two_gloo_ranks
+from training_runs import on_two_gloo_ranks, reseal, tree_digest
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
@@ -220,10 +220,9 @@ def test_fsdp2_resume_never_unpickles_a_crafted_metadata(tmp_path, files):
     (path / "optimizer" / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
     (path / "optimizer" / "metadata.json").unlink()  # as a checkpoint from elsewhere would be
     marker = json.loads((path / "COMPLETE.json").read_text())
-    held = [p for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE.json"]
-    marker["files"] = {p.relative_to(path).as_posix(): p.stat().st_size for p in held}
     marker["required"].remove("optimizer/metadata.json")
     (path / "COMPLETE.json").write_text(json.dumps(marker))
+    reseal(path)  # sizes and hashes of what the checkpoint now holds
 
     cfg = flags(files, tmp_path / "run", max_steps=4, grad_accum=3, fsdp=True, resume=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -332,3 +331,61 @@ def test_ddp_gradients_are_views_of_its_buckets(tmp_path):
     assert len(results) == 2
     for params, storages, views in results.values():
         assert views and storages < params / 4, (params, storages)  # a few buckets hold them all
+
+
+def _nan_in_a_shard(checkpoint) -> str:
+    """NaN written into the first parameter's exp_avg inside its DCP shard file (each value is a
+    torch.save blob at the offset metadata.json records: its tensor bytes are patched in place);
+    the marker is then made to match, as a buggy writer would leave it. Returns the parameter."""
+    import io
+
+    meta = json.loads((checkpoint / "optimizer" / "metadata.json").read_text())
+    entry = next(s for s in meta["storage"] if s["fqn"].endswith(".exp_avg"))
+    file = checkpoint / "optimizer" / entry["file"]
+    data = bytearray(file.read_bytes())
+    blob = bytes(data[entry["start"] : entry["start"] + entry["length"]])
+    raw = torch.load(io.BytesIO(blob), weights_only=True).contiguous().numpy().tobytes()
+    at = entry["start"] + blob.index(raw)  # the whole tensor's bytes: where its first value is
+    data[at : at + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    file.write_bytes(bytes(data))
+    reseal(checkpoint)
+    return entry["fqn"].removeprefix("optimizer.state.").removesuffix(".exp_avg")
+
+
+def _flip_a_shard(checkpoint) -> str:
+    file = checkpoint / "optimizer" / "__1_0.distcp"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    return "optimizer/__1_0.distcp differs from what was saved"
+
+
+@pytest.mark.slow
+def test_fsdp2_damaged_checkpoint_is_refused_on_every_rank(tmp_path, files):
+    """A flipped byte in rank 1's optimizer shard (the hashes) and NaN in a sharded moment of a
+    consistent checkpoint (each rank checks its shards; the ranks agree on the sentence): every
+    rank exits with the same one sentence, nothing of ours raises a traceback, and the run
+    directory is byte for byte as it was."""
+    torchrun(flags(files, tmp_path / "run", max_steps=2, grad_accum=3, fsdp=True))
+    for case in ("flip", "nan"):
+        run = tmp_path / case
+        shutil.copytree(tmp_path / "run", run)
+        checkpoint = run / "checkpoint-2"
+        if case == "flip":
+            words = _flip_a_shard(checkpoint)
+        else:
+            words = (
+                f"the optimizer state of {_nan_in_a_shard(checkpoint)} has 1 NaN or inf value(s) in exp_avg"
+            )
+        before = tree_digest(run)
+        cfg = flags(files, run, max_steps=4, grad_accum=3, fsdp=True, resume=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "rrhf_fast.cli", "train", *argv(cfg)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if "rrhf-fast train: error: " in line]
+        assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+        assert words in errors[0] and str(checkpoint) in errors[0], errors[0]
+        assert "rrhf_fast/" not in proc.stderr, proc.stderr[-3000:]  # no traceback through our code
+        assert tree_digest(run) == before

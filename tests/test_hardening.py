@@ -156,3 +156,55 @@ def test_the_final_line_reports_skipped_steps(tmp_path, model_dir, capsys, monke
     assert main(train_argv(model_dir, data, tmp_path / "out")) == 0
     assert "done: step 2, model in" in (out := capsys.readouterr().out)
     assert "1 of 2 steps skipped (non-finite loss or gradient norm)" in out
+
+
+def test_a_run_that_diverges_right_after_its_resume_says_the_checkpoint_was_finite(
+    tmp_path, model_dir, capsys
+):
+    """--lr 1e30: step 1 is finite and leaves weights near 1e30, saved (finite) as checkpoint-1; the
+    resumed run's first loss is not finite. The checkpoint passed the load checks (finite weights
+    and optimizer state), so the sentence says so: it is the run that diverged, not a damaged file
+    (which would have been refused at load, never reported as "lower --lr")."""
+    data = write_data(tmp_path / "d.jsonl", 8)
+    out = tmp_path / "out"
+    flags = ("--lr", "1e30", "--warmup-steps", "0", "--max-grad-norm", "0", "--max-bad-steps", "1")
+    assert main(train_argv(model_dir, data, out, *flags, "--max-steps", "1")) == 0
+    capsys.readouterr()
+    code, err = run(capsys, *train_argv(model_dir, data, out, *flags, "--max-steps", "3", "--resume"))
+    err = one_sentence(code, err)
+    assert "stopped being finite at step 2" in err
+    assert "checkpoint-1.diverged" not in err and "checkpoint-1 (saved after it) renamed *.diverged" in err
+    assert (
+        "the checkpoint this run resumed from: its weights and optimizer state were finite when loaded" in err
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, note",
+    [(["--loss", "pro", "--dpo-beta", "0.2"],
+      "note: --loss pro does not read --dpo-beta; they have no effect"),
+     (["--simpo-beta", "3", "--pairs", "best", "--no-pro-temperature"],
+      "note: --loss rrhf does not read --simpo-beta, --pairs; they have no effect")],
+    ids=["pro-dpo-beta", "rrhf-simpo"],
+)  # fmt: skip
+def test_flags_of_another_loss_get_a_note(tmp_path, model_dir, capsys, flags, note):
+    data = write_data(tmp_path / "d.jsonl", 4)
+    assert main(train_argv(model_dir, data, tmp_path / "out", *flags)) == 0
+    assert note in capsys.readouterr().out
+
+
+def test_every_loss_flag_names_the_losses_that_read_it():
+    """The flag -> loss mapping lives beside each flag (its field's `losses`): every flag whose help
+    is for one loss ("--loss X: ...") carries it, and names the losses its help names."""
+    import dataclasses
+
+    from rrhf_fast.config import LOSSES, TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f.metadata.get("help", "")
+        if help_text.startswith("--loss "):
+            named = help_text.removeprefix("--loss ").split(":")[0].split(" with ")[0]
+            assert set(f.metadata.get("losses", ())) == {n.strip() for n in named.split("/")}, f.name
+        assert set(f.metadata.get("losses", ())) <= set(LOSSES), f.name
+    config = TrainConfig(model="m", data="d", output_dir="o", loss="lipo", simpo_beta=3.0, lipo_beta=0.1)
+    assert config.unread_loss_flags() == ["--simpo-beta"]

@@ -68,7 +68,8 @@ POINTS = {  # name: (module, function, n-th call, before/after it, only calls wi
     "save-tmp-dir-made": (CKPT, "_make_tmp_dir", 2, "after", None),
     "save-mid-optimizer": ("torch", "save", 3, "before", None),  # step 4's optimizer.pt
     "save-before-marker": (CKPT, "_write_marker", 2, "before", None),
-    "save-marker-not-renamed": (CKPT, "_fsync_tree", 2, "after", None),
+    "save-mid-hashing": ("rrhf_fast.training.integrity", "file_digest", 16, "before", None),  # step 4's
+    "save-marker-not-renamed": (CKPT, "_fsync_dirs", 2, "after", None),
     "save-renamed-not-rotated": (CKPT, "_replace_dir", 2, "after", None),
     "rotation-renamed-aside": ("shutil", "rmtree", 2, "before", ".deleting-"),  # 1st: the pre-clean
     # "during": the n-th file the rotations delete (one checkpoint: 11 files, COMPLETE.json among them)

@@ -30,6 +30,27 @@ def config(tmp_path, model_dir, data, name="run", **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
+def reseal(checkpoint):
+    """Rewrite the checkpoint's marker to match its files as they now are (sizes and hashes): a
+    consistent checkpoint with bad contents, as a buggy or hostile writer would leave it, so that a
+    test reaches the check behind the hashes."""
+    from rrhf_fast.training.integrity import HASH, MARKER, seal_files
+
+    marker = json.loads((checkpoint / MARKER).read_text())
+    files, hashes = seal_files(checkpoint)
+    files.pop(MARKER), hashes.pop(MARKER)
+    marker["files"], marker[HASH] = files, hashes
+    (checkpoint / MARKER).write_text(json.dumps(marker))
+
+
+def tree_digest(root):
+    """Every file under `root` (relative path -> sha256 of its bytes), for "left byte for byte"."""
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -260,8 +260,14 @@ def _warn_pure_bf16(config: Any) -> None:
     """bf16 keeps 8 significant bits: without fp32 master weights, an update below half a weight's
     spacing (2**-8 of it, relative) rounds to zero, so small learning rates silently stop training.
     --bf16-update stochastic or kahan is the remedy chosen with its cost; "nearest" gets this warning.
-    With LoRA only the adapters train, and peft keeps them in fp32 (autocast_adapter_dtype)."""
-    if config.dtype == "bfloat16" and not config.lora_r and config.bf16_update == "nearest":
+    With LoRA only the adapters train, and peft keeps them in fp32 (autocast_adapter_dtype); with
+    --offload-optimizer the updates accumulate in fp32 masters on the host: nothing is lost."""
+    if (
+        config.dtype == "bfloat16"
+        and not config.lora_r
+        and config.bf16_update == "nearest"
+        and not getattr(config, "offload_optimizer", False)
+    ):
         logging.getLogger(__name__).warning(
             "warning: --dtype bfloat16 without --lora-r trains the bf16 weights themselves, and with "
             "--bf16-update nearest an update smaller than about 1/256 of a weight rounds to nothing, so "
@@ -407,7 +413,8 @@ def _quiet_bitsandbytes():
 
 
 def _check_model_path(model: str, flag: str = "--model") -> None:
-    """A path-looking --model that does not exist is a typo, not a hub id: say so at once."""
+    """A path-looking --model that does not exist is a typo, not a hub id: say so at once; one that
+    is an rrhf-fast checkpoint (checkpoint-N of a run) is verified against its marker's hashes."""
     model = str(model)
     if gguf.is_gguf(model):
         gguf.check_file(model, named(flag, model))
@@ -419,6 +426,10 @@ def _check_model_path(model: str, flag: str = "--model") -> None:
         raise UserError(
             f"{named(flag, model)}: no such directory; give a save_pretrained directory or a hub id"
         )
+    if looks_local:  # an rrhf-fast checkpoint: its files' hashes are verified before it is read
+        from rrhf_fast.training.integrity import verify_if_checkpoint
+
+        verify_if_checkpoint(model, named(flag, ""))
 
 
 def _unreadable_weights(err: BaseException) -> str | None:

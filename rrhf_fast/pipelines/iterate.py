@@ -320,8 +320,8 @@ def _prepare(settings: Settings) -> tuple[Path, list[Path]]:
     kind, _, target = settings.run.scorer.partition(":")
     if kind == "python" or kind not in KINDS or not target:
         build_scorer(settings.run.scorer)  # a bad spec or function fails now, not after the first sampling
+    created = make_output_dir(settings.run.output_dir)  # the flag as given: Path("") would be "."
     out = Path(settings.run.output_dir)
-    created = make_output_dir(out)
     saved = out / CONFIG_FILE
     if saved.exists() and not settings.run.resume:
         remove_created(created)

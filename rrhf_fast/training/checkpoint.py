@@ -8,9 +8,10 @@ model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bi
 Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
-temporary directory beside it, every file and the directory fsynced, a `COMPLETE.json` marker
-(the size of every file, and the files every checkpoint of this run must hold: a checkpoint
-lacking one is never complete) written last, and only then renamed into place: a crash or Ctrl-C
+temporary directory beside it, every file hashed (SHA-256, from the page cache) and fsynced, a
+`COMPLETE.json` marker (the size and hash of every file, and the files every checkpoint of this run
+must hold: a checkpoint lacking one is never complete) written last, and only then renamed into
+place: a crash or Ctrl-C
 at any moment leaves the previous checkpoints untouched and at worst a `.tmp-*` directory, removed
 at the next start. A re-save of an existing step parks the old copy as `.parked-checkpoint-STEP`
 for the moment between two renames; the next start puts it back if the new copy never arrived.
@@ -18,7 +19,8 @@ Rotation (and any other delete of a checkpoint) first renames it to `.deleting-c
 a kill during the delete never leaves a part of a checkpoint under a checkpoint's name. Loading
 never unpickles arbitrary objects: safetensors for the weights, `torch.load(weights_only=True)`
 for the rest, and an FSDP2 run's sharded optimizer through safe_dcp (JSON metadata, not DCP's
-pickle).
+pickle). Before anything is read, every file is checked against the marker (integrity.py), and
+before the first step the optimizer state against the model and --optim (state_check.py).
 """
 
 from __future__ import annotations
@@ -42,11 +44,23 @@ from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import quiet_progress_bars
 from rrhf_fast.training import distributed
 from rrhf_fast.training.distributed import Dist
+from rrhf_fast.training.integrity import (
+    FORMAT,
+    HASH,
+    MARKER,
+    VERSION,
+    read_marker,
+    seal_files,
+    verify_contents,
+)
 from rrhf_fast.training.provenance import RUN_FILE, write_run_info
+from rrhf_fast.training.state_check import (
+    STATELESS_KEY,
+    check_loaded_state,
+    check_saved_state,
+    stateless_positions,
+)
 
-FORMAT = "rrhf-fast-checkpoint"
-VERSION = 1
-MARKER = "COMPLETE.json"
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint shards, one file per rank
 STATE_FILE = "trainer_state.pt"
@@ -110,7 +124,7 @@ def save_checkpoint(
         distributed.barrier()  # every rank's files are written
         if dist.main:
             _write_marker(tmp, step, _required_files(tmp, dist.world, sharded, run_info is not None))
-            _fsync_tree(tmp)
+            _fsync_dirs(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(output_dir)
     except BaseException:
@@ -183,7 +197,8 @@ def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, 
         if not sharded:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         torch.save({**trainer_state, "step": step, "rng": rng_state(), "world_size": dist.world,
-                    "sharded": sharded}, tmp / STATE_FILE)  # fmt: skip
+                    "sharded": sharded, STATELESS_KEY: stateless_positions(optimizer)},
+                   tmp / STATE_FILE)  # fmt: skip
         config.save(tmp / CONFIG_FILE)
     else:
         torch.save(rng_state(), tmp / _rng_file(dist.rank))
@@ -272,10 +287,15 @@ def load_training_state(
     optimizer: torch.optim.Optimizer,
     dist: Dist | None = None,
     sharded: bool = False,
+    optim: str = "",
 ) -> dict[str, Any]:
     """Everything but the weights: optimizer (FSDP2 `sharded`: resharded to this world size), this
-    rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state."""
+    rank's RNGs (a rank the saving run did not have takes rank 0's); returns the trainer state.
+    The checkpoint is verified (hashes) and its optimizer state checked against the model and
+    --optim `optim` before it is loaded (state_check.py): a damaged one is a UserError, and then
+    nothing of this run has changed but the optimizer's own state."""
     dist = dist or Dist()
+    verify_checkpoint(path)
     state = _read_state(path)
     if state.get("sharded", False) != sharded:
         was, now = ("with", "without") if state.get("sharded") else ("without", "with")
@@ -284,14 +304,18 @@ def load_training_state(
     if sharded:
         distributed.load_sharded_optimizer(model, optimizer, path / OPTIMIZER_DIR)
     else:
-        _load_optimizer(path, optimizer)
+        _load_optimizer(path, optimizer, model, optim, state.get(STATELESS_KEY))
+    check_loaded_state(optimizer, model, path, sharded)
     own = path / _rng_file(dist.rank)
     set_rng_state(_torch_load(own) if dist.rank > 0 and own.is_file() else state["rng"])
     return state
 
 
-def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+def _load_optimizer(
+    path: Path, optimizer: torch.optim.Optimizer, model: torch.nn.Module, optim: str, stateless: Any
+) -> None:
     opt_state = _torch_load(path / OPTIMIZER_FILE)
+    check_saved_state(opt_state, optimizer, model, path, optim or "of this run", stateless)
     try:
         optimizer.load_state_dict(opt_state)
     except (ValueError, KeyError, RuntimeError) as err:
@@ -301,36 +325,18 @@ def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
         ) from None
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check the marker and every file's size: a truncated or foreign checkpoint is a UserError."""
-    try:
-        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{path}: not a complete rrhf-fast checkpoint ({err}); delete it or pick another"
-        ) from None
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-        raise UserError(f"{path}: {MARKER} is not an rrhf-fast checkpoint marker; delete the directory")
-    if marker.get("version") != VERSION:
-        raise UserError(
-            f"{path}: checkpoint format version {marker.get('version')}, this rrhf-fast reads {VERSION}"
-        )
+def verify_checkpoint(path: Path, flag: str = "") -> dict[str, Any]:
+    """Check the marker, every file's size and content hash (integrity.py): a truncated, damaged or
+    foreign checkpoint is a UserError naming the file. `flag` ("--checkpoint ") precedes the path."""
+    marker = read_marker(path)
     files = marker.get("files", {})
     missing = [name for name in _minimum(files) + list(marker.get("required", [])) if name not in files]
     if missing:
         raise UserError(
-            f"{path}: lacks {missing[0]}, which every checkpoint holds (an incomplete save marked complete); "
-            "delete this checkpoint to resume from the one before"
+            f"{flag}{path}: lacks {missing[0]}, which every checkpoint holds (an incomplete save marked "
+            "complete); delete this checkpoint to resume from the one before"
         )
-    for name, size in files.items():
-        file = path / name
-        actual = file.stat().st_size if file.is_file() else None
-        if actual != size:
-            found = "missing" if actual is None else f"{actual} bytes"
-            raise UserError(
-                f"{path}: {name} is {found}, expected {size} bytes (truncated or modified checkpoint); "
-                "delete this checkpoint to resume from the one before"
-            )
+    verify_contents(path, marker, flag)
     return marker
 
 
@@ -347,6 +353,8 @@ def _minimum(files: dict[str, int]) -> list[str]:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Copy the safetensors weights of a save_pretrained directory into `model` (a LoRA run: the adapter)."""
+    if (path / MARKER).is_file():
+        verify_checkpoint(path)  # once per process and unchanged files (integrity.py)
     adapter = (path / ADAPTER_CONFIG).is_file()
     if adapter != hasattr(model, "peft_config"):
         saved, wanted = ("a LoRA adapter", "the full model") if adapter else ("full weights", "LoRA adapters")
@@ -362,6 +370,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state.update(load_file(file))
         except (SafetensorError, OSError) as err:
             raise UserError(f"{file}: unreadable weights ({err}); delete this checkpoint") from None
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}  # an adapter's file: all of it
+    bad = next((k for k, v in state.items() if (adapter or k in trained) and v.is_floating_point()
+                and not v.isfinite().all()), None)  # fmt: skip
+    if bad is not None:  # never saved so (check_finite_weights): written elsewhere or damaged
+        raise UserError(f"{path}: the weights hold NaN or inf ({bad}); a run never saves such weights, "
+                        "so the checkpoint is damaged: delete it to resume from the one before")  # fmt: skip
     if adapter:
         _load_adapter(model, path, state)
         return
@@ -495,25 +509,27 @@ def _required_files(directory: Path, world: int, sharded: bool, run_info: bool) 
 
 
 def _write_marker(directory: Path, step: int, required: list[str]) -> None:
-    files = {
-        str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()
-    }
+    """The marker: every file's size and content hash (each file hashed and fsynced in one open,
+    right after it was written: integrity.seal_files), written last and fsynced."""
+    files, hashes = seal_files(directory)
     missing = [name for name in required if name not in files]
     if missing:
         raise UserError(
             f"{directory}: {missing[0]} vanished while the checkpoint was written (is another program "
             "deleting files in this --output-dir?); the checkpoint was not completed"
         )
-    marker = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "required": required}
-    (directory / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+    marker = {"format": FORMAT, "version": VERSION, "step": step, "files": files, "required": required,
+              HASH: hashes}  # fmt: skip
+    with open(directory / MARKER, "w", encoding="utf-8") as f:
+        f.write(json.dumps(marker, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*"), reverse=True):  # files before their directories
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        elif path.is_dir():
+def _fsync_dirs(directory: Path) -> None:
+    """fsync every directory of the tree, innermost first (the files were, by _write_marker)."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_dir():
             _fsync_dir(path)
     _fsync_dir(directory)
 

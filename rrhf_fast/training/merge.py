@@ -54,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
 
 def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, dtype: str = "auto") -> Path:
     """Merge the adapter of `checkpoint` into its base model and save model + tokenizer to `out`."""
+    if not str(out).strip():  # Path("") is "."
+        raise UserError("--out is empty; give a new directory for the merged model")
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
         raise UserError(
@@ -65,8 +67,12 @@ def merge(checkpoint: str | Path, out: str | Path, *, base: str | None = None, d
             "already, load it with from_pretrained"
         )
     if (checkpoint / MARKER).is_file():
-        verify_checkpoint(checkpoint)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        verify_checkpoint(checkpoint, "--checkpoint ")
+    try:
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError:  # a name too long for the file system: make_output_dir says so
+        taken = False
+    if taken:
         raise UserError(f"--out {out} exists and is not an empty directory; give a new directory")
     base = base or _base_of(checkpoint)
     created = make_output_dir(out, "--out")

@@ -43,7 +43,8 @@ class RunDir:
             remove_created(self.created)
             self.created = []
         if self.fd is not None:
-            os.close(self.fd)
+            os.ftruncate(self.fd, 0)  # the pid goes with the lock: a run that changed nothing leaves
+            os.close(self.fd)  # the directory byte for byte as it found it
             self.fd = None
 
 
@@ -54,7 +55,7 @@ def claim_output_dir(output_dir: str | os.PathLike, resume: bool, dist: Dist) ->
     error, unexpected = None, None
     if dist.main:
         try:
-            run.created = make_output_dir(run.path)
+            run.created = make_output_dir(output_dir)  # the flag as given: Path('') would be '.'
             run.fd = _lock(run.path)  # before anything in the directory is deleted or written
             remove_partial_saves(run.path)  # first: it puts back a checkpoint a crashed re-save had parked
         except UserError as err:

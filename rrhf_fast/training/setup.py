@@ -240,7 +240,7 @@ def resume(
 ) -> RunState:
     """Restore a checkpoint's optimizer state, RNGs, data position and counters (its weights are in)."""
     saved = load_training_state(checkpoint, model=job.model, optimizer=job.optimizer, dist=job.dist,
-                                sharded=job.config.fsdp)  # fmt: skip
+                                sharded=job.config.fsdp, optim=job.config.optim)  # fmt: skip
     state = RunState.from_trainer_state(saved, planner.steps_of_epoch, where=str(checkpoint))
     if job.dist.main:
         truncate_metrics(job.out_dir / METRICS_FILE, state.step)

@@ -138,6 +138,10 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
     # setup
     log = tqdm.write if dist.main else _quiet
     checkpoint = checkpoint_to_resume(config, out_dir, log)
+    resumed_from = checkpoint
+    unread = config.unread_loss_flags()
+    if unread:
+        log(f"note: --loss {config.loss} does not read {', '.join(unread)}; they have no effect")
     check_device_flags(config, device)
     autocast = autocast_for(device)
     seed_everything(config.seed)  # the same on every rank: LoRA adapters start equal on each
@@ -198,7 +202,7 @@ def _train(config: TrainConfig, dist: distributed.Dist, device: torch.device, ou
             row = _metrics_row(state, result, lr)
             if state.bad_in_row >= config.max_bad_steps or (state.bad_in_row and state.step == total_steps):
                 _log(metrics_file, row, report)
-                raise NonFiniteTraining(_diverged(state, out_dir, dist))
+                raise NonFiniteTraining(_diverged(state, out_dir, dist, resumed_from))
             if data.eval_items is not None and _due(state.step, config.eval_every, total_steps):
                 row.update(held_out(job, data.eval_items))
             _log(metrics_file, card.seen(row), report)
@@ -378,11 +382,18 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: peak RSS
 
 
-def _diverged(state: RunState, out_dir: Path, dist: distributed.Dist) -> str:
+def _diverged(
+    state: RunState, out_dir: Path, dist: distributed.Dist, resumed_from: Path | None = None
+) -> str:
     """The divergence error. The loss stopped being finite at step `first`, so the update of step
     first - 1 left weights that give a non-finite loss (a finite step can overflow the model: --lr 1e30
     leaves finite weights near 1e30): a checkpoint saved after it is renamed CHECKPOINT.diverged,
-    so that --resume continues from the one before it, the checkpoint the message names."""
+    so that --resume continues from the one before it, the checkpoint the message names.
+
+    A checkpoint that holds NaN or inf never gets here: its weights and optimizer state are checked
+    finite when it is loaded (checkpoint.load_weights, state_check.py), and refused as damaged. So
+    a run that stops being finite at the first step after its resume says that the checkpoint's
+    state was finite: what diverged is the run that wrote it (its weights overflow the loss)."""
     step, count = state.step, state.bad_in_row
     first = step - count + 1
     broken = [c for c in complete_checkpoints(out_dir) if int(c.name.rpartition("-")[2]) >= first - 1]
@@ -392,6 +403,9 @@ def _diverged(state: RunState, out_dir: Path, dist: distributed.Dist) -> str:
     distributed.barrier()
     names = ", ".join(c.name for c in broken)
     moved = f"; {names} (saved after it) renamed *{DIVERGED_SUFFIX}" if broken else ""
+    if resumed_from is not None and int(resumed_from.name.rpartition("-")[2]) == first - 1:
+        moved += (" (the checkpoint this run resumed from: its weights and optimizer state were finite "
+                  "when loaded, but its weights give a non-finite loss)")  # fmt: skip
     good = latest_checkpoint(out_dir)
     where = (f"lower --lr (or check the data) and --resume from {good}, saved before it" if good else
              "no checkpoint was saved before it: lower --lr (or check the data) and start again")  # fmt: skip
