@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory_models import LLAMA3, model_config  # noqa: E402
 
 from rrhf_fast.config import TrainConfig  # noqa: E402
-from rrhf_fast.training import plan  # noqa: E402
-from rrhf_fast.training.simulate import batch_shape, plan_step  # noqa: E402
+from rrhf_fast.planning import plan  # noqa: E402
+from rrhf_fast.planning.simulate import batch_shape, plan_step  # noqa: E402
 
 LLAMA_70B = dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                  num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip

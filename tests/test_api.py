@@ -91,6 +91,21 @@ print(json.dumps(found))
 
 
 def test_the_package_imports_cheaply_and_every_old_module_path_warns():
-    """One fresh process for all 22 (its cost is importing torch and transformers once)."""
-    assert len(rrhf_fast.MOVED_MODULES) == 22  # every flat module of the old layout but cli, config, errors
+    """One fresh process for all 45 (its cost is importing torch and transformers once)."""
+    flat = [old for old in rrhf_fast.MOVED_MODULES if "." not in old]
+    assert len(flat) == 22  # every flat module of the old layout but cli, config, errors
+    rooms = [old for old in rrhf_fast.MOVED_MODULES if old.startswith("training.")]
+    assert len(rooms) == 23  # every module that left training/ for its room
+    assert all(rrhf_fast.MOVED_MODULES[f"training.{old}"] == rrhf_fast.MOVED_MODULES[old] for old in flat
+               if f"training.{old}" in rrhf_fast.MOVED_MODULES)  # fmt: skip
     check_old_paths(sorted(rrhf_fast.MOVED_MODULES))
+
+
+def test_no_module_of_ours_imports_an_old_path():
+    """The old paths are for users' code: ours imports the new ones, so no warning comes from it."""
+    code = "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+    code += (
+        "import rrhf_fast.cli, rrhf_fast.training.train, rrhf_fast.planning.plan, rrhf_fast.pipelines.iterate"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]

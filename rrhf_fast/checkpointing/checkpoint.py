@@ -38,11 +38,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from rrhf_fast.checkpointing.provenance import RUN_FILE, write_run_info
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import quiet_progress_bars
-from rrhf_fast.training import distributed
-from rrhf_fast.training.distributed import Dist
-from rrhf_fast.training.provenance import RUN_FILE, write_run_info
+from rrhf_fast.parallel import distributed
+from rrhf_fast.parallel.distributed import Dist
 
 FORMAT = "rrhf-fast-checkpoint"
 VERSION = 1
@@ -485,7 +485,7 @@ def _required_files(directory: Path, world: int, sharded: bool, run_info: bool) 
         else:
             required += ["model.safetensors"]
     if sharded:
-        from rrhf_fast.training.safe_dcp import METADATA_JSON, shard_files
+        from rrhf_fast.parallel.safe_dcp import METADATA_JSON, shard_files
 
         required += [f"{OPTIMIZER_DIR}/{METADATA_JSON}"]
         required += [f"{OPTIMIZER_DIR}/{name}" for name in shard_files(directory / OPTIMIZER_DIR)]

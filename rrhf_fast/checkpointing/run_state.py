@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.steps import Step, queries_in
+from rrhf_fast.step.steps import Step, queries_in
 
 _COUNTERS = ("skipped_steps", "bad_in_row", "tokens_seen")
 

@@ -21,10 +21,10 @@ import torch
 from rrhf_fast import config as config_module
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.in_backward import check_one_microbatch
-from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
-from rrhf_fast.training.optim import cpu_step_throughput
-from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
+from rrhf_fast.optimizers.in_backward import check_one_microbatch
+from rrhf_fast.optimizers.optim import cpu_step_throughput
+from rrhf_fast.planning.memtrack import CATEGORIES, MemoryReport
+from rrhf_fast.planning.simulate import BatchShape, batch_shape, num_layers, plan_step
 
 GiB = 1 << 30
 # Train flags that change memory; the rest of TrainConfig does not (or is not simulated).
