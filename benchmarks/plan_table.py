@@ -1,10 +1,10 @@
-"""The README's "what fits where" table, produced by `rrhf-fast plan` (fake tensors, no GPU).
+"""The "what fits where" table of docs/memory.md, produced by `rrhf-fast plan` (fake tensors, no GPU).
 
 For each model (configs written from the published dimensions, benchmarks/memory_models.py), each
 method and each GPU size: the largest --micro-batch-tokens whose simulated step fits, found by
 plan's own search. Writes benchmarks/results/plan_table.md.
 
-    python benchmarks/plan_table.py [--models Llama-3.2-1B,...] [--out FILE] [--readme README.md]
+    python benchmarks/plan_table.py [--models Llama-3.2-1B,...] [--out FILE] [--readme docs/memory.md]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_table.md"))
     parser.add_argument(
-        "--readme", default=str(Path(__file__).parent.parent / "README.md"), help="'' to skip"
+        "--readme", default=str(Path(__file__).parent.parent / "docs" / "memory.md"), help="'' to skip"
     )
     parser.add_argument("--goals-only", action="store_true", help="recompute only the goal rows")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """rrhf-fast: RRHF alignment of Hugging Face causal LMs, fast and on small GPUs.
 
-The Python API (README: Use from Python) is this package's names, loaded on first use (PEP 562):
+The Python API (docs/api.md) is this package's names, loaded on first use (PEP 562):
 every command's flags come from `rrhf_fast.config`, and importing the package for that must not
 import torch, triton or transformers (tests/test_imports.py). tests/api_snapshot.json pins each
 name's signature, so that a change to one is deliberate.

@@ -63,7 +63,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizer": ("the optimizer, its learning-rate schedule and its update", (
         "lr", "min_lr", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_bad_steps",
         "optim_in_backward", "offload_optimizer", "bf16_update")),
-    "loss": ("the objective and its weights (README: Losses; docs/DESIGN.md §4)", (
+    "loss": ("the objective and its weights (docs/losses.md; docs/DESIGN.md §4)", (
         "loss", "dpo_beta", "dpo_loss", "dpo_label_smoothing", "lipo_beta", "pro_sft_weight",
         "pro_temperature", "simpo_beta", "simpo_gamma", "orpo_lambda", "pairs", "length_norm",
         "length_penalty", "rank_weight", "sft_weight", "sft_reduction", "rm_loss", "rm_margin",
@@ -99,7 +99,7 @@ class TrainConfig:
     data: str = required(
         "training data: JSONL/JSON/parquet/CSV/arrow file, folder of shards or saved dataset, of "
         "{query, responses, scores}, {prompt, chosen, rejected}, {chosen, rejected} or "
-        "{prompt, completions, scores} records (README: Data)",
+        "{prompt, completions, scores} records (docs/data.md)",
         metavar="PATH",
     )
     output_dir: str = required("run directory: config, metrics.jsonl, curves.png, checkpoints", metavar="DIR")
@@ -160,7 +160,7 @@ class TrainConfig:
     # ---- the loss (docs/DESIGN.md §4)
     loss: str = opt(
         "rrhf",
-        "the objective (README: Losses): rrhf; with a reference (data needs ref_logps): dpo (best vs "
+        "the objective (docs/losses.md): rrhf; with a reference (data needs ref_logps): dpo (best vs "
         "worst), dpo-pl (listwise DPO), lipo (LiPO-lambda); without: pro, simpo, orpo; rm: train a reward "
         "model (what `rrhf-fast train-rm` runs)",
         choices=LOSSES,
