@@ -109,3 +109,26 @@ def test_no_module_of_ours_imports_an_old_path():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_from_training_import_a_moved_module_warns_and_gives_the_new_one():
+    """`from rrhf_fast.training import plan` (a submodule by attribute), as users' code and other
+    branches write it, reaches the moved module through the same finder."""
+    code = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    exec(compile("from rrhf_fast.training import plan, train", "<user>", "exec"), scope := {})
+import rrhf_fast.planning.plan, rrhf_fast.training.train
+same = [scope["plan"] is rrhf_fast.planning.plan, scope["train"] is rrhf_fast.training.train]
+warned = [(str(w.message), w.filename) for w in caught if w.category is DeprecationWarning]
+print(json.dumps([same, warned]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    same, warned = json.loads(out.stdout.splitlines()[-1])
+    assert same == [True, True]
+    assert [w for w in warned if "moved" in w[0]] == [
+        ["rrhf_fast.training.plan moved to rrhf_fast.planning.plan; import it from there "
+         "(rrhf_fast.training.plan goes in the next release)", "<user>"]
+    ]  # fmt: skip
