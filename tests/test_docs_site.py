@@ -74,3 +74,17 @@ def test_the_readme_is_a_front_page():
     assert [p for p in nav_pages() if p != "index.md" and f"docs/{p}" not in linked] == []
     commands = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("make ")]
     assert commands == ["make demo", "make test"]  # the two set-up commands, and no other
+
+
+def test_every_figure_of_the_readmes_table_is_in_its_source():
+    """The "What is measured" table quotes; it does not measure: each number of a row's figure is
+    in a page or a stored file the row names."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## What is measured", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    missing = []
+    for what, figure, where in rows[1:]:  # after the header
+        sources = [*LINK.findall(where), *re.findall(r"`([\w/.-]+\.(?:md|py))`", where)]
+        text = "".join((ROOT / s.partition("#")[0]).read_text(encoding="utf-8") for s in sources)
+        missing += [(what, n) for n in re.findall(r"\d+(?:\.\d+)?", figure) if n not in text]
+    assert len(rows) > 5 and missing == []
