@@ -50,4 +50,5 @@ def run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dic
 )
 def test_every_python_block_of_the_docs_runs(page, tmp_path, monkeypatch):
     scope = run_page(page, tmp_path, monkeypatch)
-    assert scope["result"].step == 2 and (scope["result"].checkpoint / "README.md").is_file()
+    if page.name in ("README.md", "api.md"):  # both end with a trained run (other pages: they run)
+        assert scope["result"].step == 2 and (scope["result"].checkpoint / "README.md").is_file()
