@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 
-.PHONY: install demo test test-all test-latest lock lint format bench clean
+.PHONY: install demo test test-all test-latest lock lint format bench docs clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -62,9 +62,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The documentation site (mkdocs.yml, docs/) into site/; tests/test_docs_site.py builds it in every `make test`.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_step.py
 
 clean:
-	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache .benchmarks build *.egg-info
+	rm -rf $(VENV) $(LATEST) .pytest_cache .ruff_cache .benchmarks build site *.egg-info

@@ -1,4 +1,4 @@
-"""What the checkpoint content hashes cost (training/integrity.py), on a 1 GB checkpoint on this machine.
+"""What the checkpoint content hashes cost (rrhf_fast/integrity.py), on a 1 GB checkpoint on this machine.
 
 A checkpoint of `--gb` GB of fp32 weights (a safetensors file, as save_pretrained writes it) is saved
 the way checkpoint.save_checkpoint saves: written, then each file hashed and fsynced in the same
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from rrhf_fast.training.integrity import HASH, file_digest, seal_files
+from rrhf_fast.integrity import HASH, file_digest, seal_files
 
 GB = 10**9
 

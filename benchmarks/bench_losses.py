@@ -20,7 +20,7 @@ weights (a fresh copy per provider, same seed), with torch AdamW:
 - `padded/best-pairs`: the cheaper k-1 pairs (best vs each other response), the same padded recipe;
   its loss is `--pairs best`, a different average, shown for its cost.
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` during the step; on the CPU the tensor bytes
-alive at the step's peak as rrhf_fast.training.memtrack counts them (weights, optimizer states,
+alive at the step's peak as rrhf_fast.planning.memtrack counts them (weights, optimizer states,
 gradients, activations; not the process RSS).
 """
 
@@ -136,7 +136,7 @@ def cpu_peak(model, optimizer) -> Callable[[Callable[[], object]], tuple[float, 
 
     def measure(fn: Callable[[], object]) -> tuple[float, float]:
         from rrhf_fast.kernels import ops
-        from rrhf_fast.training.memtrack import MemoryTracker
+        from rrhf_fast.planning.memtrack import MemoryTracker
 
         tracker = MemoryTracker(inline=ops.BODIES)
         for p in model.parameters():

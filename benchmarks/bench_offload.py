@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rrhf_fast.training.optim import build_optimizer, cpu_step_throughput
+from rrhf_fast.optimizers.optim import build_optimizer, cpu_step_throughput
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=True)  # fmt: skip

@@ -39,7 +39,7 @@ from report import read_rows, write_report
 
 from rrhf_fast.data.packing import pack_tokenized
 from rrhf_fast.objectives import build_objective
-from rrhf_fast.training.optim import build_optimizer
+from rrhf_fast.optimizers.optim import build_optimizer
 from rrhf_fast.training.train import forward_backward
 
 K, PROMPT, RESPONSE = 6, 512, 128

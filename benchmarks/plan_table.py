@@ -1,10 +1,10 @@
-"""The README's "what fits where" table, produced by `rrhf-fast plan` (fake tensors, no GPU).
+"""The "what fits where" table of docs/memory.md, produced by `rrhf-fast plan` (fake tensors, no GPU).
 
 For each model (configs written from the published dimensions, benchmarks/memory_models.py), each
 method and each GPU size: the largest --micro-batch-tokens whose simulated step fits, found by
 plan's own search. Writes benchmarks/results/plan_table.md.
 
-    python benchmarks/plan_table.py [--models Llama-3.2-1B,...] [--out FILE] [--readme README.md]
+    python benchmarks/plan_table.py [--models Llama-3.2-1B,...] [--out FILE] [--readme docs/memory.md]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory_models import LLAMA3, model_config  # noqa: E402
 
 from rrhf_fast.config import TrainConfig  # noqa: E402
-from rrhf_fast.training import plan  # noqa: E402
-from rrhf_fast.training.simulate import batch_shape, plan_step  # noqa: E402
+from rrhf_fast.planning import plan  # noqa: E402
+from rrhf_fast.planning.simulate import batch_shape, plan_step  # noqa: E402
 
 LLAMA_70B = dict(LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                  num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "plan_table.md"))
     parser.add_argument(
-        "--readme", default=str(Path(__file__).parent.parent / "README.md"), help="'' to skip"
+        "--readme", default=str(Path(__file__).parent.parent / "docs" / "memory.md"), help="'' to skip"
     )
     parser.add_argument("--goals-only", action="store_true", help="recompute only the goal rows")
     args = parser.parse_args()

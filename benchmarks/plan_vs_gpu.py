@@ -37,7 +37,7 @@ import common  # noqa: E402
 from memory_models import model_config  # noqa: E402
 
 from rrhf_fast.config import TrainConfig  # noqa: E402
-from rrhf_fast.training.simulate import batch_shape, plan_step, simulate  # noqa: E402
+from rrhf_fast.planning.simulate import batch_shape, plan_step, simulate  # noqa: E402
 
 GIB = 2**30
 MODES = {  # name -> the flags beyond full fine-tuning with checkpointing and adamw8bit

@@ -1,11 +1,12 @@
 """rrhf-fast: RRHF alignment of Hugging Face causal LMs, fast and on small GPUs.
 
-The Python API (README: Use from Python) is this package's names, loaded on first use (PEP 562):
+The Python API (docs/api.md) is this package's names, loaded on first use (PEP 562):
 every command's flags come from `rrhf_fast.config`, and importing the package for that must not
 import torch, triton or transformers (tests/test_imports.py). tests/api_snapshot.json pins each
 name's signature, so that a change to one is deliberate.
 
-The flat modules of the previous layout (`rrhf_fast.packing`, `rrhf_fast.model`, `rrhf_fast.train`,
+The flat modules of the first layout (`rrhf_fast.packing`, `rrhf_fast.model`, `rrhf_fast.train`,
+...) and the modules that left `rrhf_fast.training` for their own rooms (`rrhf_fast.training.plan`,
 ...) still import, as the modules that replaced them, with a DeprecationWarning naming the new path;
 they go in the next release. `rrhf_fast.train`, the attribute, is the `train` function:
 `from rrhf_fast.train import train` keeps working, `import rrhf_fast.train as m` gives the function.
@@ -62,30 +63,55 @@ _EXPORTS = {
 }
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
-# old module (the flat layout before the stage packages) -> where it lives now
+# old module, relative to the package (the flat layout before the stage packages, and training/ before
+# its rooms) -> where it lives now
 MOVED_MODULES = {
     "attention": "rrhf_fast.models.attention",
     "beam_search": "rrhf_fast.generation.beam_search",
-    "checkpoint": "rrhf_fast.training.checkpoint",
+    "checkpoint": "rrhf_fast.checkpointing.checkpoint",
     "demo": "rrhf_fast.pipelines.demo",
     "demo_online": "rrhf_fast.pipelines.demo_online",
-    "distributed": "rrhf_fast.training.distributed",
+    "distributed": "rrhf_fast.parallel.distributed",
     "dpo": "rrhf_fast.objectives.dpo",
     "evaluate": "rrhf_fast.training.evaluate",
     "iterate": "rrhf_fast.pipelines.iterate",
     "labelers": "rrhf_fast.generation.labelers",
     "loading": "rrhf_fast.models.loading",
-    "merge": "rrhf_fast.training.merge",
+    "merge": "rrhf_fast.checkpointing.merge",
     "model": "rrhf_fast.models.logprobs",
-    "optim": "rrhf_fast.training.optim",
+    "optim": "rrhf_fast.optimizers.optim",
     "packing": "rrhf_fast.data.packing",
-    "plot": "rrhf_fast.training.plot",
-    "provenance": "rrhf_fast.training.provenance",
-    "resume": "rrhf_fast.training.resume",
+    "plot": "rrhf_fast.reporting.plot",
+    "provenance": "rrhf_fast.checkpointing.provenance",
+    "resume": "rrhf_fast.checkpointing.resume",
     "sample": "rrhf_fast.generation.sample",
     "score": "rrhf_fast.generation.score",
     "tiny": "rrhf_fast.models.tiny",
     "train": "rrhf_fast.training.train",
+    # training/ split into rooms (docs/DESIGN.md, layout): the loop stayed, the rest moved
+    "training.backward": "rrhf_fast.step.backward",
+    "training.bf16_update": "rrhf_fast.optimizers.bf16_update",
+    "training.checkpoint": "rrhf_fast.checkpointing.checkpoint",
+    "training.distributed": "rrhf_fast.parallel.distributed",
+    "training.fit_check": "rrhf_fast.planning.fit_check",
+    "training.in_backward": "rrhf_fast.optimizers.in_backward",
+    "training.memtrack": "rrhf_fast.planning.memtrack",
+    "training.merge": "rrhf_fast.checkpointing.merge",
+    "training.model_card": "rrhf_fast.reporting.model_card",
+    "training.offload": "rrhf_fast.optimizers.offload",
+    "training.optim": "rrhf_fast.optimizers.optim",
+    "training.paramwise": "rrhf_fast.optimizers.paramwise",
+    "training.plan": "rrhf_fast.planning.plan",
+    "training.plan_cuda": "rrhf_fast.planning.plan_cuda",
+    "training.plot": "rrhf_fast.reporting.plot",
+    "training.provenance": "rrhf_fast.checkpointing.provenance",
+    "training.resume": "rrhf_fast.checkpointing.resume",
+    "training.run_state": "rrhf_fast.checkpointing.run_state",
+    "training.rundir": "rrhf_fast.checkpointing.rundir",
+    "training.safe_dcp": "rrhf_fast.parallel.safe_dcp",
+    "training.simulate": "rrhf_fast.planning.simulate",
+    "training.steps": "rrhf_fast.step.steps",
+    "training.tracking": "rrhf_fast.reporting.tracking",
 }
 
 
@@ -96,13 +122,13 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self._specs: dict[str, importlib.machinery.ModuleSpec] = {}
 
     def find_spec(self, fullname, path=None, target=None):
-        package, _, old = fullname.rpartition(".")
+        package, _, old = fullname.partition(".")
         if package == __name__ and old in MOVED_MODULES:
             return importlib.util.spec_from_loader(fullname, self)
         return None
 
     def create_module(self, spec):
-        new = MOVED_MODULES[spec.name.rpartition(".")[2]]
+        new = MOVED_MODULES[spec.name.partition(".")[2]]
         # stacklevel 2: the import line (warnings skips the import system's own frames)
         warnings.warn(f"{spec.name} moved to {new}; import it from there ({spec.name} goes in the next "
                       "release)", DeprecationWarning, stacklevel=2)  # fmt: skip

@@ -35,12 +35,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "rrhf_fast.training.inspect",
         "show how records become prompt and response tokens, and what packing saves",
     ),
-    "merge": ("rrhf_fast.training.merge", "merge a trained LoRA adapter into its base model"),
+    "merge": ("rrhf_fast.checkpointing.merge", "merge a trained LoRA adapter into its base model"),
     "plan": (
-        "rrhf_fast.training.plan",
+        "rrhf_fast.planning.plan",
         "will it fit? peak GPU memory of a training step, simulated on fake tensors",
     ),
-    "plot": ("rrhf_fast.training.plot", "draw the training curves of a run directory"),
+    "plot": ("rrhf_fast.reporting.plot", "draw the training curves of a run directory"),
     "demo": ("rrhf_fast.pipelines.demo", "the embedded CPU demo: RRHF on a synthetic task, no downloads"),
 }
 

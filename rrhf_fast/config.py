@@ -5,6 +5,14 @@ Each dataclass field is one kebab-case flag (`micro_batch_tokens` -> `--micro-ba
 reads the config cannot drift apart. Fields without a default are required flags. A renamed field
 keeps its old flag as an alias (metadata `aliases`) and its old JSON key readable (RENAMED_FIELDS),
 so old command lines, config.json files and checkpoints keep working.
+
+The fields are grouped in sections (SECTIONS: data, batching, optimizer, loss, model, distributed,
+run), as torchtitan's config is: `train --help` lists each section as an argument group,
+`config.sections.optimizer` is that section as a dataclass of its own (OptimizerSection), and
+`TrainConfig.from_sections(...)` builds a config from sections. TrainConfig itself stays one flat
+dataclass (docs/DESIGN.md §10 says why): `TrainConfig(lr=...)`, `config.lr`,
+`dataclasses.replace(config, lr=...)` and the flat config.json of every earlier release work as
+they did; a config.json in sections loads too.
 """
 
 from __future__ import annotations
@@ -29,17 +37,45 @@ OPTIMIZERS = ("adamw8bit", "paged-adamw8bit", "adamw")
 ATTN_BACKENDS = ("auto", "varlen", "flex", "dense")
 # Training's --dtype: auto keeps fp32 master weights (models.loading.INFERENCE_DTYPES is another set).
 WEIGHT_DTYPES = ("auto", "float32", "bfloat16")
-BF16_UPDATES = ("nearest", "stochastic", "kahan")  # training/bf16_update.py
+BF16_UPDATES = ("nearest", "stochastic", "kahan")  # optimizers/bf16_update.py
 LOSSES = ("rrhf", "dpo", "dpo-pl", "lipo", "pro", "simpo", "orpo", "rm")
 REFERENCE_LOSSES = ("dpo", "dpo-pl", "lipo")  # need ref_logps in the data (`rrhf-fast ref-logps`)
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")  # = objectives.ranking.DPO_LOSSES, TRL's loss_type names
 PAIRS = ("all", "best")  # = objectives.ranking.PAIRS
 RM_LOSSES = ("bt", "listwise")  # = objectives.reward.RM_LOSSES (the math lives there)
-# --report-to: Hugging Face Trainer's names of the trackers we report to (training/tracking.py), with
+# --report-to: Hugging Face Trainer's names of the trackers we report to (reporting/tracking.py), with
 # its `none` (the default of transformers >= 5, and ours) and `all` (every installed one).
 REPORT_TO = ("none", "all", "tensorboard", "wandb", "trackio", "mlflow")
 # Old JSON key -> field, for config.json / train_config.json written before the rename.
 RENAMED_FIELDS = {"loss_impl": "kernels", "mode": "length_norm"}
+
+
+# The sections of TrainConfig, in `train --help`'s order: name -> (what it holds, its fields). A
+# table beside the class, not a reordering of it: the field order is TrainConfig's signature
+# (tests/api_snapshot.json) and config.json's key order. tests/test_config.py checks that every
+# field is in exactly one section; a field in none would still get its flag, under "other".
+SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "data": ("what to train and evaluate on, and how its records become tokens", (
+        "data", "eval_data", "data_split", "eval_split", "query_field", "responses_field", "scores_field",
+        "max_prompt_len", "max_response_len", "chat_template")),
+    "batching": ("how long and how big: steps, epochs, micro-batches", (
+        "max_steps", "epochs", "micro_batch_tokens", "grad_accum", "queries_per_step")),
+    "optimizer": ("the optimizer, its learning-rate schedule and its update", (
+        "lr", "min_lr", "warmup_steps", "weight_decay", "max_grad_norm", "optim", "max_bad_steps",
+        "optim_in_backward", "offload_optimizer", "bf16_update")),
+    "loss": ("the objective and its weights (docs/losses.md; docs/DESIGN.md §4)", (
+        "loss", "dpo_beta", "dpo_loss", "dpo_label_smoothing", "lipo_beta", "pro_sft_weight",
+        "pro_temperature", "simpo_beta", "simpo_gamma", "orpo_lambda", "pairs", "length_norm",
+        "length_penalty", "rank_weight", "sft_weight", "sft_reduction", "rm_loss", "rm_margin",
+        "rm_margin_scale", "rm_center")),
+    "model": ("the model, its kernels and memory: dtype, LoRA, quantisation, checkpointing, fit check", (
+        "model", "attn", "kernels", "dtype", "device", "gradient_checkpointing", "lora_r", "lora_alpha",
+        "lora_dropout", "lora_target_modules", "load_in_4bit", "load_in_8bit", "fit_check")),
+    "distributed": ("under torchrun: how the ranks share the model", ("fsdp",)),
+    "run": ("the run directory, checkpoints, resume, logging and trackers", (
+        "output_dir", "eval_every", "seed", "resume", "save_every", "keep_checkpoints", "log_every", "plot",
+        "report_to", "run_name", "project")),
+}  # fmt: skip
 
 
 def opt(default: Any, help: str, **meta: Any) -> Any:
@@ -56,12 +92,14 @@ def required(help: str, **meta: Any) -> Any:
 
 @dataclass
 class TrainConfig:
+    """Every flag of `rrhf-fast train`, one field each; grouped in SECTIONS (`config.sections`)."""
+
     # ---- inputs and outputs
     model: str = required("model directory saved with save_pretrained, or a hub id", metavar="PATH")
     data: str = required(
         "training data: JSONL/JSON/parquet/CSV/arrow file, folder of shards or saved dataset, of "
         "{query, responses, scores}, {prompt, chosen, rejected}, {chosen, rejected} or "
-        "{prompt, completions, scores} records (README: Data)",
+        "{prompt, completions, scores} records (docs/data.md)",
         metavar="PATH",
     )
     output_dir: str = required("run directory: config, metrics.jsonl, curves.png, checkpoints", metavar="DIR")
@@ -122,7 +160,7 @@ class TrainConfig:
     # ---- the loss (docs/DESIGN.md §4)
     loss: str = opt(
         "rrhf",
-        "the objective (README: Losses): rrhf; with a reference (data needs ref_logps): dpo (best vs "
+        "the objective (docs/losses.md): rrhf; with a reference (data needs ref_logps): dpo (best vs "
         "worst), dpo-pl (listwise DPO), lipo (LiPO-lambda); without: pro, simpo, orpo; rm: train a reward "
         "model (what `rrhf-fast train-rm` runs)",
         choices=LOSSES,
@@ -396,7 +434,29 @@ class TrainConfig:
         return dict(max_prompt_len=self.max_prompt_len, max_response_len=self.max_response_len,
                     chat_template=self.chat_template)  # fmt: skip
 
+    @property
+    def sections(self) -> Sections:
+        """The config in its sections: `config.sections.optimizer.lr` is `config.lr`."""
+        values = dataclasses.asdict(self)
+        return Sections(**{name: cls(**{n: values[n] for n in SECTIONS[name][1]})
+                           for name, cls in SECTION_TYPES.items()})  # fmt: skip
+
+    @classmethod
+    def from_sections(cls, **sections: Any) -> TrainConfig:
+        """A config from sections (section dataclasses or dicts, by section name); a section left out
+        keeps its defaults."""
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            raise UserError(
+                f"unknown training config section(s) {unknown}; the sections: {', '.join(SECTIONS)}"
+            )
+        flat = {}
+        for values in sections.values():
+            flat.update(values if isinstance(values, dict) else dataclasses.asdict(values))
+        return cls(**flat)
+
     def to_dict(self) -> dict[str, Any]:
+        """Flat, as every release wrote config.json (`sections` gives them grouped)."""
         return dataclasses.asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -412,6 +472,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """From config.json's keys: flat, as every release wrote them (renamed fields' old names
+        included), or in sections ({"optimizer": {"lr": ...}, ...})."""
+        if data and all(k in SECTIONS and isinstance(v, dict) for k, v in data.items()):
+            data = {k: v for section in data.values() for k, v in section.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         data = {RENAMED_FIELDS.get(k, k) if k not in names else k: v for k, v in data.items()}
         unknown = sorted(set(data) - names)
@@ -429,6 +493,33 @@ class TrainConfig:
         return config_from_args(args, cls)
 
 
+def _section_type(name: str) -> type:
+    """Section `name` as a frozen dataclass of its own: TrainConfig's fields, defaults and help."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    specs = []
+    for n in SECTIONS[name][1]:
+        f = fields[n]
+        kept = {
+            k: getattr(f, k)
+            for k in ("default", "default_factory")
+            if getattr(f, k) is not dataclasses.MISSING
+        }
+        specs.append((n, f.type, field(metadata=f.metadata, **kept)))
+    doc = f"TrainConfig's {name} section: {SECTIONS[name][0]}."
+    return dataclasses.make_dataclass(f"{name.capitalize()}Section", specs, frozen=True, kw_only=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})  # fmt: skip
+
+
+SECTION_TYPES: dict[str, type] = {name: _section_type(name) for name in SECTIONS}
+DataSection, BatchingSection, OptimizerSection, LossSection, ModelSection, DistributedSection, RunSection = (
+    SECTION_TYPES.values()
+)
+Sections = dataclasses.make_dataclass(
+    "Sections", [(name, SECTION_TYPES[name]) for name in SECTIONS], frozen=True,
+    namespace={"__doc__": "TrainConfig.sections: one dataclass per section.", "__module__": __name__},
+)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # argparse from the dataclass
 
@@ -439,13 +530,29 @@ def add_arguments(
     """One `--kebab-case` flag per field of the dataclass `cls` (but those in `skip`), named and
     stored as `prefix + field`, typed, with the help, choices and metavar of the field's metadata:
     a bool is a `--x` / `--no-x` switch, a tuple a repeatable flag, a field without a default a
-    required flag. `parser` may be an argument group."""
+    required flag. `parser` may be an argument group; on a parser, TrainConfig's flags are in one
+    argument group per section (SECTIONS)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name not in skip:
-            name = prefix + f.name
-            aliases = [f"--{_flag(prefix + alias)}" for alias in f.metadata.get("aliases", ())]
-            parser.add_argument(f"--{_flag(name)}", *aliases, dest=name, **_argument(f, hints[f.name]))
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    groups = _section_groups(parser, [f.name for f in fields]) if cls is TrainConfig else {}
+    for f in fields:
+        name = prefix + f.name
+        aliases = [f"--{_flag(prefix + alias)}" for alias in f.metadata.get("aliases", ())]
+        target = groups.get(_SECTION_OF.get(f.name, "other"), parser)
+        target.add_argument(f"--{_flag(name)}", *aliases, dest=name, **_argument(f, hints[f.name]))
+
+
+_SECTION_OF = {n: name for name, (_, names) in SECTIONS.items() for n in names}
+
+
+def _section_groups(parser: Any, names: list[str]) -> dict[str, Any]:
+    """Section -> its argument group, in SECTIONS' order (not the fields'), for the sections that
+    hold one of `names`; none inside a group (argparse deprecates nested groups)."""
+    if not isinstance(parser, argparse.ArgumentParser):
+        return {}
+    used = {_SECTION_OF.get(n, "other") for n in names}
+    described = {**{name: text for name, (text, _) in SECTIONS.items()}, "other": "fields in no section"}
+    return {name: parser.add_argument_group(name, text) for name, text in described.items() if name in used}
 
 
 def config_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:

@@ -2,7 +2,7 @@
 
 A TorchDispatchMode sees a custom op as one call: its body runs below the mode, so the allocations
 and host reads of the launchers would go unseen. These probes run the ops' bodies
-(`rrhf_fast.kernels.ops.BODIES`) with themselves still on top, as training/memtrack.py does.
+(`rrhf_fast.kernels.ops.BODIES`) with themselves still on top, as planning/memtrack.py does.
 """
 
 import torch

@@ -91,6 +91,44 @@ print(json.dumps(found))
 
 
 def test_the_package_imports_cheaply_and_every_old_module_path_warns():
-    """One fresh process for all 22 (its cost is importing torch and transformers once)."""
-    assert len(rrhf_fast.MOVED_MODULES) == 22  # every flat module of the old layout but cli, config, errors
+    """One fresh process for all 45 (its cost is importing torch and transformers once)."""
+    flat = [old for old in rrhf_fast.MOVED_MODULES if "." not in old]
+    assert len(flat) == 22  # every flat module of the old layout but cli, config, errors
+    rooms = [old for old in rrhf_fast.MOVED_MODULES if old.startswith("training.")]
+    assert len(rooms) == 23  # every module that left training/ for its room
+    assert all(rrhf_fast.MOVED_MODULES[f"training.{old}"] == rrhf_fast.MOVED_MODULES[old] for old in flat
+               if f"training.{old}" in rrhf_fast.MOVED_MODULES)  # fmt: skip
     check_old_paths(sorted(rrhf_fast.MOVED_MODULES))
+
+
+def test_no_module_of_ours_imports_an_old_path():
+    """The old paths are for users' code: ours imports the new ones, so no warning comes from it."""
+    code = "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+    code += (
+        "import rrhf_fast.cli, rrhf_fast.training.train, rrhf_fast.planning.plan, rrhf_fast.pipelines.iterate"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_from_training_import_a_moved_module_warns_and_gives_the_new_one():
+    """`from rrhf_fast.training import plan` (a submodule by attribute), as users' code and other
+    branches write it, reaches the moved module through the same finder."""
+    code = """
+import json, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    exec(compile("from rrhf_fast.training import plan, train", "<user>", "exec"), scope := {})
+import rrhf_fast.planning.plan, rrhf_fast.training.train
+same = [scope["plan"] is rrhf_fast.planning.plan, scope["train"] is rrhf_fast.training.train]
+warned = [(str(w.message), w.filename) for w in caught if w.category is DeprecationWarning]
+print(json.dumps([same, warned]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    same, warned = json.loads(out.stdout.splitlines()[-1])
+    assert same == [True, True]
+    assert [w for w in warned if "moved" in w[0]] == [
+        ["rrhf_fast.training.plan moved to rrhf_fast.planning.plan; import it from there "
+         "(rrhf_fast.training.plan goes in the next release)", "<user>"]
+    ]  # fmt: skip

@@ -9,9 +9,9 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.models.tiny import tiny_config
-from rrhf_fast.training import simulate as simulate_module
+from rrhf_fast.planning import simulate as simulate_module
+from rrhf_fast.planning.simulate import batch_shape, build_model, plan_step, simulate
 from rrhf_fast.training.setup import training_autocast
-from rrhf_fast.training.simulate import batch_shape, build_model, plan_step, simulate
 
 TORCH_THREADS = 1
 

@@ -1,4 +1,4 @@
-"""--bf16-update (training.bf16_update, training.paramwise): stochastic rounding is unbiased and lets
+"""--bf16-update (optimizers.bf16_update, optimizers.paramwise): stochastic rounding is unbiased and lets
 small updates accumulate where round-to-nearest loses them, Kahan compensation too; both resume
 exactly; on the demo task bf16 weights with stochastic rounding track fp32 master weights."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from training_runs import config, write_data
 
-from rrhf_fast.training.bf16_update import kahan_round, rounding_generator, stochastic_round
-from rrhf_fast.training.optim import build_optimizer
-from rrhf_fast.training.paramwise import ParamwiseOptimizer
+from rrhf_fast.optimizers.bf16_update import kahan_round, rounding_generator, stochastic_round
+from rrhf_fast.optimizers.optim import build_optimizer
+from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1
@@ -139,7 +139,7 @@ def test_bf16_trainer_run_with_kahan_resumes_bitwise(tmp_path, model_dir, monkey
     """In pieces: every weight over 512 values is updated 256 values at a time, through the trainer's
     checkpoints (which hold each tensor's state whole)."""
     if pieces:
-        from rrhf_fast.training import bf16_update, paramwise
+        from rrhf_fast.optimizers import bf16_update, paramwise
 
         monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 256)
         monkeypatch.setattr(paramwise, "UPDATE_CHUNK", 256)
@@ -197,8 +197,8 @@ def test_chunked_rounding_is_unbiased_and_bounded_in_memory():
     the unbiased probabilities, one chunk equal to the whole tensor draws the same noise as
     stochastic_round, and the live bytes it adds are measured (MemoryTracker on real tensors) to
     scale with the chunk, not the tensor."""
-    from rrhf_fast.training.bf16_update import stochastic_round_into
-    from rrhf_fast.training.memtrack import MemoryTracker
+    from rrhf_fast.optimizers.bf16_update import stochastic_round_into
+    from rrhf_fast.planning.memtrack import MemoryTracker
 
     x = torch.full((4000, 64), 1.0 + 2**-10)  # 1/8 of the way from 1 to the next bf16 value
     out = torch.empty_like(x, dtype=torch.bfloat16)
@@ -254,7 +254,7 @@ def test_a_weight_stepped_in_pieces_is_the_whole_step_bitwise(monkeypatch, optim
     """A weight over 2 pieces is updated piece by piece (paramwise.UPDATE_CHUNK values of fp32 copies
     at a time, not the whole tensor's): the weights, and the states a checkpoint holds, equal the
     unchunked update's bitwise; a checkpoint of either loads into the other and the runs go on equal."""
-    from rrhf_fast.training import bf16_update, paramwise
+    from rrhf_fast.optimizers import bf16_update, paramwise
 
     monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 4096)
 
@@ -290,8 +290,8 @@ def test_a_weight_stepped_in_pieces_is_the_whole_step_bitwise(monkeypatch, optim
 def test_pieces_bound_the_update_transients(monkeypatch):
     """The live bytes of a rounded update (MemoryTracker on real tensors) grow with the piece, not
     with the weight: the fp32 copies of weight and gradient and the rounding's noise of one piece."""
-    from rrhf_fast.training import bf16_update, paramwise
-    from rrhf_fast.training.memtrack import MemoryTracker
+    from rrhf_fast.optimizers import bf16_update, paramwise
+    from rrhf_fast.planning.memtrack import MemoryTracker
 
     monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 4096)
     weight = torch.nn.Parameter(torch.randn(64 * 4096).bfloat16())

@@ -1,4 +1,4 @@
-"""training.checkpoint: atomic, rotated, verified checkpoints that never unpickle arbitrary objects."""
+"""checkpointing.checkpoint: atomic, rotated, verified checkpoints that never unpickle arbitrary objects."""
 
 import json
 import pickle
@@ -9,11 +9,8 @@ import pytest
 import torch
 from training_runs import reseal
 
-import rrhf_fast.training.checkpoint as ckpt
-from rrhf_fast.config import TrainConfig
-from rrhf_fast.errors import UserError
-from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-from rrhf_fast.training.checkpoint import (
+import rrhf_fast.checkpointing.checkpoint as ckpt
+from rrhf_fast.checkpointing.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     load_training_state,
@@ -22,7 +19,10 @@ from rrhf_fast.training.checkpoint import (
     remove_partial_saves,
     save_checkpoint,
 )
-from rrhf_fast.training.optim import build_optimizer
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
+from rrhf_fast.optimizers.optim import build_optimizer
 
 
 def _setup(seed=0, tie=False, optim="adamw"):

@@ -25,8 +25,8 @@ from test_distributed import argv
 from training_runs import config, reseal, tree_digest, write_data
 
 from rrhf_fast.cli import main
+from rrhf_fast.integrity import HASH, MARKER
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.integrity import HASH, MARKER
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)

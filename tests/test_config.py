@@ -3,10 +3,11 @@
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
-from rrhf_fast.config import TrainConfig, add_arguments
+from rrhf_fast.config import SECTIONS, OptimizerSection, TrainConfig, add_arguments
 from rrhf_fast.errors import UserError
 
 REQUIRED = ["--model", "m", "--data", "d.jsonl", "--output-dir", "out"]
@@ -135,3 +136,75 @@ def test_a_config_json_with_the_old_field_names_loads(tmp_path):
     assert TrainConfig.from_dict(data) == config
     with pytest.raises(UserError, match="unknown training config field"):
         TrainConfig.from_dict({**data, "loss_kernel": "torch"})
+
+
+# ---- sections (config.SECTIONS): TrainConfig grouped, still one flat dataclass
+
+OLD_CONFIG = Path(__file__).parent / "fixtures" / "config" / "config-e6e55aa.json"
+
+
+def test_every_field_is_in_exactly_one_section():
+    named = [n for _, names in SECTIONS.values() for n in names]
+    assert sorted(named) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(named) == len(set(named))
+    assert list(SECTIONS) == ["data", "batching", "optimizer", "loss", "model", "distributed", "run"]
+
+
+def test_train_help_lists_each_section_as_an_argument_group():
+    groups = {g.title: g for g in parser()._action_groups}
+    titles = [g.title for g in parser()._action_groups]
+    assert titles[-len(SECTIONS) :] == list(SECTIONS)  # after argparse's own
+    for name, (_, names) in SECTIONS.items():
+        flags = [a.dest for a in groups[name]._group_actions]
+        assert flags == [f.name for f in dataclasses.fields(TrainConfig) if f.name in names], name
+    body = parser().format_help().split("\noptions:\n")[1]  # after the usage lines
+    assert body.index("\noptimizer:\n") < body.index("  --lr X") < body.index("\nloss:\n")
+
+
+def test_a_command_that_skips_a_section_shows_no_empty_group():
+    p = argparse.ArgumentParser()
+    add_arguments(p, TrainConfig, skip=["fsdp"])
+    assert "distributed" not in [g.title for g in p._action_groups]
+
+
+def test_sections_are_dataclasses_of_the_same_values():
+    config = parse("--lr", "3e-4", "--fsdp", "--loss", "simpo", "--seed", "7")
+    sections = config.sections
+    assert isinstance(sections.optimizer, OptimizerSection) and sections.optimizer.lr == 3e-4
+    assert (sections.distributed.fsdp, sections.loss.loss, sections.run.seed) == (True, "simpo", 7)
+    assert sections.data.data == "d.jsonl" and sections.model.model == "m"
+    assert TrainConfig.from_sections(**{n: getattr(sections, n) for n in SECTIONS}) == config
+    assert OptimizerSection().lr == TrainConfig(model="m", data="d", output_dir="o").lr  # same defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sections.optimizer.lr = 1.0  # a view: change the config with dataclasses.replace
+    with pytest.raises(UserError, match="unknown training config section"):
+        TrainConfig.from_sections(optimiser={"lr": 1.0})
+
+
+def test_a_config_json_in_sections_loads_as_the_flat_one(tmp_path):
+    config = parse("--lr", "3e-4", "--epochs", "2")
+    nested = {n: dataclasses.asdict(getattr(config.sections, n)) for n in SECTIONS}
+    (tmp_path / "c.json").write_text(json.dumps(nested), encoding="utf-8")
+    assert TrainConfig.load(tmp_path / "c.json") == config
+    config.save(tmp_path / "saved.json")  # what train writes: flat, as every release did
+    saved = json.loads((tmp_path / "saved.json").read_text(encoding="utf-8"))
+    assert list(saved) == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def test_an_old_flat_config_json_loads_into_its_sections():
+    """tests/fixtures/config/config-e6e55aa.json is what rrhf-fast at e6e55aa wrote (its TrainConfig's
+    to_dict): flat, with the old keys `loss_impl` and `mode`, and without the fields added since."""
+    saved = json.loads(OLD_CONFIG.read_text(encoding="utf-8"))
+    assert "loss_impl" in saved and "mode" in saved and "report_to" not in saved
+    config = TrainConfig.load(OLD_CONFIG)
+    assert (config.kernels, config.length_norm, config.lr, config.lora_r) == ("torch", "official", 1e-4, 8)
+    sections = config.sections
+    assert (sections.model.kernels, sections.loss.length_norm, sections.model.lora_r) == (
+        "torch",
+        "official",
+        8,
+    )
+    assert (sections.batching.max_steps, sections.run.eval_every, sections.run.seed) == (20, 5, 3)
+    assert (
+        sections.run.report_to == () and sections.optimizer.bf16_update == "nearest"
+    )  # added since: defaults

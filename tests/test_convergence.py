@@ -20,8 +20,8 @@ from rrhf_fast.data.packing import tokenize_example
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.models.loading import load_tokenizer
 from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-from rrhf_fast.training.optim import lr_at
-from rrhf_fast.training.steps import epoch_order, plan_steps
+from rrhf_fast.optimizers.optim import lr_at
+from rrhf_fast.step.steps import epoch_order, plan_steps
 from rrhf_fast.training.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

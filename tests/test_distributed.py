@@ -24,7 +24,7 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.distributed import Dist, my_microbatches, sum_over_ranks
+from rrhf_fast.parallel.distributed import Dist, my_microbatches, sum_over_ranks
 from rrhf_fast.training.train import train
 
 # micro_batch_tokens 60 holds 1-3 of these queries: a step of grad_accum micro-batches splits
@@ -251,7 +251,7 @@ def test_fsdp_needs_torchrun(tmp_path, files):
 
 
 def test_fsdp_adamw8bit_without_torchao_is_an_error_not_32_bit_states(monkeypatch):
-    from rrhf_fast.training.optim import build_optimizer
+    from rrhf_fast.optimizers.optim import build_optimizer
 
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
     params = [("w", torch.nn.Parameter(torch.zeros(4, 4)))]
@@ -309,7 +309,7 @@ def _ddp_gradients(rank: int) -> tuple[int, int, bool]:
     from rrhf_fast.data.packing import pack
     from rrhf_fast.models.logprobs import prepare_model
     from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer
-    from rrhf_fast.training.distributed import wrap
+    from rrhf_fast.parallel.distributed import wrap
 
     model = prepare_model(build_tiny_model("llama").train())
     ddp = wrap(model, Dist(rank=rank, world=2), fsdp=False)

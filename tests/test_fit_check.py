@@ -9,8 +9,9 @@ from training_runs import config, write_data
 
 from rrhf_fast import cli
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training import fit_check, plan, train
-from rrhf_fast.training.simulate import batch_shape, plan_step
+from rrhf_fast.planning import fit_check, plan
+from rrhf_fast.planning.simulate import batch_shape, plan_step
+from rrhf_fast.training import train
 
 GiB = 1 << 30
 

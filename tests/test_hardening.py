@@ -9,9 +9,9 @@ import pytest
 import torch
 from training_runs import write_data
 
+from rrhf_fast.checkpointing.checkpoint import complete_checkpoints
 from rrhf_fast.cli import main
 from rrhf_fast.pipelines.demo import save_tiny_model
-from rrhf_fast.training.checkpoint import complete_checkpoints
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "score")
@@ -128,8 +128,8 @@ def test_a_run_whose_weights_overflow_fails_and_saves_nothing_complete(tmp_path,
 
 
 def test_weights_holding_nan_are_never_saved():
+    from rrhf_fast.checkpointing.checkpoint import NonFiniteWeights, check_finite_weights
     from rrhf_fast.models.tiny import build_tiny_model
-    from rrhf_fast.training.checkpoint import NonFiniteWeights, check_finite_weights
 
     model = build_tiny_model("llama", seed=0)
     check_finite_weights(model, 3, torch.device("cpu"), None)

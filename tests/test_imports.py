@@ -1,7 +1,10 @@
 """The package's import structure, read from the source with `ast` (no module is imported).
 
-Stages, earliest first: data < models < objectives < training < generation < pipelines. A module
-imports only from its own stage or earlier ones, and from the base modules (config, errors, cpu_pins,
+Stages (rooms, one concern each; docs/DESIGN.md, layout), earliest first: data < models <
+objectives < parallel < step < optimizers < reporting < checkpointing < planning < training <
+generation < pipelines. The planner simulates the step the loop runs, so the step sits below both
+and the loop (which asks the planner whether a run fits) above planning. A module imports only from
+its own stage or earlier ones, and from the base modules (config, errors, cpu_pins, integrity,
 kernels, and the package root with its __version__), which import no stage at all; cli.py, the
 entry point, sits outside and loads the command
 modules by name. Imports inside functions count too: a lazy import is still a dependency. No
@@ -17,8 +20,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("data", "models", "objectives", "training", "generation", "pipelines")
-BASE = ("config", "errors", "kernels", "cpu_pins")
+STAGES = (
+    "data",
+    "models",
+    "objectives",
+    "parallel",
+    "step",
+    "optimizers",
+    "reporting",
+    "checkpointing",
+    "planning",
+    "training",
+    "generation",
+    "pipelines",
+)
+BASE = ("config", "errors", "kernels", "cpu_pins", "integrity")
 
 
 def module_files() -> dict[str, Path]:
@@ -113,3 +129,9 @@ def test_the_config_imports_neither_triton_nor_transformers(module):
     code = f"import sys, {module}; print(' '.join(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.split() == []
+
+
+def test_every_room_has_a_floor():
+    """A new folder under rrhf_fast/ is a stage (or a base module) before anything may import it."""
+    rooms = {p.name for p in (ROOT / "rrhf_fast").iterdir() if (p / "__init__.py").exists()}
+    assert sorted(rooms - set(STAGES) - set(BASE)) == []

@@ -1,4 +1,4 @@
-"""--optim-in-backward (training.in_backward, training.paramwise): the same weights as the ordinary step,
+"""--optim-in-backward (optimizers.in_backward, optimizers.paramwise): the same weights as the ordinary step,
 with and without clipping, exact resume, the non-finite guard, the refusals."""
 
 import dataclasses
@@ -11,13 +11,13 @@ import torch
 from training_runs import config, metrics, write_data
 
 import rrhf_fast.objectives.base as objective_base
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
+from rrhf_fast.optimizers.in_backward import InBackwardOptimizer, backward_step, check_one_microbatch
+from rrhf_fast.optimizers.optim import build_optimizer
+from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer
 from rrhf_fast.pipelines.demo import save_tiny_model
-from rrhf_fast.training.checkpoint import latest_checkpoint
-from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step, check_one_microbatch
-from rrhf_fast.training.optim import build_optimizer
-from rrhf_fast.training.paramwise import ParamwiseOptimizer
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
@@ -170,7 +170,7 @@ def test_one_pass_guard_stops_at_the_first_non_finite_gradient(caplog):
     model = _mlp()
     opt = build_optimizer(model.named_parameters(), "adamw", lr=1e-2, in_backward=True)
     before = weights(model)
-    with caplog.at_level(logging.WARNING, logger="rrhf_fast.training.in_backward"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_fast.optimizers.in_backward"):
         norm = backward_step(opt, _run(model, torch.randn(8, 64), poison=float("nan")), [], 0.0)[1]
     assert math.isnan(norm)
     after = weights(model)

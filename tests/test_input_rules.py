@@ -7,13 +7,13 @@ import json
 import pytest
 from training_runs import write_data
 
+from rrhf_fast.checkpointing.checkpoint import complete_checkpoints
+from rrhf_fast.checkpointing.resume import choose_schedule
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import load_examples, load_examples_with_stats
 from rrhf_fast.errors import DataError
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.checkpoint import complete_checkpoints
-from rrhf_fast.training.resume import choose_schedule
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 

@@ -18,9 +18,9 @@ import pytest
 from safetensors.torch import load_file
 from training_runs import write_data
 
+from rrhf_fast.checkpointing.checkpoint import verify_checkpoint
 from rrhf_fast.cli import main
 from rrhf_fast.pipelines.demo import save_tiny_model
-from rrhf_fast.training.checkpoint import verify_checkpoint
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
@@ -63,12 +63,12 @@ CHILD = textwrap.dedent("""
     sys.exit(main(sys.argv[1:]))
 """)
 
-CKPT = "rrhf_fast.training.checkpoint"
+CKPT = "rrhf_fast.checkpointing.checkpoint"
 POINTS = {  # name: (module, function, n-th call, before/after it, only calls with this in an argument)
     "save-tmp-dir-made": (CKPT, "_make_tmp_dir", 2, "after", None),
     "save-mid-optimizer": ("torch", "save", 3, "before", None),  # step 4's optimizer.pt
     "save-before-marker": (CKPT, "_write_marker", 2, "before", None),
-    "save-mid-hashing": ("rrhf_fast.training.integrity", "file_digest", 16, "before", None),  # step 4's
+    "save-mid-hashing": ("rrhf_fast.integrity", "file_digest", 16, "before", None),  # step 4's
     "save-marker-not-renamed": (CKPT, "_fsync_dirs", 2, "after", None),
     "save-renamed-not-rotated": (CKPT, "_replace_dir", 2, "after", None),
     "rotation-renamed-aside": ("shutil", "rmtree", 2, "before", ".deleting-"),  # 1st: the pre-clean

@@ -16,11 +16,11 @@ from training_runs import config as train_config
 from training_runs import write_data
 
 import rrhf_fast.objectives.base as objective_base
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import finish_model, load_model
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.checkpoint import latest_checkpoint
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from rrhf_fast.checkpointing.merge import merge
 from rrhf_fast.cli import main
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.records import Example, write_examples
 from rrhf_fast.models.loading import import_peft
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.merge import merge
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)

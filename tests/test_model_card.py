@@ -16,11 +16,11 @@ from huggingface_hub import ModelCard
 from training_runs import config, metrics, write_data
 
 from rrhf_fast import cli
+from rrhf_fast.checkpointing.checkpoint import read_trainer_state
+from rrhf_fast.checkpointing.merge import merge
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training import model_card
-from rrhf_fast.training.checkpoint import read_trainer_state
-from rrhf_fast.training.merge import merge
+from rrhf_fast.reporting import model_card
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1

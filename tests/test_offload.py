@@ -10,10 +10,10 @@ from test_ops import launches_unseen  # noqa: F401 (fixture)
 from training_runs import config, write_data
 
 import rrhf_fast.objectives.base as objective_base
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training.checkpoint import latest_checkpoint
-from rrhf_fast.training.offload import OffloadOptimizer
-from rrhf_fast.training.optim import build_optimizer
+from rrhf_fast.optimizers.offload import OffloadOptimizer
+from rrhf_fast.optimizers.optim import build_optimizer
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1
@@ -97,7 +97,7 @@ def test_planned_gpu_and_host_peaks_are_the_real_steps(launches_unseen, kw):  # 
     fp32 gradient of every weight (4 + 4 bytes) and AdamW's two fp32 moments (8)."""
     from rrhf_fast.config import TrainConfig
     from rrhf_fast.models.tiny import tiny_config
-    from rrhf_fast.training.simulate import batch_shape, plan_step, simulate
+    from rrhf_fast.planning.simulate import batch_shape, plan_step, simulate
 
     hf = tiny_config("llama", num_layers=6, hidden_size=128, num_heads=4, num_kv_heads=2)
     config = TrainConfig(model="-", data="-", output_dir="-", optim="adamw", attn="dense", kernels="triton",

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from triton.runtime import interpreter
 
 from rrhf_fast.kernels import ops, rrhf_loss, token_logprobs
-from rrhf_fast.training.memtrack import MemoryTracker
+from rrhf_fast.planning.memtrack import MemoryTracker
 
 tlp = importlib.import_module("rrhf_fast.kernels.token_logprobs")
 rl = importlib.import_module("rrhf_fast.kernels.rrhf_loss")

@@ -1,4 +1,4 @@
-"""rrhf_fast.training.optim: the optimizers, their parameter groups and the warmup + cosine schedule."""
+"""rrhf_fast.optimizers.optim: the optimizers, their parameter groups and the warmup + cosine schedule."""
 
 import io
 import sys
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at
+from rrhf_fast.optimizers.optim import build_optimizer, default_warmup, lr_at
 
 
 def test_warmup_then_cosine_to_min_lr():

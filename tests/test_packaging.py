@@ -90,12 +90,13 @@ def test_torchrun_two_processes_train_from_the_repository_root(tiny_run):
     assert json.loads((root / "torchrun" / "run.json").read_text())["world_size"] == 2
 
 
-def test_the_readme_names_the_locked_versions():
-    """The README's tested versions are constraints.txt's pins, which `make install` installs."""
+def test_the_install_page_names_the_locked_versions():
+    """docs/install.md's tested versions are constraints.txt's pins, which `make install` installs."""
     lock = dict(
         line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line
     )
-    tested = (ROOT / "README.md").read_text().split("Tested with ", 1)[1].split("New releases", 1)[0]
+    page = (ROOT / "docs" / "install.md").read_text()
+    tested = page.split("Tested with ", 1)[1].split("New releases", 1)[0]
     tested = " ".join(tested.replace("`", "").split())
     for name in ("torch", "transformers", "triton", "bitsandbytes", "peft", "datasets", "kernels", "TRL"):
         assert f"{name} {lock[name.lower()]}" in tested, (name, lock[name.lower()], tested)

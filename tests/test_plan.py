@@ -11,8 +11,8 @@ from test_ops import launches_unseen  # noqa: F401 (fixture)
 from rrhf_fast import cli
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.models.tiny import tiny_config
-from rrhf_fast.training import plan, plan_cuda
-from rrhf_fast.training.simulate import batch_shape, plan_step, simulate
+from rrhf_fast.planning import plan, plan_cuda
+from rrhf_fast.planning.simulate import batch_shape, plan_step, simulate
 
 TORCH_THREADS = 1
 
@@ -71,7 +71,7 @@ def test_extrapolation_follows_each_phase(monkeypatch):
     whole simulation's peak and phase. A 500-token vocabulary: with 3000, 12 layers peak in backward
     too since the fused log-probs no longer hold a bf16 copy of the lm_head from forward to backward
     (its fp32 gradient and chunk buffers come in backward)."""
-    from rrhf_fast.training import simulate as simulate_module
+    from rrhf_fast.planning import simulate as simulate_module
 
     cached = lambda device_type: torch.autocast(device_type, dtype=torch.bfloat16)  # noqa: E731
     monkeypatch.setattr(simulate_module, "training_autocast", cached)
@@ -294,7 +294,7 @@ def test_planned_peak_of_updates_in_pieces_is_the_real_steps(launches_unseen, mo
     """bf16 + stochastic rounding in backward with the embedding and lm_head stepped in pieces
     (paramwise.UPDATE_CHUNK lowered so a tiny model has them): planned vs the real CPU step's live
     bytes, and the pieces lower the peak against whole-tensor updates."""
-    from rrhf_fast.training import bf16_update, paramwise
+    from rrhf_fast.optimizers import bf16_update, paramwise
 
     monkeypatch.setattr(bf16_update, "ROUND_CHUNK", 4096)
     hf = tiny_config("llama", num_layers=6, hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=512)

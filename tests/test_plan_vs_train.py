@@ -16,10 +16,10 @@ from torch.profiler import ProfilerActivity, profile
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.models.tiny import build_tiny_model
 from rrhf_fast.objectives import build_objective
-from rrhf_fast.training import distributed
+from rrhf_fast.parallel import distributed
+from rrhf_fast.planning.simulate import batch_shape, packed_batch, plan_step
+from rrhf_fast.step.steps import RankStep
 from rrhf_fast.training.setup import Job, make_optimizer
-from rrhf_fast.training.simulate import batch_shape, packed_batch, plan_step
-from rrhf_fast.training.steps import RankStep
 from rrhf_fast.training.train import train_step
 
 TORCH_THREADS = 1

@@ -1,6 +1,6 @@
 """Resume safety and run provenance: other data refused, the checkpoint's learning-rate schedule kept
 unless asked, parked re-saves put back, run.json, errors that name the record, the pure-bf16 warning
-and the per-rank dropout seed (training.resume, training.provenance, training.checkpoint)."""
+and the per-rank dropout seed (checkpointing.resume, checkpointing.provenance, checkpointing.checkpoint)."""
 
 import copy
 import json
@@ -15,15 +15,8 @@ import transformers
 from training_runs import config, metrics, write_data
 
 import rrhf_fast.objectives.base as objective_base
-import rrhf_fast.training.distributed as distributed
-from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import TokenizedExample, tokenize_example
-from rrhf_fast.data.records import load_examples, write_examples
-from rrhf_fast.errors import UserError
-from rrhf_fast.models.attention import resolve_backend
-from rrhf_fast.models.loading import load_model, load_tokenizer
-from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
-from rrhf_fast.training.checkpoint import (
+import rrhf_fast.parallel.distributed as distributed
+from rrhf_fast.checkpointing.checkpoint import (
     CONFIG_FILE,
     latest_checkpoint,
     read_trainer_state,
@@ -31,9 +24,16 @@ from rrhf_fast.training.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from rrhf_fast.training.optim import build_optimizer, default_warmup, lr_at
-from rrhf_fast.training.resume import data_fingerprint
-from rrhf_fast.training.steps import epoch_order
+from rrhf_fast.checkpointing.resume import data_fingerprint
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import TokenizedExample, tokenize_example
+from rrhf_fast.data.records import load_examples, write_examples
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.attention import resolve_backend
+from rrhf_fast.models.loading import load_model, load_tokenizer
+from rrhf_fast.models.tiny import build_tiny_model, build_tokenizer, save_tiny_model
+from rrhf_fast.optimizers.optim import build_optimizer, default_warmup, lr_at
+from rrhf_fast.step.steps import epoch_order
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)

@@ -1,10 +1,10 @@
-"""training.run_state: RunState <-> a checkpoint's trainer state, old checkpoints included."""
+"""checkpointing.run_state: RunState <-> a checkpoint's trainer state, old checkpoints included."""
 
 import pytest
 import torch
 
+from rrhf_fast.checkpointing.run_state import RunState
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.run_state import RunState
 
 PLAN = [[[3, 1], [0]], [[2]], [[5, 4]]]  # one epoch's steps -> micro-batches -> queries
 

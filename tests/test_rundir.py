@@ -1,4 +1,4 @@
-"""training.rundir: one run per output directory (an flock the OS drops when the holder dies), the
+"""checkpointing.rundir: one run per output directory (an flock the OS drops when the holder dies), the
 directory checked before the model loads, and nothing left behind by a run that failed at once."""
 
 import os
@@ -11,11 +11,11 @@ import pytest
 from training_runs import config, metrics, on_two_gloo_ranks, write_data
 
 import rrhf_fast.training.train as train_module
+from rrhf_fast.checkpointing.checkpoint import complete_checkpoints, verify_checkpoint
+from rrhf_fast.checkpointing.rundir import LOCK_FILE, claim_output_dir
 from rrhf_fast.cli import main
+from rrhf_fast.parallel.distributed import Dist
 from rrhf_fast.pipelines.demo import save_tiny_model
-from rrhf_fast.training.checkpoint import complete_checkpoints, verify_checkpoint
-from rrhf_fast.training.distributed import Dist
-from rrhf_fast.training.rundir import LOCK_FILE, claim_output_dir
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
@@ -129,7 +129,7 @@ def test_the_lock_is_released_when_train_returns(tmp_path, model_dir):
 
 def _claim_with_a_failing_rank0(rank: int, out: str) -> str:
     """One of two gloo ranks: rank 0's cleanup fails with an unexpected error (not a UserError)."""
-    import rrhf_fast.training.rundir as rundir
+    import rrhf_fast.checkpointing.rundir as rundir
 
     def broken(path):
         raise PermissionError(13, "Permission denied", str(path))

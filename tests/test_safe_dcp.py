@@ -1,4 +1,4 @@
-"""training.safe_dcp: an FSDP2 run's sharded optimizer state is read back without unpickling
+"""parallel.safe_dcp: an FSDP2 run's sharded optimizer state is read back without unpickling
 anything (DCP's `.metadata` pickle is never opened; non-tensor values load with weights_only)."""
 
 import json
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.distributed import load_sharded_optimizer, save_sharded_optimizer
-from rrhf_fast.training.safe_dcp import METADATA_JSON
+from rrhf_fast.parallel.distributed import load_sharded_optimizer, save_sharded_optimizer
+from rrhf_fast.parallel.safe_dcp import METADATA_JSON
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 
@@ -74,7 +74,7 @@ def test_a_crafted_non_tensor_value_never_runs(tmp_path, marker):
     state["param_groups"][0]["lr"] = _Payload()
     import torch.distributed.checkpoint as dcp
 
-    from rrhf_fast.training.safe_dcp import write_metadata
+    from rrhf_fast.parallel.safe_dcp import write_metadata
 
     directory = tmp_path / "optimizer"
     write_metadata(dcp.save({"optimizer": state}, checkpoint_id=directory), directory)

@@ -17,7 +17,7 @@ from rrhf_fast import cli
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.tiny import save_tiny_model
-from rrhf_fast.training import tracking
+from rrhf_fast.reporting import tracking
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1
@@ -251,7 +251,7 @@ def test_a_tracker_that_cannot_start_is_one_sentence(files, offline, monkeypatch
 
 
 def test_only_rank_zero_opens_a_tracker(files, offline):
-    from rrhf_fast.training.distributed import Dist
+    from rrhf_fast.parallel.distributed import Dist
     from rrhf_fast.training.train import _open_reporter
 
     class Job:

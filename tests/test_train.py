@@ -7,15 +7,15 @@ import torch
 from safetensors.torch import load_file
 from training_runs import config, metrics, write_data
 
+import rrhf_fast.checkpointing.checkpoint as ckpt
 import rrhf_fast.objectives.base as objective_base
-import rrhf_fast.training.checkpoint as ckpt
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint, verify_checkpoint
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.tiny import build_tokenizer, save_tiny_model
 from rrhf_fast.objectives import build_objective, ranking_counts
-from rrhf_fast.training.checkpoint import latest_checkpoint, verify_checkpoint
-from rrhf_fast.training.steps import epoch_order, plan_steps
+from rrhf_fast.step.steps import epoch_order, plan_steps
 from rrhf_fast.training.train import forward_backward, train
 
 

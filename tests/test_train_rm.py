@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from rrhf_fast import cli
+from rrhf_fast.checkpointing.merge import merge
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import pack_tokenized, tokenize_example
 from rrhf_fast.data.records import Example, load_examples, write_examples
@@ -30,7 +31,6 @@ from rrhf_fast.models.loading import load_tokenizer
 from rrhf_fast.models.reward import packed_rewards
 from rrhf_fast.pipelines.demo import save_tiny_model
 from rrhf_fast.training import train_rm
-from rrhf_fast.training.merge import merge
 from rrhf_fast.training.train import train
 
 TORCH_THREADS = 1

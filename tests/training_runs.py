@@ -34,7 +34,7 @@ def reseal(checkpoint):
     """Rewrite the checkpoint's marker to match its files as they now are (sizes and hashes): a
     consistent checkpoint with bad contents, as a buggy or hostile writer would leave it, so that a
     test reaches the check behind the hashes."""
-    from rrhf_fast.training.integrity import HASH, MARKER, seal_files
+    from rrhf_fast.integrity import HASH, MARKER, seal_files
 
     marker = json.loads((checkpoint / MARKER).read_text())
     files, hashes = seal_files(checkpoint)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from rrhf_fast import config as config_module
+from rrhf_fast.checkpointing.provenance import save_run_config
 from rrhf_fast.config import config_from_args, opt
 from rrhf_fast.data.outputs import check_output_file
 from rrhf_fast.data.packing import tokenize_prompt
@@ -33,7 +34,6 @@ from rrhf_fast.generation.beam_search import diverse_beam_search
 from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
 from rrhf_fast.models.tokenizer import decode, ensure_pad_token, eos_token_ids, left_pad
 from rrhf_fast.models.wrapping import eval_mode
-from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import torch
 
 from rrhf_fast import config as config_module
+from rrhf_fast.checkpointing.provenance import save_run_config
 from rrhf_fast.config import config_from_args, opt
 from rrhf_fast.data.outputs import check_output_file
 from rrhf_fast.data.packing import pack_tokenized, plan_microbatches, tokenize_example
@@ -56,7 +57,6 @@ from rrhf_fast.generation.labelers import (
 from rrhf_fast.models.loading import INFERENCE_DTYPES, load_pretrained
 from rrhf_fast.models.reward import packed_rewards
 from rrhf_fast.models.tokenizer import ensure_pad_token
-from rrhf_fast.training.provenance import save_run_config
 
 logger = logging.getLogger(__name__)
 

@@ -225,7 +225,7 @@ rrhf_loss_op.register_autograd(_rrhf_backward, setup_context=_rrhf_setup_context
 
 # ---------------------------------------------------------------------------------------------
 # Each op's body and fake body as plain functions, for a tracker that must see their buffers
-# (rrhf_fast.training.memtrack runs them with itself on top; a dispatch mode sees no further into
+# (rrhf_fast.planning.memtrack runs them with itself on top; a dispatch mode sees no further into
 # a custom op than its outputs).
 
 BODIES = {

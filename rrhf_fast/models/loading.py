@@ -427,7 +427,7 @@ def _check_model_path(model: str, flag: str = "--model") -> None:
             f"{named(flag, model)}: no such directory; give a save_pretrained directory or a hub id"
         )
     if looks_local:  # an rrhf-fast checkpoint: its files' hashes are verified before it is read
-        from rrhf_fast.training.integrity import verify_if_checkpoint
+        from rrhf_fast.integrity import verify_if_checkpoint
 
         verify_if_checkpoint(model, named(flag, ""))
 

@@ -136,7 +136,7 @@ def _probe_gap(base: Any, prompt: list[int], responses: list[list[int]], attn: s
 
 
 class PackedLogprobs(torch.nn.Module):
-    """`packed_logprobs` as a module's forward: the unit DDP and FSDP2 wrap (rrhf_fast.training.distributed).
+    """`packed_logprobs` as a module's forward: the unit DDP and FSDP2 wrap (rrhf_fast.parallel.distributed).
 
     Both act only when the forward runs through the wrapped module, and packed_logprobs reads the
     lm_head weight outside of any module's forward; wrapped whole, FSDP2 holds the root parameters

@@ -60,7 +60,7 @@ class Objective(abc.ABC):
 
     def packed_module(self, model: Any) -> torch.nn.Module:
         """The module whose forward is this objective's whole forward: what DDP / FSDP2 wrap, since
-        both act only on a forward that runs through the wrapped module (training/distributed.py)."""
+        both act only on a forward that runs through the wrapped module (parallel/distributed.py)."""
         return PackedLogprobs(model)
 
     def load_model(

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_fast import config as config_module
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 from rrhf_fast.config import REFERENCE_LOSSES, RENAMED_FIELDS, TrainConfig, config_from_args, opt
 from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.data.records import Example, load_examples, write_examples, write_text_atomically
 from rrhf_fast.errors import UserError
 from rrhf_fast.generation.sample import SampleConfig, build_examples, read_prompts
 from rrhf_fast.generation.score import KINDS, ScoreConfig, build_scorer, score_examples
-from rrhf_fast.training.checkpoint import latest_checkpoint
 
 ROUND_FILE, TRAINED_FILE, SUMMARY_FILE, CONFIG_FILE = (
     "round.json",
@@ -267,7 +267,7 @@ def _train(settings: Settings, policy: str, data: Path, run_dir: Path, path: Pat
 def _merge_adapter(checkpoint: Path, base: str, dest: Path) -> Path:
     """--lora-r: the adapter folded into the round's starting model, the next round's full model
     (another adapter on top of a loaded one would be saved without it)."""
-    from rrhf_fast.training.merge import merge
+    from rrhf_fast.checkpointing.merge import merge
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     for stale in (tmp, dest):

@@ -1,2 +1,2 @@
-"""Training: the loop (`train`), its set-up, step planning and run state, optimizer, checkpoints,
-resume rules, distributed wrapping, held-out evaluation, run provenance and curves."""
+"""Training: the loop (`train`), its set-up (`setup`), held-out evaluation (`evaluate`), and the
+commands beside it: `train-rm` (`train_rm`) and `inspect`, which shows what train would pack."""

@@ -19,6 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from rrhf_fast.checkpointing.checkpoint import (
+    CONFIG_FILE,
+    latest_checkpoint,
+    load_training_state,
+    read_trainer_state,
+)
+from rrhf_fast.checkpointing.provenance import RUN_FILE, resolved_settings, write_run_info
+from rrhf_fast.checkpointing.resume import (
+    changed_flags,
+    check_same_data,
+    choose_schedule,
+    data_fingerprint,
+    truncate_metrics,
+)
+from rrhf_fast.checkpointing.run_state import RunState
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample, check_positions, describe_packing, packing_summary
 from rrhf_fast.data.records import load_examples_with_stats
@@ -27,25 +42,11 @@ from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import max_positions
 from rrhf_fast.models.wrapping import unwrap
 from rrhf_fast.objectives import Objective
-from rrhf_fast.training import distributed
-from rrhf_fast.training.checkpoint import (
-    CONFIG_FILE,
-    latest_checkpoint,
-    load_training_state,
-    read_trainer_state,
-)
-from rrhf_fast.training.optim import build_optimizer, default_warmup
-from rrhf_fast.training.plot import METRICS_FILE
-from rrhf_fast.training.provenance import RUN_FILE, resolved_settings, write_run_info
-from rrhf_fast.training.resume import (
-    changed_flags,
-    check_same_data,
-    choose_schedule,
-    data_fingerprint,
-    truncate_metrics,
-)
-from rrhf_fast.training.run_state import RunState
-from rrhf_fast.training.steps import StepPlanner
+from rrhf_fast.optimizers.optim import default_warmup, make_optimizer  # noqa: F401  (train imports it from here)
+from rrhf_fast.parallel import distributed
+from rrhf_fast.reporting.plot import METRICS_FILE
+from rrhf_fast.step.backward import training_autocast
+from rrhf_fast.step.steps import StepPlanner
 
 # -------------------------------------------------------------------------------------------------
 # the run directory, the device, the seeds
@@ -69,15 +70,6 @@ def check_device_flags(config: TrainConfig, device: torch.device) -> None:
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return training_autocast("cuda") if device.type == "cuda" else contextlib.nullcontext()
-
-
-def training_autocast(device_type: str) -> torch.autocast:
-    """bf16 autocast without its weight cache: each fp32 weight's bf16 copy is made when its layer
-    uses it and freed when nothing holds it (with gradient checkpointing: right after the layer; in
-    the recompute it is made again), instead of cached for the whole forward. The cast is the same
-    rounding either way, so the numbers are bitwise the same (tests/test_autocast_copies.py); the
-    cache cost Llama-3.1-8B 13 GiB at the forward's end (rrhf-fast plan, fp32 weights)."""
-    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -201,14 +193,6 @@ def _check_vocabulary(model: Any, datasets: list[tuple[list[TokenizedExample], l
                     f"{head} lm_head rows): the tokenizer has more tokens than the weights; use the "
                     "model's own tokenizer, or resize its embeddings (resize_token_embeddings) and save it"
                 )
-
-
-def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer over the model's trainable parameters (under FSDP2: once they are sharded)."""
-    return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
-                           weight_decay=config.weight_decay, sharded=config.fsdp,
-                           in_backward=config.optim_in_backward, bf16_update=config.bf16_update,
-                           seed=config.seed, offload=config.offload_optimizer)  # fmt: skip
 
 
 @dataclass

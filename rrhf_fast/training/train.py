@@ -29,14 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rrhf_fast import config as config_module
-from rrhf_fast.config import TrainConfig
-from rrhf_fast.data.packing import TokenizedExample
-from rrhf_fast.errors import UserError
-from rrhf_fast.models.loading import load_tokenizer
-from rrhf_fast.objectives import Metrics, build_objective
-from rrhf_fast.training import distributed, tracking
-from rrhf_fast.training.backward import forward_backward
-from rrhf_fast.training.checkpoint import (
+from rrhf_fast.checkpointing.checkpoint import (
     check_finite_weights,
     complete_checkpoints,
     latest_checkpoint,
@@ -44,14 +37,23 @@ from rrhf_fast.training.checkpoint import (
     read_trainer_state,
     save_checkpoint,
 )
+from rrhf_fast.checkpointing.run_state import RunState
+from rrhf_fast.checkpointing.rundir import claim_output_dir
+from rrhf_fast.config import TrainConfig
+from rrhf_fast.data.packing import TokenizedExample
+from rrhf_fast.errors import UserError
+from rrhf_fast.models.loading import load_tokenizer
+from rrhf_fast.objectives import Metrics, build_objective
+from rrhf_fast.optimizers.in_backward import backward_step, check_one_microbatch
+from rrhf_fast.optimizers.optim import lr_at, set_lr
+from rrhf_fast.parallel import distributed
+from rrhf_fast.planning.fit_check import check_fit
+from rrhf_fast.reporting import tracking
+from rrhf_fast.reporting.model_card import model_card
+from rrhf_fast.reporting.plot import METRICS_FILE, plot_run
+from rrhf_fast.step.backward import forward_backward
+from rrhf_fast.step.steps import RankStep, Step, StepPlanner, plan_summary, rank_share
 from rrhf_fast.training.evaluate import evaluate
-from rrhf_fast.training.fit_check import check_fit
-from rrhf_fast.training.in_backward import backward_step, check_one_microbatch
-from rrhf_fast.training.model_card import model_card
-from rrhf_fast.training.optim import lr_at, set_lr
-from rrhf_fast.training.plot import METRICS_FILE, plot_run
-from rrhf_fast.training.run_state import RunState
-from rrhf_fast.training.rundir import claim_output_dir
 from rrhf_fast.training.setup import (
     Job,
     autocast_for,
@@ -65,7 +67,6 @@ from rrhf_fast.training.setup import (
     seed_everything,
     write_run_files,
 )
-from rrhf_fast.training.steps import RankStep, Step, StepPlanner, plan_summary, rank_share
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +293,7 @@ def held_out(job: Job, items: list[TokenizedExample]) -> dict[str, float | None]
 
 
 def save(job: Job, state: RunState, run_info: dict[str, Any], card: Card | None = None) -> Path:
-    """checkpoint-STEP, atomically (training/checkpoint.py), with its model card; every rank calls it."""
+    """checkpoint-STEP, atomically (checkpointing/checkpoint.py), with its model card; every rank calls it."""
     config = job.config
     # Never called after a skipped step (the loop raises _diverged when the last steps were skipped).
     check_finite_weights(job.model, state.step, job.device, latest_checkpoint(job.out_dir))

@@ -41,7 +41,7 @@ def reward_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    from rrhf_fast.training import distributed
+    from rrhf_fast.parallel import distributed
     from rrhf_fast.training.train import train
 
     try:

@@ -24,7 +24,7 @@ from typing import Any
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import TokenizedExample
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.optim import lr_at
+from rrhf_fast.optimizers.optim import lr_at
 
 # Flags that define the learning-rate schedule: changing one on resume asks for a new schedule.
 SCHEDULE_FLAGS = ("max_steps", "epochs", "lr", "min_lr", "warmup_steps")

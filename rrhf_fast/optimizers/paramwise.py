@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from rrhf_fast.training import bf16_update as rounding
-from rrhf_fast.training.bf16_update import kahan_round, rounding_generator, stochastic_round_into
+from rrhf_fast.optimizers import bf16_update as rounding
+from rrhf_fast.optimizers.bf16_update import kahan_round, rounding_generator, stochastic_round_into
 
 _OWN_KEYS = ("bf16_round_step", "kahan_comp")  # what this class adds to a parameter's saved state
 UPDATE_CHUNK = rounding.ROUND_CHUNK  # values of a rounded update at a time (a multiple of the noise chunk)

@@ -4,7 +4,7 @@ A checkpoint is `OUTPUT_DIR/checkpoint-STEP/`: a `save_pretrained` directory (sa
 model config, tokenizer; a LoRA run: the peft adapter) plus `optimizer.pt` (8-bit states included),
 `trainer_state.pt` (step, scheduler, data order and fingerprint, counters, every RNG),
 `train_config.json` (the flags), `run.json` (what they resolved to, library versions, the GPU) and
-`README.md` (a Hugging Face model card, training/model_card.py).
+`README.md` (a Hugging Face model card, reporting/model_card.py).
 Under torchrun, ranks other than 0 add `rng-rankN.pt`, and an FSDP2 run keeps its optimizer as
 torch.distributed.checkpoint shards in `optimizer/` (resharded on load, so a run resumes on another
 world size; its weights are saved whole, loadable by from_pretrained). It is written into a
@@ -40,11 +40,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from rrhf_fast.checkpointing.provenance import RUN_FILE, write_run_info
+from rrhf_fast.checkpointing.state_check import (
+    STATELESS_KEY,
+    check_loaded_state,
+    check_saved_state,
+    stateless_positions,
+)
 from rrhf_fast.errors import UserError
-from rrhf_fast.models.loading import quiet_progress_bars
-from rrhf_fast.training import distributed
-from rrhf_fast.training.distributed import Dist
-from rrhf_fast.training.integrity import (
+from rrhf_fast.integrity import (
     FORMAT,
     HASH,
     MARKER,
@@ -53,13 +57,9 @@ from rrhf_fast.training.integrity import (
     seal_files,
     verify_contents,
 )
-from rrhf_fast.training.provenance import RUN_FILE, write_run_info
-from rrhf_fast.training.state_check import (
-    STATELESS_KEY,
-    check_loaded_state,
-    check_saved_state,
-    stateless_positions,
-)
+from rrhf_fast.models.loading import quiet_progress_bars
+from rrhf_fast.parallel import distributed
+from rrhf_fast.parallel.distributed import Dist
 
 OPTIMIZER_FILE = "optimizer.pt"
 OPTIMIZER_DIR = "optimizer"  # FSDP2: torch.distributed.checkpoint shards, one file per rank
@@ -108,7 +108,7 @@ def save_checkpoint(
     optimizer (FSDP2, `sharded`: each rank its shard, torch.distributed.checkpoint) and the trainer
     state; every other rank its RNG state. Rank 0 renames the directory once all have written.
     `run_info` (JSON-able: the run's resolved settings) is written as run.json, `card` (the model
-    card, training/model_card.py) as README.md, which from_pretrained and resume ignore.
+    card, reporting/model_card.py) as README.md, which from_pretrained and resume ignore.
     """
     dist = dist or Dist()
     output_dir = Path(output_dir)
@@ -499,7 +499,7 @@ def _required_files(directory: Path, world: int, sharded: bool, run_info: bool) 
         else:
             required += ["model.safetensors"]
     if sharded:
-        from rrhf_fast.training.safe_dcp import METADATA_JSON, shard_files
+        from rrhf_fast.parallel.safe_dcp import METADATA_JSON, shard_files
 
         required += [f"{OPTIMIZER_DIR}/{METADATA_JSON}"]
         required += [f"{OPTIMIZER_DIR}/{name}" for name in shard_files(directory / OPTIMIZER_DIR)]

@@ -37,12 +37,13 @@ from rrhf_fast.models.loading import finish_model, weight_dtype
 from rrhf_fast.models.logprobs import prepare_model
 from rrhf_fast.objectives import Metrics, build_objective
 from rrhf_fast.objectives import reward as reward_objective
-from rrhf_fast.training import optim, plan_cuda
-from rrhf_fast.training.backward import forward_backward
-from rrhf_fast.training.in_backward import InBackwardOptimizer, backward_step
-from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
-from rrhf_fast.training.offload import OffloadOptimizer
-from rrhf_fast.training.setup import make_optimizer, training_autocast
+from rrhf_fast.optimizers import optim
+from rrhf_fast.optimizers.in_backward import InBackwardOptimizer, backward_step
+from rrhf_fast.optimizers.offload import OffloadOptimizer
+from rrhf_fast.optimizers.optim import make_optimizer
+from rrhf_fast.planning import plan_cuda
+from rrhf_fast.planning.memtrack import CATEGORIES, MemoryReport, MemoryTracker, watch_gradients
+from rrhf_fast.step.backward import forward_backward, training_autocast
 
 
 @dataclass(frozen=True)

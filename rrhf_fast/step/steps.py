@@ -16,8 +16,8 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.data.packing import PackedBatch, TokenizedExample, pack_tokenized, plan_microbatches
-from rrhf_fast.training import distributed
-from rrhf_fast.training.distributed import Dist
+from rrhf_fast.parallel import distributed
+from rrhf_fast.parallel.distributed import Dist
 
 Step = list[list[int]]  # micro-batches -> query indices
 

@@ -1,5 +1,5 @@
 """RunState: where a run is (step, epoch, position in the epoch) and its counters, and its conversion
-to and from the trainer state a checkpoint keeps (training/checkpoint.py writes it as
+to and from the trainer state a checkpoint keeps (checkpointing/checkpoint.py writes it as
 trainer_state.pt, beside the RNGs, the schedule and the data fingerprint).
 
 The position is the number of the epoch's queries already trained, not a step index, so that a
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.training.steps import Step, queries_in
+from rrhf_fast.step.steps import Step, queries_in
 
 _COUNTERS = ("skipped_steps", "bad_in_row", "tokens_seen")
 

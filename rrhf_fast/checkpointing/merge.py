@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rrhf_fast.checkpointing.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
 from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError, first_line
 from rrhf_fast.models.loading import (
@@ -26,8 +27,7 @@ from rrhf_fast.models.loading import (
     quiet_progress_bars,
     reading_model,
 )
-from rrhf_fast.training.checkpoint import ADAPTER_CONFIG, CONFIG_FILE, MARKER, verify_checkpoint
-from rrhf_fast.training.model_card import CARD_FILE, merged_card
+from rrhf_fast.reporting.model_card import CARD_FILE, merged_card
 
 # auto keeps the dtype the base was saved in (neither inference's nor training's auto).
 MERGE_DTYPES = ("auto", "float32", "bfloat16")

@@ -18,12 +18,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rrhf_fast.checkpointing.checkpoint import latest_checkpoint, remove_partial_saves
 from rrhf_fast.data.outputs import make_output_dir, remove_created
 from rrhf_fast.errors import UserError
-from rrhf_fast.training import distributed
-from rrhf_fast.training.checkpoint import latest_checkpoint, remove_partial_saves
-from rrhf_fast.training.distributed import Dist
-from rrhf_fast.training.plot import METRICS_FILE
+from rrhf_fast.parallel import distributed
+from rrhf_fast.parallel.distributed import Dist
+from rrhf_fast.reporting.plot import METRICS_FILE
 
 LOCK_FILE = ".rrhf-fast.lock"
 

@@ -21,7 +21,7 @@ import torch
 
 from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
-from rrhf_fast.training import plan
+from rrhf_fast.planning import plan
 
 GiB = plan.GiB
 

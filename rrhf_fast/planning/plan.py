@@ -1,8 +1,8 @@
 """`rrhf-fast plan`: will a training run fit a GPU? One training step simulated on fake tensors.
 
 `--model PATH` needs only the model's config.json (no weights are read). The step is the trainer's
-own (training/simulate.py), with a packed micro-batch of the token budget; memory is tracked per
-category by a dispatch-mode tracker (training/memtrack.py). Models with more than four decoder
+own (planning/simulate.py), with a packed micro-batch of the token budget; memory is tracked per
+category by a dispatch-mode tracker (planning/memtrack.py). Models with more than four decoder
 layers are simulated with two and with four layers and extrapolated along the straight line the
 identical layers draw (tests/test_plan.py checks it against a full simulation).
 
@@ -28,10 +28,10 @@ from rrhf_fast.config import TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models import gguf
 from rrhf_fast.models.loading import load_config
-from rrhf_fast.training.in_backward import check_one_microbatch
-from rrhf_fast.training.memtrack import CATEGORIES, MemoryReport
-from rrhf_fast.training.optim import cpu_step_throughput
-from rrhf_fast.training.simulate import BatchShape, batch_shape, num_layers, plan_step
+from rrhf_fast.optimizers.in_backward import check_one_microbatch
+from rrhf_fast.optimizers.optim import cpu_step_throughput
+from rrhf_fast.planning.memtrack import CATEGORIES, MemoryReport
+from rrhf_fast.planning.simulate import BatchShape, batch_shape, num_layers, plan_step
 
 GiB = 1 << 30
 # Train flags that change memory; the rest of TrainConfig does not (or is not simulated).

@@ -194,7 +194,7 @@ def save_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directo
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    from rrhf_fast.training.safe_dcp import write_metadata
+    from rrhf_fast.parallel.safe_dcp import write_metadata
 
     metadata = dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=directory)
     if not tdist.is_initialized() or tdist.get_rank() == 0:
@@ -205,7 +205,7 @@ def load_sharded_optimizer(model: Any, optimizer: torch.optim.Optimizer, directo
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from rrhf_fast.training.safe_dcp import SafePlanner, SafeReader
+    from rrhf_fast.parallel.safe_dcp import SafePlanner, SafeReader
 
     target = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     reader = SafeReader(directory)  # never DCP's default reader and planner: both unpickle

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from rrhf_fast.config import OPTIMIZERS
+from rrhf_fast.config import OPTIMIZERS, TrainConfig
 from rrhf_fast.errors import UserError
 from rrhf_fast.models.loading import import_bitsandbytes
-from rrhf_fast.training.in_backward import InBackwardOptimizer
-from rrhf_fast.training.offload import OffloadOptimizer
-from rrhf_fast.training.paramwise import ParamwiseOptimizer
+from rrhf_fast.optimizers.in_backward import InBackwardOptimizer
+from rrhf_fast.optimizers.offload import OffloadOptimizer
+from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer
 
 
 def build_optimizer(
@@ -75,6 +75,14 @@ def build_optimizer(
             return InBackwardOptimizer(groups, make, order=trainable, bf16_update=bf16_update, seed=seed)
         return ParamwiseOptimizer(groups, make, bf16_update=bf16_update, seed=seed)
     return _build(name, groups, lr, betas, eps, sharded)
+
+
+def make_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters (under FSDP2: once they are sharded)."""
+    return build_optimizer(model.named_parameters(), config.optim, lr=config.lr,
+                           weight_decay=config.weight_decay, sharded=config.fsdp,
+                           in_backward=config.optim_in_backward, bf16_update=config.bf16_update,
+                           seed=config.seed, offload=config.offload_optimizer)  # fmt: skip
 
 
 def _build(

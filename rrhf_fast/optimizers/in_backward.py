@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from rrhf_fast.errors import UserError
-from rrhf_fast.training import distributed
-from rrhf_fast.training.paramwise import ParamwiseOptimizer, Slot
+from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer, Slot
+from rrhf_fast.parallel import distributed
 
 RunBackward = Callable[[], Any]  # forward + backward of a step -> its metrics (with a float `.loss`)
 

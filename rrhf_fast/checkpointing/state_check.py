@@ -64,8 +64,8 @@ class Target:
 
 def targets(optimizer: Any) -> list[Target]:
     """The optimizer's trainable parameters in its state dict's order."""
-    from rrhf_fast.training.offload import OffloadOptimizer
-    from rrhf_fast.training.paramwise import ParamwiseOptimizer
+    from rrhf_fast.optimizers.offload import OffloadOptimizer
+    from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer
 
     if not isinstance(optimizer, ParamwiseOptimizer):
         return [Target(p, optimizer, p, p.dtype, _blocks(p.numel()), {})

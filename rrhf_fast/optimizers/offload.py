@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from rrhf_fast.training.paramwise import ParamwiseOptimizer, Slot
+from rrhf_fast.optimizers.paramwise import ParamwiseOptimizer, Slot
 
 HOST = torch.device("cpu")
 
