@@ -1,6 +1,7 @@
 """Every command against one table of bad inputs: a crafted .bin, empty / truncated / corrupt
 safetensors, a config.json that is not JSON, an output path under a regular file and under /proc,
-a lone surrogate in every field of every record shape, a folder of mixed files.
+a lone surrogate in every field of every record shape, a folder of mixed files, and a GGUF --model
+that is truncated, not a GGUF, of an unknown architecture, missing, or met without the gguf package.
 
 Each case runs the CLI in-process (`rrhf_fast.cli.main`) and asserts what a user sees: exit code 2,
 one line on stderr naming the file (with its line and field where there is one), no traceback,
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from rrhf_fast.cli import main
-from rrhf_fast.models.tiny import save_tiny_model
+from rrhf_fast.models.tiny import save_tiny_gguf, save_tiny_model
 
 TORCH_THREADS = 1  # tiny models (conftest.module_torch_threads)
 
@@ -46,6 +47,7 @@ def good(tmp_path_factory):
         adapter = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(model), peft.LoraConfig(r=2))
     adapter.save_pretrained(root / "adapter")
     (root / "scorer.py").write_text("def length(query, response):\n    return float(len(response))\n")
+    save_tiny_gguf(root / "tiny.gguf")
     return root
 
 
@@ -63,7 +65,7 @@ class Case:
     def __init__(self, tmp: Path, good: Path):
         self.tmp, self.model, self.out = tmp, tmp / "model", tmp / "out"
         shutil.copytree(good / "model", self.model)
-        self.adapter, self.scorer = good / "adapter", good / "scorer.py"
+        self.adapter, self.scorer, self.gguf = good / "adapter", good / "scorer.py", good / "tiny.gguf"
         self.data = _write_jsonl(tmp / "d.jsonl", [RECORD, RECORD])
         self.prompts = _write_jsonl(tmp / "p.jsonl", [{"query": "sort 21:"}, {"query": "sort 12:"}])
 
@@ -131,6 +133,58 @@ def corrupt_adapter(case):
 def config_not_json(case):
     (case.model / "config.json").write_text("{not json", encoding="utf-8")
     return [str(case.model)]
+
+
+def _gguf(case, name: str, data: bytes) -> list[str]:
+    """--model (--base, reward-model:) a damaged copy of a good tiny GGUF file."""
+    case.model = case.tmp / name
+    case.model.write_bytes(data)
+    return [str(case.model)]
+
+
+def gguf_truncated(case):
+    return _gguf(case, "cut.gguf", case.gguf.read_bytes()[:64]) + ["from this GGUF file", "unpack"]
+
+
+def gguf_tensors_cut(case):
+    data = case.gguf.read_bytes()
+    return _gguf(case, "short.gguf", data[: len(data) - 3000]) + ["from this GGUF file"]
+
+
+def gguf_not_gguf(case):
+    return _gguf(case, "fake.gguf", b"PK\x03\x04" + case.gguf.read_bytes()[4:]) + ["not a GGUF file"]
+
+
+def gguf_unknown_architecture(case):
+    import gguf
+
+    writer = gguf.GGUFWriter(case.tmp / "arch.gguf", "no-such-arch")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b"])
+    writer.add_eos_token_id(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    case.model = case.tmp / "arch.gguf"
+    return [str(case.model), "from this GGUF file", "architecture no-such-arch is not supported"]
+
+
+def gguf_missing(case):
+    case.model = case.tmp / "absent.gguf"
+    return [str(case.model), "no such file"]
+
+
+def gguf_without_the_package(case):
+    import sys
+
+    case.model = shutil.copy(case.gguf, case.tmp / "tiny.gguf")
+    case.monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    return [str(case.model), "needs the gguf package", "pip install 'rrhf-fast[gguf]'"]
+
+
+GGUF_FAULTS = (gguf_truncated, gguf_tensors_cut, gguf_not_gguf, gguf_unknown_architecture, gguf_missing,
+               gguf_without_the_package)  # fmt: skip
 
 
 def out_under_a_file(case):
@@ -204,6 +258,7 @@ TABLE = (
      for c in WEIGHTS]
     + [(c, config_not_json) for c in (*WEIGHTS, "inspect", "plan")]
     + [("merge", corrupt_adapter)]
+    + [(c, f) for f in GGUF_FAULTS for c in (*WEIGHTS, "inspect", "plan")]
     + [(c, f) for f in (out_under_a_file, out_under_proc) for c in OUTPUTS]
     + [(c, mixed_folder) for c in DATA]
     + [(c, name) for name in SURROGATES for c in (*DATA, *PROMPTS)
@@ -225,6 +280,7 @@ def test_every_command_turns_every_bad_input_into_one_sentence(
     monkeypatch.setenv("RRHF_FAST_TEST_MARKER", str(tmp_path / "pwned"))
     monkeypatch.chdir(tmp_path)
     case = Case(tmp_path, good)
+    case.monkeypatch = monkeypatch
     damage = SURROGATES[fault] if isinstance(fault, str) else fault
     file = case.prompts if command in PROMPTS else case.data
     names = [name.replace("{file}", str(file)) for name in damage(case)]

@@ -15,7 +15,6 @@ are ordinary safetensors folders that load without the `gguf` package.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -40,7 +39,7 @@ def check_file(path: str, named: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"{named}: no such file; give a .gguf file, a save_pretrained directory or a hub id")
-    if importlib.util.find_spec("gguf") is None:
+    if not _gguf_installed():
         raise UserError(
             f"{named}: reading a GGUF file needs the gguf package, which is not installed; "
             "install it with `pip install 'rrhf-fast[gguf]'` (or `pip install gguf`)"
@@ -49,6 +48,14 @@ def check_file(path: str, named: str) -> None:
         magic = f.read(4)
     if magic != _MAGIC:
         raise UserError(f"{named}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _gguf_installed() -> bool:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def source(path: str) -> tuple[str, dict[str, Any]]:
@@ -72,6 +79,7 @@ def plain_model(model: Any, path: str) -> Any:
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        vars(config).pop("_model_name_or_path", None)  # general.name, which the reader files there
     model.config._name_or_path = str(path)
     model.name_or_path = str(path)
     return model

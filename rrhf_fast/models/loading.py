@@ -191,7 +191,10 @@ def load_tokenizer(model: str, flag: str = "--model", require_eos: bool = True) 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     except Exception as err:  # OSError, ValueError; a corrupt tokenizer.json raises its own kinds
-        raise UserError(f"{named(flag, model)}: cannot load its tokenizer ({first_line(err)})") from None
+        source = " from this GGUF file" if extra else ""
+        raise UserError(
+            f"{named(flag, model)}: cannot load its tokenizer{source} ({first_line(err)})"
+        ) from None
     if require_eos and tokenizer.eos_token_id is None:
         raise UserError(f"{named(flag, model)}: the tokenizer has no EOS token; responses need one to end")
     return tokenizer

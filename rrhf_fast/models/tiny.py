@@ -199,10 +199,12 @@ def save_tiny_gguf(
     layers: int = 1,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
+    source_repo: str | None = None,
 ) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerFast]:
     """A tiny random llama and the ChatML byte-level BPE tokenizer written as one GGUF file with the
     `gguf` package's writer, tensors in `dtype` (float32 or float16: no quantisation, so a loader must
-    give back these weights exactly); returns (file, the model, the tokenizer) for comparison."""
+    give back these weights exactly), licence apache-2.0 and, given `source_repo`, the Hub repository
+    it says it was converted from; returns (file, the model, the tokenizer) for comparison."""
     tokenizer = build_bpe_tokenizer(chatml=True)
     model = build_tiny_model(
         "llama", seed=seed, vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=layers,
@@ -213,11 +215,13 @@ def save_tiny_gguf(
         model = model.to(dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_llama_gguf(path, model, tokenizer)
+    _write_llama_gguf(path, model, tokenizer, source_repo)
     return path, model, tokenizer
 
 
-def _write_llama_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> None:
+def _write_llama_gguf(
+    path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, source_repo: str | None = None
+) -> None:
     """llama.cpp's layout (convert_hf_to_gguf.py's LlamaModel): its metadata keys, tensor names, and
     q/k rows permuted to its rotary order, which transformers' GGUF reader permutes back."""
     import json
@@ -228,6 +232,9 @@ def _write_llama_gguf(path: Path, model: PreTrainedModel, tokenizer: PreTrainedT
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("rrhf-fast tiny llama")
+    writer.add_license("apache-2.0")
+    if source_repo:
+        writer.add_source_repo_url(f"https://huggingface.co/{source_repo}")
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
