@@ -422,14 +422,9 @@ def environment() -> dict[str, str]:
 
 
 def _commit() -> str:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=REPO_DIR, capture_output=True, text=True, check=False)
+    import common  # benchmarks/common.py: its git_commit (RRHF_BENCH_COMMIT, -dirty); it imports torch
 
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
-        return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+    return common.git_commit()
 
 
 def table_rows(results: dict[str, Any], seconds: dict[str, float]) -> list[dict[str, Any]]:
