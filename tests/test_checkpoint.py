@@ -106,6 +106,33 @@ def test_a_failed_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeyp
     assert _equal_models(model, other)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        pytest.param(
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 760989056 vs 760988944"),
+            id="torch-zip-writer-enospc",
+        ),  # what torch.save raised on a full disk (make demo-real)
+        pytest.param(OSError(28, "No space left on device"), id="oserror-enospc"),
+    ],
+)
+def test_a_full_disk_is_one_sentence_and_the_last_checkpoint_stays(tmp_path, monkeypatch, error):
+    model, opt = _setup()
+    _save(tmp_path, 1, model, opt)
+
+    def full_disk(obj, f, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(UserError) as caught:
+        _save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    message = str(caught.value)
+    assert "could not write checkpoint-2" in message and "no space left on the device" in message
+    assert f"{tmp_path / 'checkpoint-1'} is intact" in message and "\n" not in message
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
 def test_a_partial_directory_is_ignored_and_cleaned(tmp_path):
     model, opt = _setup()
     _save(tmp_path, 1, model, opt)

@@ -127,9 +127,11 @@ def save_checkpoint(
             _fsync_dirs(tmp)
             _replace_dir(tmp, final)
             _fsync_dir(output_dir)
-    except BaseException:
+    except BaseException as err:
         if dist.main:  # the directory is shared; a failed save is removed once (or at the next start)
             shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failed(err):
+            raise _save_error(output_dir, step, err) from err
         raise
     distributed.barrier()  # no rank reads or rotates checkpoints before this one is in place
     if keep is not None and dist.main:
@@ -185,6 +187,31 @@ def check_finite_weights(model: torch.nn.Module, step: int, device: torch.device
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if hasattr(param, "to_local") else param  # FSDP2: this rank's shard
+
+
+# How the writers report a full or failing disk: OSError from plain writes, torch.save's zip writer
+# as "unexpected pos N vs M" (measured: ENOSPC during make demo-real), safetensors as "I/O error".
+_WRITE_FAILURES = ("No space left", "unexpected pos", "I/O error", "file write failed")
+
+
+def _write_failed(err: BaseException) -> bool:
+    return isinstance(err, OSError) or (
+        isinstance(err, RuntimeError | SafetensorError) and any(m in str(err) for m in _WRITE_FAILURES)
+    )
+
+
+def _save_error(output_dir: Path, step: int, err: BaseException) -> UserError:
+    """One sentence for a save the disk refused; the half-written directory is already removed."""
+    last = latest_checkpoint(output_dir)
+    kept = (
+        f"{last} is intact: free space and resume with --resume" if last else "no earlier checkpoint exists"
+    )
+    reason = (
+        "no space left on the device"
+        if "No space left" in str(err) or "unexpected pos" in str(err)
+        else (str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    )
+    return UserError(f"could not write checkpoint-{step} in {output_dir} ({reason}); {kept}")
 
 
 def _write_parts(tmp, step, model, tokenizer, optimizer, trainer_state, config, dist: Dist, sharded: bool):
