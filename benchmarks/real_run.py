@@ -614,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _done(run_dir: Path) -> bool:
-    from rrhf_fast.training.checkpoint import latest_checkpoint
+    from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 
     return (
         run_dir.is_dir() and (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None
@@ -622,7 +622,7 @@ def _done(run_dir: Path) -> bool:
 
 
 def _checkpoint(run_dir: Path) -> Path:
-    from rrhf_fast.training.checkpoint import latest_checkpoint
+    from rrhf_fast.checkpointing.checkpoint import latest_checkpoint
 
     found = latest_checkpoint(run_dir)
     if found is None:

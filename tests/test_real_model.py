@@ -74,7 +74,7 @@ def test_real_run_writes_its_table(tmp_path, model_dir):
         "--samples",
         "2",
         "--max-prompt-len",
-        "24",
+        "48",  # SmolLM2's ChatML template alone is 30 tokens (its default system prompt); 24 is refused
         "--max-response-len",
         "8",
         "--max-new-tokens",
