@@ -171,8 +171,9 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_resumable(tmp_path, 
 
     with monkeypatch.context() as patch:
         patch.setattr(ckpt.torch, "save", save_then_crash)
-        with pytest.raises(OSError):
-            train(cfg)
+        full_disk = r"could not write checkpoint-4 .*no space left.*checkpoint-2 is intact"
+        with pytest.raises(UserError, match=full_disk):
+            train(cfg)  # a full disk is one sentence naming the checkpoint that survives
     run_dir = tmp_path / "crashed"
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
     verify_checkpoint(run_dir / "checkpoint-2")
