@@ -432,30 +432,19 @@ def table_rows(results: dict[str, Any], seconds: dict[str, float]) -> list[dict[
     offline = results.get("offline")
     if offline:
         for name, s in offline["scores"].items():
-            secs = seconds.get(f"train {name}")
-            rows.append(
-                dict(
-                    section="offline",
-                    run=name,
-                    metric="logprob_accuracy",
-                    round="",
-                    value=s["logprob_accuracy"],
-                    n=s["pairs"],
-                    seconds=secs,
-                )
-            )
-            if s["implicit_accuracy"] is not None:
-                rows.append(
-                    dict(
-                        section="offline",
-                        run=name,
-                        metric="implicit_accuracy",
-                        round="",
-                        value=s["implicit_accuracy"],
-                        n=s["pairs"],
-                        seconds=secs,
+            for metric in ("logprob_accuracy", "implicit_accuracy"):
+                if s[metric] is not None:  # the start model, its own reference, has no implicit reward
+                    rows.append(
+                        dict(
+                            section="offline",
+                            run=name,
+                            metric=metric,
+                            round="",
+                            value=s[metric],
+                            n=s["pairs"],
+                            seconds=seconds.get(f"train {name}"),
+                        )
                     )
-                )
     rm = results.get("rm")
     if rm:
         for when in ("before", "after"):
